@@ -1,0 +1,294 @@
+"""The lean operator of LeanConvNets: ``K = P + S``, a 1x1 channel coupling plus a per-channel stencil.
+
+Speed is the point of this operator, so the forward and backward passes are written by hand
+(``_LeanConvFunction``): on CPU in float32 with oneDNN, the input is taken in channels-last layout, the
+depthwise stencil is computed first and the 1x1 coupling is added into its output by a single oneDNN
+convolution with a fused "add" post-op (one pass, no extra tensor). Everywhere else (float64, CUDA, oneDNN
+disabled) the same mathematics runs through plain ``F.conv2d`` calls. Both paths are checked against the
+dense reference ``conv_same(x, equivalent_dense_weight())`` in the tests.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ConvOperator, check_positive_int
+from .functional import adjoint_weight, conv_same, kernel_symbol, pad_same
+
+STENCILS = ("cross", "full", "none")
+
+
+# ---------------------------------------------------------------------------------------- primitives
+@functools.cache
+def _fused_pointwise_add_works() -> bool:
+    """Whether oneDNN's in-place "convolution + add" (``mkldnn._convolution_pointwise_.binary``) exists here
+    and gives the right answer; probed once on a tiny input, so an incompatible PyTorch falls back cleanly."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise_", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(2, 2, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(2, 2, 1, 1, generator=gen)
+    expected = other + F.conv2d(x, weight, groups=2)
+    try:
+        got = _pointwise_add_(other, x, weight, 2)
+    except (RuntimeError, TypeError):
+        return False
+    return bool(torch.allclose(got, expected, rtol=1e-5, atol=1e-5))
+
+
+def _pointwise_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``out += conv1x1(x, weight)`` in place, one oneDNN kernel (channels-last float32 CPU tensors)."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        out, x, weight, None, [0, 0], [1, 1], [1, 1], groups, "add", None, None, [], None)
+
+
+def _use_fused(t: torch.Tensor) -> bool:
+    """The oneDNN fast path applies to float32 CPU tensors with oneDNN enabled."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.enabled
+            and _fused_pointwise_add_works())
+
+
+def lean_apply(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, boundary: str,
+               groups: int) -> torch.Tensor:
+    """``P x + S x`` without autograd bookkeeping of its own.
+
+    ``pointwise`` is the 1x1 kernel ``(c_out, c_in/g, 1, 1)``, ``stencil`` the depthwise kernel
+    ``(m, 1, k, k)`` acting on channels ``j < m``: ``(S x)_j = s_j ⋆ x_j``. With channels-last float32 CPU
+    input and ``m = c_out`` it runs as two oneDNN kernels (stencil, then 1x1 with a fused add into its
+    output) and returns a channels-last tensor; otherwise it runs plain ``F.conv2d`` calls.
+    """
+    m = stencil.shape[0]
+    head = x if m == x.shape[1] else x[:, :m]
+    if m == pointwise.shape[0] and x.is_contiguous(memory_format=torch.channels_last) and _use_fused(x):
+        out = conv_same(head, stencil, boundary, groups=m).contiguous(memory_format=torch.channels_last)
+        return _pointwise_add_(out, x, pointwise, groups)
+    out = F.conv2d(x, pointwise, groups=groups)
+    if m == out.shape[1]:
+        return out + conv_same(head, stencil, boundary, groups=m)
+    out.narrow(1, 0, m).add_(conv_same(head, stencil, boundary, groups=m))
+    return out
+
+
+def conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, boundary: str,
+                     groups: int) -> torch.Tensor:
+    """``∂<grad_out, conv_same(x, W)>/∂W``: ``Σ_{b,n} grad_out[b, o, n] x[b, i, n + (p − r, q − r)]``."""
+    r = weight.shape[-1] // 2
+    if boundary == "circular":
+        x, padding = pad_same(x, r, boundary), 0
+    else:
+        padding = r
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], groups,
+        [False, True, False])[1]
+
+
+class _LeanConvFunction(torch.autograd.Function):
+    """``y = P x + S x`` with a hand-written backward and forward-mode derivative.
+
+    Backward: ``∂x = P^T g + S^T g`` (the same fused kernel with the transposed 1x1 and the flipped stencil),
+    ``∂P[o, i] = Σ g_o x_i``, ``∂s_j[p, q] = Σ g_j x_j(· + (p − r, q − r))``. The backward is built from
+    differentiable operations (the input gradient through this Function again), so double backward works.
+    """
+
+    @staticmethod
+    def forward(x, pointwise, stencil, boundary, groups):
+        return lean_apply(x, pointwise, stencil, boundary, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, pointwise, stencil, boundary, groups = inputs
+        ctx.save_for_backward(x, pointwise, stencil)
+        ctx.save_for_forward(x, pointwise, stencil)
+        ctx.boundary, ctx.groups = boundary, groups
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, pointwise, stencil = ctx.saved_tensors
+        m = stencil.shape[0]
+        if x.is_contiguous(memory_format=torch.channels_last):
+            grad = grad.contiguous(memory_format=torch.channels_last)
+        gx = gp = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = _LeanConvFunction.apply(grad, adjoint_weight(pointwise, ctx.groups), adjoint_weight(stencil, m),
+                                         ctx.boundary, ctx.groups)
+        if ctx.needs_input_grad[1]:
+            gp = conv_weight_grad(grad, x, pointwise, "zeros", ctx.groups)
+        if ctx.needs_input_grad[2]:
+            gs = conv_weight_grad(grad[:, :m], x[:, :m], stencil, ctx.boundary, m)
+        return gx, gp, gs, None, None
+
+    @staticmethod
+    def jvp(ctx, tx, tp, ts, _boundary, _groups):
+        x, pointwise, stencil = ctx.saved_tensors
+        tx = torch.zeros_like(x) if tx is None else tx
+        tp = torch.zeros_like(pointwise) if tp is None else tp
+        ts = torch.zeros_like(stencil) if ts is None else ts
+        return (lean_apply(tx, pointwise, stencil, ctx.boundary, ctx.groups)
+                + lean_apply(x, tp, ts, ctx.boundary, ctx.groups))
+
+
+# ---------------------------------------------------------------------------------------- the operator
+class LeanConv(ConvOperator):
+    """Lean convolution ``K = P + S`` (LeanConvNets).
+
+    Notes
+    -----
+    ``P`` is a 1x1 convolution coupling the channels in ``groups`` groups (``c_in/g -> c_out/g`` each;
+    weight ``pointwise`` of shape ``(c_out, c_in/g)``), ``S`` a depthwise ``k x k`` stencil per channel:
+    ``(K x)_o = Σ_i P[o, i] x_i + s_o ⋆ x_o``. If ``c_in ≠ c_out`` the stencil acts on the channels
+    ``j < m = min(c_in, c_out)`` only (output ``j`` gets ``s_j ⋆ x_j``; the others get ``P x`` alone).
+
+    ``stencil``: ``"cross"`` (the centre and the arms of the ``k x k`` square: 5 points for ``k = 3``),
+    ``"full"`` (all ``k²`` points) or ``"none"`` (``K = P``). Its weights are the parameter ``stencil`` of
+    shape ``(m, points)``, listed in row-major order of the ``k x k`` kernel (for the 3x3 cross: north,
+    west, centre, east, south). Parameters: ``c_out c_in/g + points · m`` (``c²/g + 5c`` for the cross).
+
+    Symbol: ``K̂(ω) = P + diag(ŝ_j(ω))`` (``P`` block-diagonal for groups), with ``ŝ_j`` the scalar symbol
+    of channel ``j``'s stencil; ``K^T = P^T + S^T`` with the stencils flipped.
+
+    Multiply-adds per pixel: ``c_out c_in/g + k² m``; the stencil runs as a ``k x k`` depthwise kernel (the
+    cross with zero corners), so that is what executes. On CPU in float32 the 1x1 part runs inside a oneDNN
+    kernel that PyTorch's FLOP counter does not see; ``uncounted_flops`` reports it.
+
+    Memory format: on CPU in float32 the input is converted to channels-last (free if it already is) and
+    the output is channels-last, as ``nn.Conv2d`` returns with a channels-last weight; a network that keeps
+    channels-last pays no conversion. Elsewhere the output follows ``F.conv2d``'s choice.
+
+    Initialisation as ``nn.Conv2d``: every weight uniform in ``±1/√fan_in`` with
+    ``fan_in = c_in/g + points`` (the number of terms summed into one output).
+    """
+
+    kind = "lean"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, boundary: str = "zeros",
+                 stencil: str = "cross", groups: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, boundary)
+        if not isinstance(stencil, str) or stencil not in STENCILS:
+            raise ValueError(f"unknown stencil {stencil!r}; expected one of {STENCILS}")
+        self.groups = check_positive_int("groups", groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        self.stencil_type = stencil
+        k = self.kernel_size
+        self.pointwise = nn.Parameter(torch.empty(out_channels, in_channels // groups))
+        if stencil == "none":
+            self.register_parameter("stencil", None)
+            self.register_buffer("stencil_index", None)
+            points = 0
+        else:
+            r = k // 2
+            grid = torch.arange(k * k)
+            index = grid if stencil == "full" else grid[(grid // k == r) | (grid % k == r)]
+            points = index.numel()
+            self.register_buffer("stencil_index", index, persistent=False)
+            self.stencil = nn.Parameter(torch.empty(min(in_channels, out_channels), points))
+        bound = 1.0 / math.sqrt(in_channels // groups + points)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    # ------------------------------------------------------------------ kernels in standard form
+    def pointwise_kernel(self) -> torch.Tensor:
+        """The 1x1 kernel ``(c_out, c_in/g, 1, 1)`` of ``P``."""
+        return self.pointwise[:, :, None, None]
+
+    def stencil_kernel(self) -> torch.Tensor | None:
+        """The depthwise kernel ``(m, 1, k, k)`` of ``S`` (zeros off the stencil), or ``None``."""
+        if self.stencil is None:
+            return None
+        m, k = self.stencil.shape[0], self.kernel_size
+        flat = self.stencil.new_zeros(m, k * k).index_copy(1, self.stencil_index, self.stencil)
+        return flat.view(m, 1, k, k)
+
+    def pointwise_matrix(self) -> torch.Tensor:
+        """``P`` as a dense ``(c_out, c_in)`` matrix (block-diagonal over the groups)."""
+        return torch.block_diag(*self.pointwise.view(self.groups, -1, self.in_channels // self.groups))
+
+    def equivalent_dense_weight(self) -> torch.Tensor:
+        """The ``(c_out, c_in, k, k)`` kernel of the same operator as a dense convolution (the reference)."""
+        k, r = self.kernel_size, self.kernel_size // 2
+        w = self.pointwise_matrix().new_zeros(self.out_channels, self.in_channels, k, k)
+        w[:, :, r, r] = self.pointwise_matrix()
+        s = self.stencil_kernel()
+        if s is not None:
+            m = s.shape[0]
+            w[torch.arange(m), torch.arange(m)] += s[:, 0]
+        return w
+
+    # ------------------------------------------------------------------ operator hooks
+    def _forward(self, x):
+        if _use_fused(x):
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.stencil is None:
+            return F.conv2d(x, self.pointwise_kernel(), groups=self.groups)
+        return _LeanConvFunction.apply(x, self.pointwise_kernel(), self.stencil_kernel(), self.boundary,
+                                       self.groups)
+
+    def _adjoint(self, y):
+        if _use_fused(y):
+            y = y.contiguous(memory_format=torch.channels_last)
+        pt = adjoint_weight(self.pointwise_kernel(), self.groups)
+        if self.stencil is None:
+            return F.conv2d(y, pt, groups=self.groups)
+        s = self.stencil_kernel()
+        return _LeanConvFunction.apply(y, pt, adjoint_weight(s, s.shape[0]), self.boundary, self.groups)
+
+    def _symbol(self, n1, n2):
+        p = self.pointwise_matrix()
+        cdtype = torch.complex128 if p.dtype == torch.float64 else torch.complex64
+        sym = p.to(cdtype).expand(n1, n2, -1, -1).clone()
+        s = self.stencil_kernel()
+        if s is not None:
+            sym.diagonal(dim1=-2, dim2=-1)[..., : s.shape[0]] += kernel_symbol(s, n1, n2)[..., 0]
+        return sym
+
+    def _symbol_norms(self, n1, n2):
+        """``‖P + D(ω)‖₂`` from the Gram matrix ``P^T P + P^T D + D^H P + |D|²`` (built in ``O(c²)`` per
+        frequency from the precomputed ``P^T P``) and its largest eigenvalue, per group when the groups
+        are square blocks; ``D(ω) = diag(ŝ_j(ω))``. The Gram is taken on the smaller side of ``P``."""
+        g = self.groups
+        if g > 1 and self.in_channels == self.out_channels:
+            blocks = self.pointwise.view(g, -1, self.in_channels // g)
+        else:
+            blocks, g = self.pointwise_matrix()[None], 1
+        if blocks.shape[-2] < blocks.shape[-1]:  # ‖A‖ = ‖A^T‖: make every block (rows >= cols)
+            blocks = blocks.transpose(-1, -2)
+        cols = blocks.shape[-1]
+        cdtype = torch.complex128 if blocks.dtype == torch.float64 else torch.complex64
+        gram0 = (blocks.transpose(-1, -2) @ blocks).to(cdtype)
+        s = self.stencil_kernel()
+        if s is None:
+            return torch.linalg.eigvalsh(gram0)[..., -1].clamp(min=0).sqrt().amax().expand(n1, n2)
+        s_hat = kernel_symbol(s, n1, n2)[..., 0].reshape(n1, n2, g, cols)  # m = g * cols after transposing
+        pt = blocks[:, :cols, :].transpose(-1, -2).to(cdtype)  # (P^T D)[i, j] = P[j, i] ŝ_j
+        rows_per_chunk = max(1, 2 ** 22 // (n2 * g * cols * cols))
+        norms = []
+        for s_rows in s_hat.split(rows_per_chunk):
+            cross = pt * s_rows[..., None, :]
+            gram = gram0 + cross + cross.transpose(-1, -2).conj()
+            gram.diagonal(dim1=-2, dim2=-1).add_(s_rows.abs().square())
+            norms.append(torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0).sqrt().amax(-1))
+        return torch.cat(norms)
+
+    def macs_per_pixel(self):
+        macs = self.out_channels * self.in_channels // self.groups
+        if self.stencil is not None:
+            macs += self.kernel_size ** 2 * self.stencil.shape[0]
+        return macs
+
+    def uncounted_flops(self, input_shape) -> int:
+        """FLOPs of ``forward`` that PyTorch's FLOP counter does not see: the 1x1 coupling when it runs
+        inside the fused oneDNN kernel (CPU, float32, stencil on every output channel), else 0."""
+        b, _, n1, n2 = input_shape
+        p = self.pointwise
+        fused = (self.stencil is not None and self.stencil.shape[0] == self.out_channels and _use_fused(p))
+        return 2 * b * n1 * n2 * self.out_channels * self.in_channels // self.groups if fused else 0
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stencil={self.stencil_type!r}, groups={self.groups}"

@@ -1,0 +1,332 @@
+"""``pdenet train``: train a named network on a data set, with checkpoints, metrics and a final report.
+
+Settings come from, in increasing priority: the defaults below, ``--config-file FILE.json`` (an object
+whose keys are the option names with underscores, e.g. ``{"config": "resnet20", "batch_size": 256,
+"overrides": {"width": 2}}``) and the options given on the command line. ``--resume`` takes every setting
+from the run's checkpoint; only the run-time options (``RUNTIME``) may then be given again.
+
+The output directory receives ``settings.json``, ``checkpoint.pt`` (atomically rewritten after every
+epoch), ``metrics.json`` and ``metrics.csv`` (one row per epoch) and ``report.json`` (the final report).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..training import OPTIMIZERS, SCHEDULES, TASKS, TrainConfig, Trainer, seed_everything, task_class
+from ._common import CommandError, build_named_model, fail, load_split, parse_override_args, set_threads
+
+HELP = "train a network on a data set (checkpoints every epoch, metrics, costs and stability report)"
+
+DEFAULTS = {
+    "config": "lean-resnet20",
+    "data": "fashion-mnist",
+    "data_dir": None,
+    "task": None,            # None: the data set's own task (class labels -> classification)
+    "epochs": 10,
+    "batch_size": 128,
+    "optimizer": "sgd",
+    "lr": None,              # per optimizer, see TrainConfig
+    "momentum": 0.9,
+    "weight_decay": None,    # per optimizer, see TrainConfig
+    "schedule": "cosine",
+    "warmup_epochs": 0.0,
+    "milestones": [0.5, 0.75],
+    "gamma": 0.1,
+    "label_smoothing": 0.0,
+    "seed": 0,
+    "augment": True,
+    "overrides": {},
+    "eval_every": 1,
+    "eval_batch_size": 1000,
+    "channels_last": False,
+    "out": None,
+    "resume": False,
+    "threads": None,
+    "device": "auto",
+    "progress": True,
+}
+RUNTIME = ("out", "resume", "threads", "device", "data_dir", "progress", "eval_batch_size", "config_file")
+TRAIN_KEYS = tuple(TrainConfig.__dataclass_fields__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS  # only options given explicitly reach the namespace; defaults are merged in run()
+    p.add_argument("--config", default=s, help=f"named network configuration (default {DEFAULTS['config']})")
+    p.add_argument("--data", default=s, help="data set: fashion-mnist, cifar10, cifar100, camvid "
+                                             f"(default {DEFAULTS['data']})")
+    p.add_argument("--data-dir", default=s, help="folder holding the data set (default: the standard places)")
+    p.add_argument("--task", default=s, choices=sorted(TASKS), help="what to learn (default: from the data set)")
+    p.add_argument("--epochs", type=int, default=s, help=f"epochs (default {DEFAULTS['epochs']})")
+    p.add_argument("--batch-size", type=int, default=s,
+                   help=f"global training batch (default {DEFAULTS['batch_size']})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=s, help="sgd (momentum, Nesterov) or adamw")
+    p.add_argument("--lr", type=float, default=s, help="peak learning rate (default 0.1 for sgd, 2e-3 for adamw)")
+    p.add_argument("--momentum", type=float, default=s, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=s, help="default 5e-4 (sgd), 0.05 (adamw)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=s, help="learning-rate schedule (default cosine)")
+    p.add_argument("--warmup-epochs", type=float, default=s, help="linear warm-up length (default 0)")
+    p.add_argument("--milestones", type=float, nargs="+", default=s,
+                   help="step schedule: fractions of the run where lr *= gamma (default 0.5 0.75)")
+    p.add_argument("--gamma", type=float, default=s, help="step schedule factor (default 0.1)")
+    p.add_argument("--label-smoothing", type=float, default=s, help="default 0 (off)")
+    p.add_argument("--seed", type=int, default=s, help="seed of weights, data order and augmentation (default 0)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=s,
+                   help="no random crops and flips")
+    p.add_argument("--override", dest="override", action="append", default=s, metavar="KEY=VALUE",
+                   help="model option passed to the configuration (VALUE parsed as JSON if it can be); repeatable")
+    p.add_argument("--eval-every", type=int, default=s, help="evaluate every N epochs and after the last (default 1)")
+    p.add_argument("--eval-batch-size", type=int, default=s, help="evaluation batch (default 1000)")
+    p.add_argument("--channels-last", action="store_true", default=s, help="train in the NHWC memory layout")
+    p.add_argument("--config-file", default=s, metavar="FILE.json", help="settings as a JSON object")
+    p.add_argument("--out", default=s, help="output directory (default runs/CONFIG-DATA-TIMESTAMP); never "
+                                            "overwritten")
+    p.add_argument("--resume", action="store_true", default=s, help="continue the run in --out")
+    p.add_argument("--threads", type=int, default=s, help="torch CPU threads (default: all cores, split between "
+                                                          "local torchrun processes)")
+    p.add_argument("--device", default=s, help="auto, cpu or cuda (default auto)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=s, help="no progress bar")
+    for name in sorted(TASKS):
+        task_class(name).add_arguments(p)
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def resolve_settings(given: dict, known: set[str]) -> dict:
+    """Defaults <- config file <- explicit options; on ``--resume`` the checkpoint's settings instead."""
+    given = dict(given)
+    overrides = parse_override_args(given.pop("override", []))
+    settings = dict(DEFAULTS)
+    if "config_file" in given:
+        settings.update(read_config_file(given["config_file"], known))
+    if given.get("resume"):
+        if "out" not in given:
+            raise CommandError("--resume needs --out DIR, the directory of the run to continue")
+        stored = stored_settings(Path(given["out"]))
+        changed = sorted(k for k, v in given.items() if k not in RUNTIME and stored.get(k) != v)
+        if overrides and overrides != stored.get("overrides"):
+            changed.append("override")
+        if changed:
+            raise CommandError(f"--resume continues a run with its own settings; do not change "
+                               f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
+        settings = {**settings, **stored}
+    elif overrides:
+        settings["overrides"] = {**settings["overrides"], **overrides}
+    settings.update(given)
+    return settings
+
+
+def read_config_file(path: str, known: set[str]) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CommandError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"config file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CommandError(f"config file {path} must hold a JSON object of settings")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known - {"overrides"} - set(RUNTIME[:1]))
+    if unknown:
+        raise CommandError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
+    if not isinstance(data.get("overrides", {}), dict):
+        raise CommandError(f"config file {path}: 'overrides' must be an object of model options")
+    return data
+
+
+def stored_settings(out: Path) -> dict:
+    from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    path = out / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CommandError(f"cannot resume: {path} does not exist")
+    return dict(load_checkpoint(path)["meta"]["settings"])
+
+
+# ------------------------------------------------------------------------------------------------ run
+def known_settings() -> set[str]:
+    """Every setting name: the options of ``pdenet train`` (task options included) and ``overrides``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return {a.dest for a in parser._actions} | set(DEFAULTS)
+
+
+def run(args: argparse.Namespace) -> int:
+    given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    try:
+        settings = resolve_settings(given, known_settings())
+        return train(settings)
+    except CommandError as exc:
+        return fail("train", exc)
+    except FloatingPointError as exc:
+        print(f"pdenet train: {exc}", file=sys.stderr)
+        return 1
+
+
+def train(settings: dict) -> int:
+    """Run (or resume) the training run described by ``settings``; returns the exit code."""
+    from .. import checkpoint as ckpt
+    from ..distributed import init_distributed
+
+    start = time.perf_counter()
+    dist = init_distributed(settings["device"])
+    try:
+        trainer, loader, test_loader, meta, out = setup(settings, dist)
+        task = trainer.task
+        say(dist, f"training {meta['config']} on {meta['data']} ({len(loader.dataset)} train, "
+                  f"{len(test_loader.dataset)} test images) for {trainer.config.epochs} epochs on {dist.device} "
+                  f"x{dist.world_size}, {torch.get_num_threads()} threads; output in {out}")
+
+        def on_epoch_end(tr: Trainer, row: dict) -> None:
+            tr.save(out / ckpt.CHECKPOINT_NAME, meta)
+            if dist.is_main:
+                write_metrics(out, tr.history)
+            say(dist, format_row(row, task.metric))
+
+        trainer.fit(loader, test_loader, settings["eval_every"], [on_epoch_end], settings["progress"])
+        if dist.is_main:
+            report = final_report(trainer, meta, out)
+            report["wall_time_s"] = time.perf_counter() - start
+            ckpt.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+            print(format_report(report, task), flush=True)
+        dist.barrier()
+        return 0
+    finally:
+        dist.close()
+
+
+def setup(settings: dict, dist):
+    """Everything a run needs, with bad input reported as CommandError: ``(trainer, train loader, test
+    loader, checkpoint meta, output directory)``. Restores the checkpoint on ``--resume``."""
+    from .. import checkpoint as ckpt
+    from ..data import BatchLoader
+
+    set_threads(settings["threads"], dist)
+    try:
+        config = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
+    except (TypeError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    if config.batch_size % dist.world_size:
+        raise CommandError(f"--batch-size {config.batch_size} is not divisible by the {dist.world_size} processes")
+    if settings["eval_every"] < 1 or settings["eval_batch_size"] < 1:
+        raise CommandError("--eval-every and --eval-batch-size must be positive")
+    train_set = load_split(settings["data"], "train", settings["data_dir"])
+    test_set = load_split(settings["data"], "test", settings["data_dir"])
+    settings["task"] = settings["task"] or train_set.task
+    try:
+        task = task_class(settings["task"]).from_dataset(train_set, settings)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(settings["out"] or f"runs/{settings['config']}-{settings['data']}-{stamp}")
+    if dist.is_main:
+        try:
+            ckpt.prepare_output_dir(out, settings["resume"])
+        except (FileExistsError, FileNotFoundError) as exc:
+            raise CommandError(str(exc)) from None
+    settings["out"] = str(out)
+    meta = {"config": settings["config"], "overrides": settings["overrides"],
+            "num_classes": train_set.num_classes, "in_channels": train_set.image_shape[0],
+            "input_shape": list(train_set.image_shape), "task": settings["task"], "data": settings["data"],
+            "settings": {k: v for k, v in settings.items() if k not in RUNTIME}}
+
+    seed_everything(config.seed)
+    model = build_named_model(settings["config"], train_set.num_classes, train_set.image_shape[0],
+                              settings["overrides"]).to(dist.device)
+    common = dict(seed=config.seed, rank=dist.rank, world_size=dist.world_size, device=dist.device,
+                  channels_last=settings["channels_last"])
+    loader = BatchLoader(train_set, config.batch_size // dist.world_size, shuffle=True,
+                         augment=settings["augment"], drop_last=True, **common)
+    test_loader = BatchLoader(test_set, -(-settings["eval_batch_size"] // dist.world_size), shuffle=False,
+                              augment=False, drop_last=False, **common)
+    if len(loader) < 1:
+        raise CommandError(f"the training set ({len(train_set)} images) is smaller than one batch "
+                           f"({config.batch_size})")
+    trainer = Trainer(model, task, config, len(loader), dist, channels_last=settings["channels_last"])
+    if settings["resume"]:
+        try:
+            trainer.restore(ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, map_location=dist.device))
+        except (ValueError, RuntimeError) as exc:
+            raise CommandError(f"cannot resume from {out / ckpt.CHECKPOINT_NAME}: {exc}") from None
+        say(dist, f"resuming {out} after epoch {trainer.epoch}/{config.epochs}")
+    elif dist.is_main:
+        ckpt.atomic_write_text(out / "settings.json", json.dumps(settings, indent=2) + "\n")
+    return trainer, loader, test_loader, meta, out
+
+
+def say(dist, text: str) -> None:
+    if dist.is_main:
+        print(text, flush=True)
+
+
+def format_row(row: dict, metric: str) -> str:
+    """One line per epoch: learning rate, training and test loss and metric, time and throughput."""
+    text = (f"epoch {row['epoch']:3d}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+            f"{metric} {row.get('train_' + metric, float('nan')):.4f}")
+    if "test_loss" in row:
+        text += f"  test loss {row['test_loss']:.4f} {metric} {row.get('test_' + metric, float('nan')):.4f}"
+    return text + f"  {row['train_time']:.1f}s  {row['train_images_per_s']:.0f} img/s"
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """``metrics.json`` and ``metrics.csv``: one row per epoch (columns: the union of the rows' keys)."""
+    from ..checkpoint import atomic_write_text
+
+    atomic_write_text(out / "metrics.json", json.dumps(history, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+def final_report(trainer: Trainer, meta: dict, out: Path) -> dict:
+    """Headline metric, costs (measured now, on this machine) and the stability report of the trained model."""
+    from ..costs import measure_costs
+    from ..stability import report as stability_report
+
+    model = trainer.model
+    last = next((r for r in reversed(trainer.history) if "test_loss" in r), {})
+    shape = tuple(meta["input_shape"])
+    costs = measure_costs(model, shape, trainer.config.batch_size, channels_last=trainer.channels_last)
+    train_time = sum(r["train_time"] + r.get("test_time", 0.0) for r in trainer.history)
+    return {
+        "config": meta["config"], "data": meta["data"], "task": meta["task"], "epochs": trainer.epoch,
+        "test": {k[5:]: v for k, v in last.items() if k.startswith("test_")},
+        "costs": costs.as_dict(),
+        "training_time_s": train_time,
+        "training_images_per_s": (sum(r["train_images_per_s"] * r["train_time"] for r in trainer.history)
+                                  / max(sum(r["train_time"] for r in trainer.history), 1e-9)),
+        "stability": stability_report(model, shape).as_dicts(),
+        "out": str(out),
+    }
+
+
+def format_report(report: dict, task) -> str:
+    from ..stability import format_table
+
+    c = report["costs"]
+    test = report["test"]
+    lines = [
+        "",
+        f"== {report['config']} on {report['data']}: {report['epochs']} epochs ==",
+        f"{task.metric_label:<28} {test.get(task.metric, float('nan')):.4f}",
+        f"{'test loss':<28} {test.get('loss', float('nan')):.4f}",
+        f"{'parameters':<28} {c['parameters']:,}",
+        f"{'FLOPs per image':<28} {c['flops_per_image'] / 1e6:.2f} M",
+        f"{'latency per image (b=1)':<28} {c['latency_ms']:.2f} ms",
+        f"{'throughput (b=' + str(c['batch_size']) + ')':<28} {c['throughput']:.0f} images/s (inference)",
+        f"{'training':<28} {report['training_time_s']:.1f} s, {report['training_images_per_s']:.0f} images/s",
+        "",
+        "stability report:",
+        format_table(report["stability"]),
+        f"\nfiles in {report['out']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Named model configurations, for Python and the command line.
+
+``build_model("lean-resnet20", num_classes=10, in_channels=1)`` builds a network by name; keyword overrides
+replace the configuration's defaults (``build_model("pde-parabolic-lean", nt=2, h=0.5)``) and are checked
+against the network class's keywords. ``list_configs()`` names them all, ``describe(name)`` explains one,
+``parse_overrides(["nt=2", "operator=grouped"])`` turns command-line ``key=value`` pairs into keywords.
+
+Every lean configuration has a dense twin (``dense_twin``): the same network with dense 3x3 operators.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from torch import nn
+
+from .networks import MobileNetV2, PDEResNet, ResNet, ShuffleNetV2
+from .networks.resnet import CIFAR_WIDTHS, IMAGENET_WIDTHS, RESNET18_DEPTHS, RESNET34_DEPTHS, cifar_depths
+
+#: Keywords of the lean operator used by the lean configurations: 5-point stencil, ungrouped 1x1 coupling.
+LEAN_KWARGS = {"stencil": "cross", "groups": 1}
+#: Keywords every builder takes from ``build_model`` itself.
+COMMON_KEYWORDS = ("num_classes", "in_channels")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A named network: ``builder(num_classes=..., in_channels=..., **defaults)``."""
+
+    name: str
+    builder: type[nn.Module]
+    description: str
+    defaults: dict = field(default_factory=dict)
+    dense_twin: str | None = None
+
+    def keywords(self) -> tuple[str, ...]:
+        """The keywords an override may set (the builder's, except ``num_classes`` and ``in_channels``)."""
+        params = inspect.signature(self.builder).parameters
+        return tuple(k for k in params if k not in COMMON_KEYWORDS)
+
+
+def _resnets() -> list[ModelConfig]:
+    configs = []
+    for depth in (20, 32, 56):
+        base = {"depths": cifar_depths(depth), "widths": CIFAR_WIDTHS, "stem": "small", "shortcut": "A"}
+        configs += [
+            ModelConfig(f"resnet{depth}", ResNet, f"CIFAR ResNet-{depth} (He et al.), dense 3x3 operators, "
+                        "option-A shortcuts", {**base, "operator": "dense"}),
+            ModelConfig(f"lean-resnet{depth}", ResNet, f"CIFAR ResNet-{depth} with every 3x3 convolution after "
+                        "the stem a lean operator (1x1 + 5-point depthwise stencil)",
+                        {**base, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)}, dense_twin=f"resnet{depth}"),
+        ]
+    for depth, depths in ((18, RESNET18_DEPTHS), (34, RESNET34_DEPTHS)):
+        base = {"depths": depths, "widths": IMAGENET_WIDTHS, "stem": "small", "shortcut": "B"}
+        configs += [
+            ModelConfig(f"resnet{depth}", ResNet, f"ResNet-{depth} layout with a stride-1 3x3 stem for small "
+                        "images, dense 3x3 operators, 1x1 projection shortcuts", {**base, "operator": "dense"}),
+            ModelConfig(f"lean-resnet{depth}", ResNet, f"ResNet-{depth} layout (small-image stem) with lean 3x3 "
+                        "operators", {**base, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)},
+                        dense_twin=f"resnet{depth}"),
+        ]
+    return configs
+
+
+def _pde_nets() -> list[ModelConfig]:
+    base = {"widths": (32, 64, 112, 112), "nt": 3}
+    layouts = {
+        "parabolic": ("forward Euler steps of the symmetric layer -K^T relu(N(K Y + b))", 1.0),
+        "leapfrog": ("leapfrog steps of the hyperbolic layer (second order in time)", 1.0),
+        "hamiltonian": ("Verlet steps of the Hamiltonian layer pair", 1.0),
+    }
+    configs = []
+    for scheme, (what, h) in layouts.items():
+        stage = f"PDE-ResNet (Ruthotto-Haber stages 32/64/112/112, 3 steps of h={h:g}), {what}"
+        configs += [
+            ModelConfig(f"pde-{scheme}-dense", PDEResNet, f"{stage}, dense 3x3 operators",
+                        {**base, "scheme": scheme, "h": h, "operator": "dense"}),
+            ModelConfig(f"pde-{scheme}-lean", PDEResNet, f"{stage}, lean operators",
+                        {**base, "scheme": scheme, "h": h, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)},
+                        dense_twin=f"pde-{scheme}-dense"),
+        ]
+    configs.append(ModelConfig(
+        "pde-diffusion-reaction", PDEResNet,
+        "PDE-ResNet (stages 32/64/112/112, 3 steps of h=1): diffusion-reaction splitting, depthwise diffusion "
+        "and pointwise reaction", {**base, "scheme": "diffusion-reaction", "h": 1.0},
+    ))
+    return configs
+
+
+def _baselines() -> list[ModelConfig]:
+    return [
+        ModelConfig("mobilenetv2", MobileNetV2, "MobileNetV2, small-image variant (stride-1 stem), width "
+                    "multiplier width_mult", {"width_mult": 1.0}),
+        ModelConfig("shufflenetv2", ShuffleNetV2, "ShuffleNetV2 1x, small-image variant (stride-1 stem, no max "
+                    "pooling), width multiplier width_mult", {"width_mult": 1.0}),
+    ]
+
+
+CONFIGS: dict[str, ModelConfig] = {c.name: c for c in _resnets() + _pde_nets() + _baselines()}
+
+
+def list_configs() -> list[str]:
+    """Names of all configurations, sorted."""
+    return sorted(CONFIGS)
+
+
+def get_config(name: str) -> ModelConfig:
+    """The :class:`ModelConfig` called ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return CONFIGS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model configuration {name!r}; known: {', '.join(list_configs())}") from None
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **overrides) -> nn.Module:
+    """Build configuration ``name`` for ``in_channels`` input channels and ``num_classes`` classes.
+
+    ``overrides`` replace the configuration's defaults; a keyword the network does not take raises a
+    ``ValueError`` naming it and the keywords it does take.
+    """
+    config = get_config(name)
+    allowed = config.keywords()
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"configuration {name!r} ({config.builder.__name__}) has no option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(allowed)}"
+        )
+    return config.builder(num_classes=num_classes, in_channels=in_channels, **{**config.defaults, **overrides})
+
+
+def describe(name: str) -> str:
+    """A few lines on configuration ``name``: what it is, its builder, its defaults and overridable keywords."""
+    config = get_config(name)
+    lines = [f"{config.name}: {config.description}", f"  builder: {config.builder.__module__}.{config.builder.__name__}"]
+    lines += [f"  {k} = {v!r}" for k, v in config.defaults.items()]
+    if config.dense_twin:
+        lines.append(f"  dense twin: {config.dense_twin}")
+    lines.append(f"  overridable: {', '.join(config.keywords())}")
+    return "\n".join(lines)
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["nt=2", "h=0.5", "operator=grouped", "operator_kwargs={'groups': 4}"]`` -> keywords.
+
+    Values are Python literals when they parse as one, plain strings otherwise.
+    """
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        try:
+            overrides[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            overrides[key] = text.strip()
+    return overrides

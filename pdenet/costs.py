@@ -1,0 +1,161 @@
+"""Measured costs of a network: parameters, FLOPs per image, latency and throughput.
+
+Nothing is estimated by hand. FLOPs come from PyTorch's counter (``operators.flops.count_flops``, which adds
+what the counter cannot see, such as FFTs); times are medians over repeated runs after a warm-up, on the
+model's own device, with CUDA synchronised around every timed call.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.get_default_dtype()
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (channels, height, width) of one image, got {tuple(input_shape)}")
+    return shape
+
+
+def _input(model: nn.Module, input_shape, batch_size: int, channels_last: bool) -> torch.Tensor:
+    x = torch.randn(batch_size, *_check_shape(input_shape), device=_device(model), dtype=_dtype(model))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def flops_per_image(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass on one ``(C, H, W)`` image in eval mode (2 per multiply-add)."""
+    try:
+        from operators.flops import count_flops
+    except ModuleNotFoundError:  # TODO(lead): remove once operators/flops.py has landed
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def count_flops(net, *inputs):
+            with FlopCounterMode(display=False) as counter:
+                net(*inputs)
+            return counter.get_total_flops()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(count_flops(model, _input(model, input_shape, 1, False)))
+    finally:
+        model.train(was_training)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, warmup: int = 5,
+                    repeats: int = 20, channels_last: bool = False) -> float:
+    """Median wall time in seconds of one inference forward pass on a batch (eval mode, no grad)."""
+    x = _input(model, input_shape, batch_size, channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _median_time(lambda: model(x), x.device, warmup, repeats)
+    finally:
+        model.train(was_training)
+
+
+def measure_train_step(model: nn.Module, input_shape: Sequence[int], batch_size: int, warmup: int = 2,
+                       repeats: int = 5, channels_last: bool = False) -> float:
+    """Median wall time in seconds of one training step (forward, backward, SGD update) on a batch.
+
+    The step runs on a copy of the model, so the model's weights and statistics are left untouched.
+    """
+    import copy
+
+    net = copy.deepcopy(model).train()
+    x = _input(net, input_shape, batch_size, channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = net(x)
+        out.float().square().mean().backward()
+        opt.step()
+
+    return _median_time(step, x.device, warmup, repeats)
+
+
+@dataclass
+class Costs:
+    """Cost summary of a network on ``(C, H, W)`` images."""
+
+    parameters: int
+    flops_per_image: int
+    latency_ms: float           # one image, batch 1, inference
+    throughput: float           # images/s of inference at ``batch_size``
+    train_throughput: float | None  # images/s of training steps at ``batch_size`` (None if not measured)
+    batch_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_costs(model: nn.Module, input_shape: Sequence[int], batch_size: int = 128, train: bool = False,
+                  warmup: int = 5, repeats: int = 20, channels_last: bool = False) -> Costs:
+    """Parameters, FLOPs per image, latency at batch 1 and throughput at ``batch_size`` (and training
+    throughput when ``train``)."""
+    latency = measure_latency(model, input_shape, 1, warmup, repeats, channels_last)
+    batch_time = measure_latency(model, input_shape, batch_size, max(1, warmup // 2), max(3, repeats // 4),
+                                 channels_last)
+    train_time = measure_train_step(model, input_shape, batch_size, channels_last=channels_last) if train else None
+    return Costs(
+        parameters=count_parameters(model),
+        flops_per_image=flops_per_image(model, input_shape),
+        latency_ms=1e3 * latency,
+        throughput=batch_size / batch_time,
+        train_throughput=batch_size / train_time if train_time else None,
+        batch_size=batch_size,
+    )
+
+
+def format_costs(rows: dict[str, Costs]) -> str:
+    """A side-by-side plain-text table of named cost summaries."""
+    header = ["model", "params", "MFLOPs/img", "latency ms (b=1)", "infer img/s", "train img/s"]
+    lines = [[name, f"{c.parameters:,}", f"{c.flops_per_image / 1e6:.2f}", f"{c.latency_ms:.2f}",
+              f"{c.throughput:.0f} (b={c.batch_size})",
+              "-" if c.train_throughput is None else f"{c.train_throughput:.0f}"] for name, c in rows.items()]
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])

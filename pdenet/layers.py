@@ -1,0 +1,102 @@
+"""The right-hand sides ``F(Y)`` of the time-stepping blocks.
+
+- :class:`SymmetricLayer`: ``F(Y) = −K^T σ(N(K Y + b))`` (``K: c -> m``). Its Jacobian ``−K^T D K``
+  (``D = diag(σ' N')``) is symmetric negative semi-definite when ``0 ≤ D ≤ g``; eigenvalues lie in
+  ``[−g ‖K‖², 0]``.
+- :class:`GeneralLayer`: ``F(Y) = K₂ σ(N(K₁ Y + b))`` (``K₁: c -> m``, ``K₂: m -> c``); Jacobian ``K₂ D K₁``,
+  no sign structure.
+
+``σ`` is chosen by name from :data:`ACTIVATIONS` (each with the supremum of its slope) and ``N`` from
+:mod:`pdenet.normalization`. ``slope()`` returns ``g``, the bound on ``D`` used by the step bounds, or
+``None`` when the normalization admits none.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from operators import ConvOperator
+
+from .normalization import make_normalization
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+#: name -> (σ, sup σ'); every σ here is monotone, so σ' ∈ [0, sup σ'].
+ACTIVATIONS = {
+    "relu": (F.relu, 1.0),
+    "tanh": (torch.tanh, 1.0),
+    "sigmoid": (torch.sigmoid, 0.25),
+    "identity": (_identity, 1.0),
+}
+
+
+def _check_operator(op, what: str) -> ConvOperator:
+    if not isinstance(op, ConvOperator):
+        raise TypeError(f"{what} must be an operators.ConvOperator, got {type(op).__name__}")
+    return op
+
+
+class _Layer(nn.Module):
+    """Shared part ``σ(N(K Y + b))`` with ``K = self.inner`` (``c -> m``)."""
+
+    def __init__(self, inner: ConvOperator, activation: str, normalization: str, bias: bool):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
+        self.activation = activation
+        self._sigma, self._max_slope = ACTIVATIONS[activation]
+        self.norm = make_normalization(normalization, inner.out_channels)
+        self.bias = nn.Parameter(torch.zeros(inner.out_channels)) if bias else None
+
+    def _hidden(self, op: ConvOperator, y: torch.Tensor) -> torch.Tensor:
+        z = op(y)
+        if self.bias is not None:
+            z = z + self.bias.view(1, -1, 1, 1)
+        return self._sigma(self.norm(z))
+
+    def slope(self) -> float | None:
+        """``g`` with ``0 ≤ σ'(·) N'(·) ≤ g`` (``N`` linearized at inference), or ``None`` if unknown."""
+        gain = self.norm.gain()
+        return None if gain is None else self._max_slope * gain
+
+
+class SymmetricLayer(_Layer):
+    """``F(Y) = −K^T σ(N(K Y + b))``: ``(B, c, n1, n2) -> (B, c, n1, n2)`` with ``K: c -> m``."""
+
+    def __init__(self, op: ConvOperator, activation: str = "relu", normalization: str = "none", bias: bool = True):
+        op = _check_operator(op, "SymmetricLayer operator")
+        super().__init__(op, activation, normalization, bias)
+        self.op = op
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return -self.op.adjoint(self._hidden(self.op, y))
+
+    def operators(self) -> list[ConvOperator]:
+        return [self.op]
+
+
+class GeneralLayer(_Layer):
+    """``F(Y) = K₂ σ(N(K₁ Y + b))``: ``(B, c, n1, n2) -> (B, c, n1, n2)`` with ``K₁: c -> m``, ``K₂: m -> c``."""
+
+    def __init__(self, op1: ConvOperator, op2: ConvOperator, activation: str = "relu",
+                 normalization: str = "none", bias: bool = True):
+        op1 = _check_operator(op1, "GeneralLayer op1")
+        op2 = _check_operator(op2, "GeneralLayer op2")
+        if op2.in_channels != op1.out_channels or op2.out_channels != op1.in_channels:
+            raise ValueError(
+                f"GeneralLayer needs K₁: c -> m and K₂: m -> c; got K₁: {op1.in_channels} -> {op1.out_channels}, "
+                f"K₂: {op2.in_channels} -> {op2.out_channels}"
+            )
+        super().__init__(op1, activation, normalization, bias)
+        self.op1 = op1
+        self.op2 = op2
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.op2(self._hidden(self.op1, y))
+
+    def operators(self) -> list[ConvOperator]:
+        return [self.op1, self.op2]

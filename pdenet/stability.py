@@ -1,0 +1,188 @@
+"""Stability report of a whole network: one row per time-stepping block.
+
+``report(model, input_shape)`` runs the model once on an input of ``input_shape`` to learn the grid each
+block acts on, then asks every :class:`~pdenet.blocks.TimeSteppingBlock` for its step bound from its current
+weights on that grid. A row holds the block's name, scheme, operator kind(s), ``max ‖K‖``, ``h``, the bound
+on ``h``, the margin ``1 − h/bound`` (negative when violated), whether ``h ≤ bound`` (``"yes"``, ``"no"``, or
+``"unknown"`` when no bound exists), the ``stabilize`` option, and the assumptions behind the bound.
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .blocks import TimeSteppingBlock, time_stepping_blocks
+
+COLUMNS = ("block", "scheme", "operator", "norm", "h", "bound", "margin", "stable", "stabilize")
+
+
+@dataclass
+class StabilityRow:
+    block: str
+    scheme: str
+    operator: str
+    norm: float
+    h: float
+    bound: float | None  # inf: stable for every h; None: no bound available
+    margin: float | None
+    stable: str  # "yes" | "no" | "unknown"
+    stabilize: str
+    grid: tuple[int, int]
+    assumptions: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """JSON-safe: an infinite bound or margin is written as the string ``"inf"``."""
+        row = asdict(self)
+        row["grid"] = list(self.grid)
+        for key in ("bound", "margin", "norm", "h"):
+            if isinstance(row[key], float) and math.isinf(row[key]):
+                row[key] = "inf" if row[key] > 0 else "-inf"
+        return row
+
+
+@dataclass
+class StabilityReport:
+    rows: list[StabilityRow]
+    input_shape: tuple[int, ...]
+    method: str
+
+    @property
+    def stable(self) -> bool:
+        """Every block has a bound and satisfies it."""
+        return all(r.stable == "yes" for r in self.rows)
+
+    def as_dicts(self) -> list[dict]:
+        return [r.as_dict() for r in self.rows]
+
+    def to_json(self, path=None) -> str:
+        """The rows as JSON (written to ``path`` when given)."""
+        text = json.dumps({"input_shape": list(self.input_shape), "norm_method": self.method,
+                           "rows": self.as_dicts()}, indent=2, ensure_ascii=False)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return text
+
+    def table(self) -> str:
+        return format_table(self.as_dicts())
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.4g}"
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A fixed-width table of report rows (as dicts, e.g. read back from JSON), assumptions as footnotes."""
+    if not rows:
+        return "no time-stepping blocks"
+    header = ["block", "scheme", "operator", "‖K‖", "h", "bound", "margin", "stable", "stabilize"]
+    body = [[_fmt(r[c]) if c != "margin" or r[c] is None or isinstance(r[c], str) else f"{100 * r[c]:+.1f}%"
+             for c in COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    notes = list(dict.fromkeys(a for r in rows for a in r["assumptions"]))
+    lines.append("assumptions:")
+    for r in rows:
+        refs = ",".join(str(notes.index(a) + 1) for a in r["assumptions"])
+        lines.append(f"  {r['block']} ({r['grid'][0]}x{r['grid'][1]} grid): [{refs}]")
+    lines += [f"  [{i + 1}] {a}" for i, a in enumerate(notes)]
+    return "\n".join(lines)
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Run ``model`` in eval mode (batch norm uses its running statistics), restoring the mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def model_input(model: nn.Module, input_shape: Sequence[int], batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A random input ``(batch, C, H, W)`` in the model's dtype and device; ``input_shape`` is ``(C, H, W)``
+    or ``(B, C, H, W)`` (whose ``B`` is then replaced by ``batch``)."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W) or (B, C, H, W) with positive sizes, got {tuple(input_shape)}")
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = p.dtype if p is not None else torch.get_default_dtype()
+    device = p.device if p is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *shape, generator=gen, dtype=dtype).to(device)
+
+
+def block_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{block name: the input it receives}`` when ``model(x)`` runs (first call of each block)."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args):
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    handles = [block.register_forward_pre_hook(keep(name)) for name, block in time_stepping_blocks(model)]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def block_grids(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """``{block name: (n1, n2)}``: the grid each time-stepping block sees on an input of ``input_shape``."""
+    blocks = list(time_stepping_blocks(model))
+    with eval_mode(model), torch.no_grad():
+        inputs = block_inputs(model, model_input(model, input_shape))
+    grids = {name: tuple(y.shape[-2:]) for name, y in inputs.items()}
+    missing = [name for name, _ in blocks if name not in grids]
+    if missing:
+        raise ValueError(f"blocks {missing} were not run by the model's forward pass on {tuple(input_shape)}")
+    return grids
+
+
+def block_row(name: str, block: TimeSteppingBlock, grid, method: str = "symbol") -> StabilityRow:
+    """The report row of one block on the ``(n1, n2)`` grid it acts on."""
+    result = block.stability(grid, method)
+    h, bound = float(block.h), result.bound
+    if bound is None:
+        margin, stable = None, "unknown"
+    else:
+        margin = (1 - h / bound) if bound > 0 else -math.inf
+        stable = "yes" if h <= bound else "no"
+    kinds = "+".join(dict.fromkeys(op.kind for op in block.operators()))
+    return StabilityRow(name, block.scheme, kinds, result.norm, h, bound, margin, stable,
+                        block.stabilize or "-", tuple(grid), list(result.assumptions))
+
+
+def report(model: nn.Module, input_shape: Sequence[int], method: str = "symbol") -> StabilityReport:
+    """Stability rows of every time-stepping block of ``model`` at the grids an ``input_shape`` input gives.
+
+    ``method``: how ``‖K‖`` is computed, ``"symbol"`` (exact on periodic grids, a guaranteed upper bound for
+    zero padding) or ``"power"`` (power iteration, exact on the grid for either boundary).
+    """
+    if method not in ("symbol", "power"):
+        raise ValueError(f"unknown norm method {method!r}; expected 'symbol' or 'power'")
+    blocks = list(time_stepping_blocks(model))
+    grids = block_grids(model, input_shape) if blocks else {}
+    rows = [block_row(name, block, grids[name], method) for name, block in blocks]
+    return StabilityReport(rows, tuple(int(s) for s in input_shape), method)

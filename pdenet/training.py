@@ -1,0 +1,366 @@
+"""The training loop: tasks (loss and metrics), optimizers, learning-rate schedules, seeding, and a Trainer.
+
+A :class:`Task` decides what is learned: the loss, the metrics, and which metric is the run's headline
+number (``metric``; "accuracy" for classification). Metrics are accumulated in one tensor of sums, so that
+batches and processes combine by addition (one all-reduce in distributed runs). Adding a task (segmentation,
+for example) is one subclass plus one entry in ``TASKS``.
+
+The :class:`Trainer` runs epochs of mini-batch optimization: for every batch ``(x, y)``,
+``loss = task.loss(model(x), y)``, ``loss.backward()``, an optimizer step, ``enforce_stability()`` on every
+module that defines it, and one learning-rate scheduler step (schedules are per step, warm-up included).
+Everything that changes during training (weights, optimizer, scheduler, generators, epoch, history) is in
+its checkpoint, so a resumed run continues bit for bit where it stopped.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .distributed import DistContext
+from .progress import Progress
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+# --------------------------------------------------------------------------------------------- tasks
+class Task:
+    """What a network learns: loss, metrics and the headline metric.
+
+    Subclasses set ``name`` and ``metric`` and implement ``loss``, ``state_size``, ``update`` and
+    ``summarize``. The metric state is a float64 tensor of sums over samples (so it adds across batches and
+    ranks); ``summarize`` turns it into named numbers that include ``"loss"`` and ``metric``.
+    """
+
+    name: str = "task"
+    metric: str = "accuracy"
+    metric_label: str = "accuracy"
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Task-specific command-line options of ``pdenet train`` (none by default)."""
+
+    @classmethod
+    def from_dataset(cls, dataset, options: dict) -> "Task":
+        """The task for a training set (checks it fits) with the run's ``options`` (command-line values)."""
+        raise NotImplementedError
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_size(self) -> int:
+        raise NotImplementedError
+
+    def new_state(self, device) -> torch.Tensor:
+        return torch.zeros(self.state_size(), dtype=torch.float64, device=device)
+
+    def update(self, state: torch.Tensor, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+        """Add one batch's sums to ``state`` in place."""
+        raise NotImplementedError
+
+    def summarize(self, state: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    """Cross-entropy with optional label smoothing ``ε``: targets ``(1 − ε) e_y + ε/K``.
+
+    Metrics: mean loss and top-1 accuracy ``#{argmax_k f_k(x) = y} / N``; state ``[Σ loss, Σ correct, N]``.
+    Outputs ``(B, K)`` logits, targets ``(B,)`` class indices.
+    """
+
+    name = "classification"
+    metric = "accuracy"
+    metric_label = "test accuracy"
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.num_classes = int(num_classes)
+        self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_dataset(cls, dataset, options: dict) -> "ClassificationTask":
+        if getattr(dataset, "task", "classification") != "classification":
+            raise ValueError(f"data set {dataset.name!r} has {dataset.task} targets, not class labels; "
+                             f"use --task {dataset.task}")
+        return cls(dataset.num_classes, options.get("label_smoothing", 0.0))
+
+    def loss(self, output, target):
+        if output.dim() != 2 or output.shape[1] != self.num_classes:
+            raise ValueError(f"classification expects logits (batch, {self.num_classes}), got {tuple(output.shape)}")
+        return F.cross_entropy(output, target, label_smoothing=self.label_smoothing)
+
+    def state_size(self):
+        return 3
+
+    def update(self, state, output, target, loss):
+        n = target.shape[0]
+        correct = (output.argmax(dim=1) == target).sum()
+        state += torch.stack([loss.detach().double() * n, correct.double(), state.new_tensor(float(n))])
+
+    def summarize(self, state):
+        total, correct, n = state.tolist()
+        n = max(n, 1.0)
+        return {"loss": total / n, "accuracy": correct / n}
+
+
+TASKS: dict[str, str] = {
+    "classification": "pdenet.training:ClassificationTask",
+}
+
+
+def task_class(name: str) -> type[Task]:
+    """The Task subclass registered under ``name`` in ``TASKS`` (imported on first use)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    module, attr = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# --------------------------------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """Optimization settings.
+
+    ``lr`` and ``weight_decay`` default by optimizer: SGD (momentum ``momentum``, Nesterov) ``lr = 0.1``,
+    ``weight_decay = 5e-4``; AdamW ``lr = 2e-3``, ``weight_decay = 0.05``. Weight decay applies to weights
+    with at least 2 dimensions (not to biases, normalization scales or step sizes). ``schedule``:
+    ``"cosine"`` ``η_t = η (1 + cos(π t/T))/2``; ``"step"`` multiplies by ``gamma`` at each of
+    ``milestones`` (fractions of the run); ``"constant"``. An optional linear warm-up over ``warmup_epochs``
+    ramps from ``η/W`` to ``η``. The schedule advances once per optimizer step.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float | None = None
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: Sequence[float] = (0.5, 0.75)
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.lr is None:
+            self.lr = 0.1 if self.optimizer == "sgd" else 2e-3
+        if self.weight_decay is None:
+            self.weight_decay = 5e-4 if self.optimizer == "sgd" else 0.05
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"need weight_decay >= 0 and 0 <= momentum < 1, got {self.weight_decay}, {self.momentum}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        self.milestones = tuple(float(m) for m in self.milestones)
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing fractions of the run in (0, 1), got {self.milestones}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or AdamW; weight decay only on parameters with ``ndim >= 2``."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+class LRFactor:
+    """The multiplier of the base learning rate after ``step`` optimizer steps (see ``TrainConfig``)."""
+
+    def __init__(self, schedule: str, total_steps: int, warmup_steps: int = 0,
+                 milestones: Sequence[float] = (), gamma: float = 0.1):
+        self.schedule = schedule
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.milestones = [int(round(m * total_steps)) for m in milestones]
+        self.gamma = gamma
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "cosine":
+            t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+        if self.schedule == "step":
+            return self.gamma ** sum(step >= m for m in self.milestones)
+        return 1.0
+
+
+def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step ``LambdaLR`` following ``config``'s schedule over ``epochs * steps_per_epoch`` steps."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch} (is the training set "
+                         f"smaller than one batch?)")
+    factor = LRFactor(config.schedule, config.epochs * steps_per_epoch,
+                      round(config.warmup_epochs * steps_per_epoch), config.milestones, config.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------------------- loops
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, loader, dist: DistContext | None = None,
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+    """The task's metrics of ``model`` in eval mode over ``loader`` (each rank its shard, sums all-reduced),
+    plus ``"time"`` in seconds. The model's train/eval mode is restored afterwards."""
+    dist = dist or DistContext()
+    was_training = model.training
+    model.eval()
+    state = task.new_state(dist.device)
+    start = time.perf_counter()
+    try:
+        for x, y in loader:
+            out = model(x.contiguous(memory_format=memory_format) if x.dim() == 4 else x)
+            task.update(state, out, y, task.loss(out, y))
+    finally:
+        model.train(was_training)
+    return {**task.summarize(dist.all_reduce_(state)), "time": time.perf_counter() - start}
+
+
+@dataclass
+class Trainer:
+    """Trains ``model`` for ``task`` with the settings of ``config``.
+
+    ``loaders`` yield ``(x, y)`` batches on the model's device and have ``set_epoch(epoch)`` (data order and
+    augmentation depend only on seed and epoch) and ``len()``. ``dist`` makes it data-parallel (the model is
+    wrapped in DistributedDataParallel and metrics are summed over ranks). ``channels_last`` trains in the
+    NHWC memory layout.
+    """
+
+    model: nn.Module
+    task: Task
+    config: TrainConfig
+    steps_per_epoch: int
+    dist: DistContext = field(default_factory=DistContext)
+    channels_last: bool = False
+    log_every: int = 10
+
+    def __post_init__(self):
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.net = self.dist.wrap(self.model)
+        self.optimizer = build_optimizer(self.model, self.config)
+        self.scheduler = build_scheduler(self.optimizer, self.config, self.steps_per_epoch)
+        self.stabilized = [m for m in self.model.modules() if callable(getattr(m, "enforce_stability", None))]
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config.epochs
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    def train_epoch(self, loader, show_progress: bool = True) -> dict[str, float]:
+        """One pass over ``loader``; returns the epoch's training metrics (summed over ranks)."""
+        loader.set_epoch(self.epoch)
+        self.net.train()
+        state = self.task.new_state(self.dist.device)
+        n_images = len(loader) * self.config.batch_size
+        bar = Progress(n_images, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                       enabled=show_progress and self.dist.is_main)
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(loader):
+            out = self.net(self._prepare(x))
+            loss = self.task.loss(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.stabilized:
+                with torch.no_grad():
+                    for m in self.stabilized:
+                        m.enforce_stability()
+            self.scheduler.step()
+            with torch.no_grad():
+                self.task.update(state, out, y, loss)
+            images = x.shape[0] * self.dist.world_size  # this rank's share of the global batch
+            if step % self.log_every == 0 or step == len(loader) - 1:
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training loss became {value} at epoch {self.epoch + 1}, step "
+                                             f"{step + 1}; lower the learning rate (--lr)")
+                bar.update(images, loss=value, lr=self.optimizer.param_groups[0]["lr"])
+            else:
+                bar.update(images)
+        bar.close()
+        elapsed = time.perf_counter() - start
+        metrics = self.task.summarize(self.dist.all_reduce_(state))
+        return {**metrics, "time": elapsed, "images_per_s": bar.count / elapsed if elapsed > 0 else 0.0}
+
+    def evaluate(self, loader) -> dict[str, float]:
+        """Metrics of the model in eval mode over ``loader`` (see :func:`evaluate`)."""
+        return evaluate(self.model, self.task, loader, self.dist, self.memory_format)
+
+    def fit(self, train_loader, eval_loader=None, eval_every: int = 1,
+            callbacks: Iterable[Callable[["Trainer", dict], None]] = (), show_progress: bool = True) -> list[dict]:
+        """Train from ``self.epoch`` to ``config.epochs``; after each epoch append a row to ``history`` and
+        call each ``callback(trainer, row)`` (checkpointing, logging). Evaluates every ``eval_every`` epochs
+        and after the last."""
+        callbacks = list(callbacks)
+        while not self.done:
+            lr = self.optimizer.param_groups[0]["lr"]
+            train = self.train_epoch(train_loader, show_progress)
+            self.epoch += 1
+            row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v for k, v in train.items()}}
+            if eval_loader is not None and (self.epoch % eval_every == 0 or self.done):
+                row.update({f"test_{k}": v for k, v in self.evaluate(eval_loader).items()})
+            self.history.append(row)
+            for cb in callbacks:
+                cb(self, row)
+        return self.history
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save(self, path, meta: dict):
+        """Atomic checkpoint of the whole training state after ``self.epoch`` epochs (main rank writes)."""
+        if self.dist.is_main:
+            ckpt.save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                 epoch=self.epoch, meta={**meta, "train": self.config.as_dict()},
+                                 history=self.history)
+        self.dist.barrier()
+
+    def restore(self, checkpoint: dict) -> None:
+        """Continue from a checkpoint dict (``pdenet.checkpoint.load_checkpoint``)."""
+        self.epoch = ckpt.restore(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.history = list(checkpoint["history"])

@@ -1,0 +1,103 @@
+"""Data-parallel training: 2 processes (gloo, CPU) give the model of 1 process with the same global batch."""
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from pdenet.data import BatchLoader
+from pdenet.distributed import DistContext, GlobalBatchNorm2d, init_distributed, sync_batchnorm
+from pdenet.training import ClassificationTask, TrainConfig, Trainer, seed_everything
+from test_training import ToyNet, toy_dataset
+
+GLOBAL_BATCH = 16
+CONFIG = dict(epochs=2, batch_size=GLOBAL_BATCH, lr=0.1, warmup_epochs=0.5, seed=4)
+
+
+def train_toy(dist: DistContext) -> tuple[dict, list]:
+    """Two epochs of a batch-norm network on generated data, in float64, as rank ``dist.rank``."""
+    torch.set_num_threads(1)
+    config = TrainConfig(**CONFIG)
+    data = toy_dataset(96)
+    seed_everything(config.seed)
+    model = ToyNet(dropout=0.0).double()
+    loader = BatchLoader(data, GLOBAL_BATCH // dist.world_size, shuffle=True, augment=True, seed=config.seed,
+                         drop_last=True, rank=dist.rank, world_size=dist.world_size, dtype=torch.float64)
+    test = BatchLoader(toy_dataset(40, seed=2, split="test"), 7, shuffle=False, rank=dist.rank,
+                       world_size=dist.world_size, dtype=torch.float64)
+    trainer = Trainer(model, ClassificationTask(4), config, len(loader), dist)
+    history = trainer.fit(loader, test, show_progress=False)
+    return {k: v.clone() for k, v in model.state_dict().items()}, history
+
+
+def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist = init_distributed("cpu")
+    try:
+        state, history = train_toy(dist)
+        if dist.is_main:
+            torch.save({"state": state, "history": history}, out)
+    finally:
+        dist.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    single, single_history = train_toy(DistContext())
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    double = torch.load(out, weights_only=False)
+    assert double["state"].keys() == single.keys()
+    for k, v in single.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(double["state"][k], v, rtol=1e-9, atol=1e-11, msg=k)
+        else:
+            assert torch.equal(double["state"][k], v), k
+    for a, b in zip(single_history, double["history"]):  # metrics are summed over ranks: same numbers
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"])
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-9)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
+    moved = any(not torch.equal(v, ToyNet(dropout=0.0).double().state_dict()[k]) for k, v in single.items())
+    assert moved
+
+
+def test_single_process_context_and_plain_batchnorm_behaviour(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.enabled) == (0, 1, True, False)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    assert ctx.wrap(model) is model
+    t = torch.ones(3)
+    assert torch.equal(ctx.all_reduce_(t), torch.ones(3))
+
+    # conversion keeps the state; without a process group GlobalBatchNorm2d is BatchNorm2d
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, momentum=None)).double()
+    with torch.no_grad():
+        ref[1].running_mean.fill_(0.3)
+        ref[1].weight.uniform_()
+    conv = sync_batchnorm(__import__("copy").deepcopy(ref))
+    assert type(conv[1]) is GlobalBatchNorm2d and conv[1].running_mean.dtype == torch.float64
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(conv(x), ref(x))
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(conv.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("env, message", [({"WORLD_SIZE": "2", "RANK": "2"}, "inconsistent environment"),
+                                          ({}, "unknown device")])
+def test_bad_environment_or_device(monkeypatch, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=message):
+        init_distributed("cpu" if env else "tpu-9000")
