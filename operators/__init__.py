@@ -1,6 +1,17 @@
 """Linear convolution operators with exact adjoints, Fourier symbols, spectra and step bounds."""
 from .base import ConvOperator
+from .circulant import CirculantConv
 from .dense import DenseConv
+from .depthwise import DepthwiseConv
 from .dottest import dottest
+from .flops import count_flops
+from .grouped import GroupedConv, channel_shuffle
+from .lean import LeanConv
+from .pointwise import PointwiseConv
+from .registry import OPERATORS, make_operator
+from .separable import SeparableConv
 
-__all__ = ["ConvOperator", "DenseConv", "dottest"]
+__all__ = [
+    "ConvOperator", "DenseConv", "LeanConv", "GroupedConv", "SeparableConv", "DepthwiseConv", "PointwiseConv",
+    "CirculantConv", "OPERATORS", "make_operator", "count_flops", "dottest", "channel_shuffle",
+]

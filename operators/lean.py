@@ -18,6 +18,7 @@ from torch import nn
 
 from .base import ConvOperator, check_positive_int
 from .functional import adjoint_weight, conv_same, kernel_symbol, pad_same
+from .spectral import batched_lapack, half_spectrum, max_hermitian_eigenvalue
 
 STENCILS = ("cross", "full", "none")
 
@@ -248,33 +249,58 @@ class LeanConv(ConvOperator):
             sym.diagonal(dim1=-2, dim2=-1)[..., : s.shape[0]] += kernel_symbol(s, n1, n2)[..., 0]
         return sym
 
-    def _symbol_norms(self, n1, n2):
-        """``‖P + D(ω)‖₂`` from the Gram matrix ``P^T P + P^T D + D^H P + |D|²`` (built in ``O(c²)`` per
-        frequency from the precomputed ``P^T P``) and its largest eigenvalue, per group when the groups
-        are square blocks; ``D(ω) = diag(ŝ_j(ω))``. The Gram is taken on the smaller side of ``P``."""
+    def _gram(self, n1: int, n2: int):
+        """Hermitian Gram matrices of the symbol's blocks, built in ``O(c²)`` per frequency.
+
+        ``A(ω) = P + D(ω)``, ``D = diag(ŝ_j(ω))``: ``A^H A = P^T P + P^T D + D^H P + |D|²`` with ``P^T P``
+        computed once and ``(P^T D)[i, j] = P[j, i] ŝ_j``. With square groups ``A`` is block-diagonal and
+        each ``(c/g) x (c/g)`` block is its own item; ``‖A‖ = ‖A^T‖`` lets every block be taken on its
+        smaller side. Returns ``(g, size, build)``: ``build(freq, block)`` gives the complex Gram matrices
+        ``(len(freq), size, size)`` at flat frequency indices ``m1 n2 + m2`` and block indices ``< g``.
+        """
         g = self.groups
         if g > 1 and self.in_channels == self.out_channels:
-            blocks = self.pointwise.view(g, -1, self.in_channels // g)
+            blocks = self.pointwise.detach().view(g, -1, self.in_channels // g)
         else:
-            blocks, g = self.pointwise_matrix()[None], 1
-        if blocks.shape[-2] < blocks.shape[-1]:  # ‖A‖ = ‖A^T‖: make every block (rows >= cols)
+            blocks, g = self.pointwise_matrix().detach()[None], 1
+        if blocks.shape[-2] < blocks.shape[-1]:
             blocks = blocks.transpose(-1, -2)
-        cols = blocks.shape[-1]
+        size = blocks.shape[-1]  # the stencil covers the smaller side: min(c_in, c_out) = g * size
         cdtype = torch.complex128 if blocks.dtype == torch.float64 else torch.complex64
         gram0 = (blocks.transpose(-1, -2) @ blocks).to(cdtype)
         s = self.stencil_kernel()
         if s is None:
-            return torch.linalg.eigvalsh(gram0)[..., -1].clamp(min=0).sqrt().amax().expand(n1, n2)
-        s_hat = kernel_symbol(s, n1, n2)[..., 0].reshape(n1, n2, g, cols)  # m = g * cols after transposing
-        pt = blocks[:, :cols, :].transpose(-1, -2).to(cdtype)  # (P^T D)[i, j] = P[j, i] ŝ_j
-        rows_per_chunk = max(1, 2 ** 22 // (n2 * g * cols * cols))
-        norms = []
-        for s_rows in s_hat.split(rows_per_chunk):
-            cross = pt * s_rows[..., None, :]
-            gram = gram0 + cross + cross.transpose(-1, -2).conj()
-            gram.diagonal(dim1=-2, dim2=-1).add_(s_rows.abs().square())
-            norms.append(torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0).sqrt().amax(-1))
-        return torch.cat(norms)
+            return g, size, lambda freq, block: gram0[block]
+        s_hat = kernel_symbol(s.detach(), n1, n2)[..., 0].reshape(n1 * n2, g, size)
+        pt = blocks[:, :size, :].transpose(-1, -2).to(cdtype)
+
+        def build(freq, block):
+            d = s_hat[freq, block]  # (F, size)
+            cross = pt[block] * d[:, None, :]
+            gram = gram0[block] + cross + cross.mH
+            gram.diagonal(dim1=-2, dim2=-1).add_(d.abs().square())
+            return gram
+
+        return g, size, build
+
+    def _symbol_norms(self, n1, n2):
+        """``‖K̂(ω)‖₂`` at every frequency: the largest eigenvalue of each structured Gram matrix."""
+        g, size, build = self._gram(n1, n2)
+        cells = n1 * n2 if self.stencil is not None else 1  # without a stencil the symbol is constant
+        items = torch.arange(cells * g, device=self.pointwise.device)
+        top = torch.cat([batched_lapack(lambda m: torch.linalg.eigvalsh(m)[:, -1], build(i // g, i % g))
+                         for i in items.split(max(1, 2 ** 22 // (size * size)))])
+        return top.clamp(min=0).sqrt().reshape(cells, g).amax(-1).expand(n1 * n2).reshape(n1, n2)
+
+    def _max_symbol_norm(self, n1, n2):
+        """``max_ω ‖K̂(ω)‖₂`` exactly: the certified search of ``operators.spectral`` on the structured Gram
+        matrices, over half the frequencies (``K̂(−ω) = conj K̂(ω)`` for real weights)."""
+        g, size, build = self._gram(n1, n2)
+        m1, m2, _ = half_spectrum(n1, n2, device=self.pointwise.device)
+        freq = m1 * n2 + m2 if self.stencil is not None else m1[:1]
+        lam = max_hermitian_eigenvalue(lambda i: build(freq[i // g], i % g), len(freq) * g, size,
+                                       self.pointwise.device)
+        return math.sqrt(max(lam, 0.0))
 
     def macs_per_pixel(self):
         macs = self.out_channels * self.in_channels // self.groups

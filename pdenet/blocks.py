@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
@@ -57,8 +58,10 @@ class StepStability:
 
 
 class Linearization(NamedTuple):
-    """One term of a step, linearized: ``z = h·λ`` for the eigenvalues ``λ`` of ``∂fn/∂x`` at ``point``
-    must lie in the stability region of ``scheme`` (a name of :mod:`operators.stability`)."""
+    """One term of a step, linearized: ``z = h^m·λ`` for the eigenvalues ``λ`` of ``∂fn/∂x`` at ``point``
+    must lie in the stability region of ``scheme`` (a name of :mod:`operators.stability`, whose test
+    equation ``y^(m) = λ y`` fixes ``m``: 2 for leapfrog and Verlet, whose ``fn`` is the second-order
+    right-hand side, 1 otherwise)."""
 
     label: str
     scheme: str
@@ -92,8 +95,37 @@ def _new_operator(factory, cin: int, cout: int, role: str) -> ConvOperator:
     return op
 
 
+#: warm-start vectors of the tracked power iterations, one per operator (dropped with the operator).
+_POWER_VECTORS: "weakref.WeakKeyDictionary[ConvOperator, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def _tracked_norm(op: ConvOperator, grid: tuple[int, int], warm_iterations: int = 2, cold_iterations: int = 100) -> float:
+    """``‖K‖`` on ``grid`` by power iteration on ``KᵀK`` warm-started from the previous call's vector.
+
+    As in spectral normalization: while the weights change slowly between optimizer steps, two iterations
+    per call keep the estimate (a lower estimate, ``√‖KᵀKv‖`` for a unit ``v``) close to the norm.
+    """
+    p = next(op.parameters())
+    v = _POWER_VECTORS.get(op)
+    iterations = warm_iterations
+    if v is None or tuple(v.shape[-2:]) != grid or v.dtype != p.dtype or v.device != p.device:
+        v = torch.randn(1, op.in_channels, *grid, dtype=p.dtype, device=p.device)
+        iterations = cold_iterations
+    sigma2 = 0.0
+    for _ in range(iterations):
+        w = op.adjoint(op(v / v.norm()))
+        sigma2 = float(w.norm())
+        if sigma2 == 0.0:
+            break
+        v = w
+    _POWER_VECTORS[op] = v
+    return math.sqrt(sigma2)
+
+
 def _norm_of(op: ConvOperator, grid, method: str) -> tuple[float, str]:
     """``‖K‖`` and the sentence saying what kind of number it is."""
+    if method == "tracked":
+        return _tracked_norm(op, grid), f"‖K‖ tracked by warm-started power iteration on the {grid[0]}x{grid[1]} grid"
     norm = op.spectral_norm(grid, method=method)
     if method == "power":
         return norm, f"‖K‖ by power iteration on the {grid[0]}x{grid[1]} grid (this grid, {op.boundary} boundary)"
@@ -106,7 +138,8 @@ def _norm_of(op: ConvOperator, grid, method: str) -> tuple[float, str]:
 
 def _slope_text(layer) -> str:
     g = layer.slope()
-    text = f"σ'·N' ∈ [0, g] with σ = {layer.activation}, N = {layer.norm.kind}"
+    norm = {"none": "identity", "batch": "batch norm", "tv": "TV normalization"}[layer.norm.kind]
+    text = f"σ'·N' ∈ [0, g] with σ = {layer.activation}, N = {norm}"
     if layer.norm.kind == "batch" and g is not None:
         text += " (linearized at its running statistics, inference mode)"
     return text + (f": g = {g:.4g}" if g is not None else ": no bound on g, so none on h")
@@ -195,6 +228,7 @@ class TimeSteppingBlock(nn.Module):
         else:
             self.register_buffer("log_h", log_h)
         self._step_hooks: list[Callable] = []
+        self._grid: tuple[int, int] | None = None  # grid of the last forward pass
 
     def _build_steps(self, make_step: Callable[[int], nn.Module]) -> None:
         self.steps = nn.ModuleList(make_step(j) for j in range(1 if self.shared_weights else self.nt))
@@ -251,6 +285,7 @@ class TimeSteppingBlock(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self._check_input(y)
+        self._grid = tuple(y.shape[-2:])
         state = self.initial_state(y)
         for j in range(self.nt):
             state = self.step(j, state)
@@ -309,12 +344,19 @@ class TimeSteppingBlock(nn.Module):
 
     @torch.no_grad()
     def enforce_stability(self, grid=None) -> None:
-        """Apply the ``stabilize`` option so that ``h ≤ safety · bound``; a no-op when ``stabilize`` is None."""
+        """Apply the ``stabilize`` option so that ``h ≤ safety · bound``; a no-op when ``stabilize`` is None.
+
+        Cheap enough for every optimizer step: the norms are tracked by warm-started power iteration on
+        ``grid`` (default: the grid of the last forward pass; before any, the 64x64 symbol bound is used).
+        The report (:meth:`stability`) recomputes them exactly.
+        """
         if self.stabilize is None:
             return
+        grid = self._grid if grid is None else as_grid(grid)
+        method = "symbol" if grid is None else "tracked"
         h = float(self.h)
         if self.stabilize == "rescale-h":
-            bound = self.step_bound(grid)
+            bound = _combine([self.step_stability(j, grid, method) for j in range(len(self.steps))]).bound
             if bound is None:
                 warnings.warn(f"{self.scheme!r} block: no step bound available now, h left at {h:.4g}")
             elif h > self.safety * bound:
@@ -323,7 +365,7 @@ class TimeSteppingBlock(nn.Module):
         for j in range(len(self.steps)):
             ops = [m for m in self.weights(j).modules() if isinstance(m, ConvOperator)]
             for _ in range(3):  # exact in one pass for operators linear in their weights
-                bound = self.step_stability(j, None if grid is None else as_grid(grid), "symbol").bound
+                bound = self.step_stability(j, grid, method).bound
                 if bound is None or h <= self.safety * bound * (1 + 1e-9):
                     break
                 factor = (self.safety * bound / h) ** (1 / self.bound_degree)
@@ -419,8 +461,8 @@ class LeapfrogBlock(_LayerBlock):
     """Second-order (hyperbolic) leapfrog: ``Y_{j+1} = 2Y_j − Y_{j−1} − h² K_jᵀ σ(N(K_j Y_j + b_j))``.
 
     The state is the pair ``(Y_{j−1}, Y_j)``, started at ``(Y₀, Y₀)`` (zero initial velocity). The scheme
-    is time-reversible: ``Y_{j−1} = 2Y_j − Y_{j+1} + h² F_j(Y_j)``. Linearized, ``Y'' = −KᵀDK Y`` is
-    written as the first-order system ``(Y, V)' = (V, F(Y))`` with eigenvalues ``±i√μ``, ``μ ∈ [0, g‖K‖²]``.
+    is time-reversible: ``Y_{j−1} = 2Y_j − Y_{j+1} + h² F_j(Y_j)``. Linearized, ``Y'' = −KᵀDK Y`` with the
+    eigenvalues of ``KᵀDK`` in ``[0, g‖K‖²]``; stable while ``h²λ ∈ [−4, 0]``.
     """
 
     scheme = "leapfrog"
@@ -443,14 +485,7 @@ class LeapfrogBlock(_LayerBlock):
         return (2 * y - y_next + self.h ** 2 * self.weights(j)(y), y)
 
     def linearize(self, j, state):
-        layer, c = self.weights(j), self.channels
-
-        def first_order(x):
-            return torch.cat([x[:, c:], layer(x[:, :c])], dim=1)
-
-        y = state[1]
-        return [Linearization(f"step {j}", "leapfrog", first_order, torch.cat([y, torch.zeros_like(y)], 1),
-                              float(self.h))]
+        return [Linearization(f"step {j}", "leapfrog", self.weights(j), state[1], float(self.h))]
 
     def step_stability(self, j, grid, method):
         law = "Y'' = −KᵀDK Y with eigenvalues of KᵀDK in [0, g‖K‖²]; leapfrog: h ≤ 2/(√g‖K‖)"
@@ -502,12 +537,14 @@ class HamiltonianBlock(_LayerBlock):
         return (y, z - self.h * w.f1(y))
 
     def linearize(self, j, state):
-        w, c = self.weights(j), self.channels
+        w, (y, z) = self.weights(j), state
+        f1_y = w.f1(y)
+        z_new = z + self.h * f1_y  # the point where the Y-update evaluates F²
 
-        def vector_field(x):
-            return torch.cat([-w.f2(x[:, c:]), w.f1(x[:, :c])], dim=1)
+        def second_order(x):  # Jacobian at x = y: −J_F²(z_new) J_F¹(y) = −B A
+            return -w.f2(z_new + w.f1(x) - f1_y)
 
-        return [Linearization(f"step {j}", "hamiltonian", vector_field, torch.cat(state, 1), float(self.h))]
+        return [Linearization(f"step {j}", "hamiltonian", second_order, y, float(self.h))]
 
     def step_stability(self, j, grid, method):
         w = self.weights(j)
@@ -597,7 +634,8 @@ class DiffusionReactionBlock(TimeSteppingBlock):
         fraction = 1.0 if self.splitting == "lie" else 0.5
         if self.diffusion == "explicit":
             bound = scheme_step_bound("diffusion-explicit", norm) / fraction
-            law = f"explicit diffusion with step {fraction:g}h: eigenvalues of KᵀK in [0, ‖K‖²], h·{fraction:g} ≤ 2/‖K‖²"
+            law = ("explicit diffusion: eigenvalues of KᵀK in [0, ‖K‖²]; "
+                   + ("h ≤ 2/‖K‖²" if fraction == 1 else "sub-steps of h/2: h ≤ 4/‖K‖²"))
         else:
             bound = math.inf
             law = f"{self.diffusion} diffusion: stable for every h (KᵀK symmetric positive semi-definite)"

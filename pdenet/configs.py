@@ -65,26 +65,28 @@ def _resnets() -> list[ModelConfig]:
 
 
 def _pde_nets() -> list[ModelConfig]:
-    base = {"widths": (32, 64, 112, 112), "nt": 3}
+    base = {"widths": (32, 64, 112, 112), "nt": 3, "h": 1.0, "block_kwargs": {"normalization": "batch"}}
+    stage = "PDE-ResNet (Ruthotto-Haber stages 32/64/112/112, 3 steps of h=1, batch norm in the layers)"
     layouts = {
-        "parabolic": ("forward Euler steps of the symmetric layer -K^T relu(N(K Y + b))", 1.0),
-        "leapfrog": ("leapfrog steps of the hyperbolic layer (second order in time)", 1.0),
-        "hamiltonian": ("Verlet steps of the Hamiltonian layer pair", 1.0),
+        "parabolic": "forward Euler steps of the symmetric layer -K^T relu(BN(K Y + b))",
+        "leapfrog": "leapfrog steps of the hyperbolic layer (second order in time, reversible)",
+        "hamiltonian": "Verlet steps of the Hamiltonian layer pair (symplectic, reversible)",
     }
     configs = []
-    for scheme, (what, h) in layouts.items():
-        stage = f"PDE-ResNet (Ruthotto-Haber stages 32/64/112/112, 3 steps of h={h:g}), {what}"
+    for scheme, what in layouts.items():
         configs += [
-            ModelConfig(f"pde-{scheme}-dense", PDEResNet, f"{stage}, dense 3x3 operators",
-                        {**base, "scheme": scheme, "h": h, "operator": "dense"}),
-            ModelConfig(f"pde-{scheme}-lean", PDEResNet, f"{stage}, lean operators",
-                        {**base, "scheme": scheme, "h": h, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)},
+            ModelConfig(f"pde-{scheme}-dense", PDEResNet, f"{stage}: {what}, dense 3x3 operators",
+                        {**base, "scheme": scheme, "operator": "dense"}),
+            ModelConfig(f"pde-{scheme}-lean", PDEResNet, f"{stage}: {what}, lean operators",
+                        {**base, "scheme": scheme, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)},
                         dense_twin=f"pde-{scheme}-dense"),
         ]
     configs.append(ModelConfig(
         "pde-diffusion-reaction", PDEResNet,
-        "PDE-ResNet (stages 32/64/112/112, 3 steps of h=1): diffusion-reaction splitting, depthwise diffusion "
-        "and pointwise reaction", {**base, "scheme": "diffusion-reaction", "h": 1.0},
+        f"{stage}: Lie splitting of a pointwise reaction layer and an implicit (FFT, periodic) diffusion "
+        "step with depthwise K, stable for every h",
+        {**base, "scheme": "diffusion-reaction", "operator": "depthwise", "operator_kwargs": {"boundary": "circular"},
+         "block_kwargs": {"normalization": "batch", "diffusion": "implicit"}},
     ))
     return configs
 

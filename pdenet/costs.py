@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from operators.flops import count_flops
+
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters (shared parameters counted once)."""
@@ -44,21 +46,10 @@ def _input(model: nn.Module, input_shape, batch_size: int, channels_last: bool) 
 
 def flops_per_image(model: nn.Module, input_shape: Sequence[int]) -> int:
     """FLOPs of one forward pass on one ``(C, H, W)`` image in eval mode (2 per multiply-add)."""
-    try:
-        from operators.flops import count_flops
-    except ModuleNotFoundError:  # TODO(lead): remove once operators/flops.py has landed
-        from torch.utils.flop_counter import FlopCounterMode
-
-        def count_flops(net, *inputs):
-            with FlopCounterMode(display=False) as counter:
-                net(*inputs)
-            return counter.get_total_flops()
-
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            return int(count_flops(model, _input(model, input_shape, 1, False)))
+        return count_flops(model, _input(model, input_shape, 1, False))
     finally:
         model.train(was_training)
 

@@ -4,7 +4,7 @@
   (``matvec`` a Jacobian-vector product by ``torch.func.jvp``, ``rmatvec`` a vector-Jacobian product by
   ``torch.func.vjp``); no dense Jacobian is ever formed.
 - :func:`jacobian_eigenvalues`: the ``k`` eigenvalues of largest modulus by ``scipy.sparse.linalg.eigs``.
-- :func:`step_spectra`: for every step of a block, ``z = h·λ`` for the leading eigenvalues ``λ`` of each
+- :func:`step_spectra`: for every step of a block, ``z = h^m·λ`` for the leading eigenvalues ``λ`` of each
   linearized term (see :meth:`pdenet.blocks.TimeSteppingBlock.linearizations`), and whether each ``z`` lies
   in the scheme's stability region.
 - :func:`perturbation_growth`: ``‖Φ_l(Y + δ) − Φ_l(Y)‖ / ‖δ‖`` after every time step ``l`` of every block of a
@@ -22,7 +22,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigs, svds
 from torch import nn
 
-from operators.stability import in_stability_region
+from operators.stability import get_scheme, in_stability_region
 
 from .blocks import TimeSteppingBlock, time_stepping_blocks
 from .stability import block_inputs, eval_mode
@@ -71,7 +71,7 @@ def jacobian_eigenvalues(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
 
 @dataclass
 class StepSpectrum:
-    """``z = h·λ`` for the leading eigenvalues of one linearized term, and whether each is in the region."""
+    """``z = h^m·λ`` for the leading eigenvalues of one linearized term, and whether each is in the region."""
 
     block: str
     label: str
@@ -87,12 +87,13 @@ class StepSpectrum:
 
 def step_spectra(block: TimeSteppingBlock, y: torch.Tensor, k: int = 6, name: str = "block",
                  seed: int = 0) -> list[StepSpectrum]:
-    """Leading ``h·λ`` of every linearized term of every step of ``block`` along its trajectory from ``y[:1]``."""
+    """Leading ``h^m·λ`` of every linearized term of every step of ``block`` along its trajectory from ``y[:1]``."""
     spectra = []
     with eval_mode(block):
         for term in block.linearizations(y[:1]):
             n = term.point.numel()
-            z = term.h * jacobian_eigenvalues(term.fn, term.point, min(k, n - 2), seed=seed)
+            scale = term.h ** get_scheme(term.scheme).derivative_order
+            z = scale * jacobian_eigenvalues(term.fn, term.point, min(k, n - 2), seed=seed)
             inside = np.asarray(in_stability_region(term.scheme, z), dtype=bool)
             spectra.append(StepSpectrum(name, term.label, term.scheme, term.h, z, inside))
     return spectra

@@ -92,9 +92,8 @@ def format_table(rows: Sequence[dict]) -> str:
     body = [[_fmt(r[c]) if c != "margin" or r[c] is None or isinstance(r[c], str) else f"{100 * r[c]:+.1f}%"
              for c in COLUMNS] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+             for line in [header, ["-" * w for w in widths], *body]]
     notes = list(dict.fromkeys(a for r in rows for a in r["assumptions"]))
     lines.append("assumptions:")
     for r in rows:

@@ -12,8 +12,8 @@ class CommandError(Exception):
 
 
 def fail(command: str, exc: BaseException) -> int:
-    """Print ``pdenet COMMAND: error: ...`` on stderr (no traceback) and return exit code 2."""
-    print(f"pdenet {command}: error: {exc}", file=sys.stderr)
+    """Print ``pdenet COMMAND: error: ...`` as one line on stderr (no traceback) and return exit code 2."""
+    print(f"pdenet {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
     return 2
 
 

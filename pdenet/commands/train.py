@@ -35,6 +35,7 @@ DEFAULTS = {
     "optimizer": "sgd",
     "lr": None,              # per optimizer, see TrainConfig
     "momentum": 0.9,
+    "nesterov": True,
     "weight_decay": None,    # per optimizer, see TrainConfig
     "schedule": "cosine",
     "warmup_epochs": 0.0,
@@ -70,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=s, help="sgd (momentum, Nesterov) or adamw")
     p.add_argument("--lr", type=float, default=s, help="peak learning rate (default 0.1 for sgd, 2e-3 for adamw)")
     p.add_argument("--momentum", type=float, default=s, help="SGD momentum (default 0.9)")
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=s,
+                   help="classical instead of Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=s, help="default 5e-4 (sgd), 0.05 (adamw)")
     p.add_argument("--schedule", choices=SCHEDULES, default=s, help="learning-rate schedule (default cosine)")
     p.add_argument("--warmup-epochs", type=float, default=s, help="linear warm-up length (default 0)")
@@ -207,8 +210,11 @@ def setup(settings: dict, dist):
     from .. import checkpoint as ckpt
     from ..data import BatchLoader
 
+    from ..configs import get_config
+
     set_threads(settings["threads"], dist)
     try:
+        get_config(settings["config"])
         config = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None

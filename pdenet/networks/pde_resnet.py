@@ -42,11 +42,14 @@ class PDEResNet(nn.Module):
     """Ruthotto–Haber stage layout with any block scheme and operator kind.
 
     ``scheme``, ``nt``, ``h``, ``operator``, ``operator_kwargs`` and ``block_kwargs`` go to
-    ``pdenet.blocks.build_block`` for every stage. Shapes: ``(B, in_channels, n1, n2) -> (B, num_classes)``.
+    ``pdenet.blocks.build_block`` for every stage (``operator=None``: the scheme's default kind, e.g. depthwise
+    diffusion for ``"diffusion-reaction"``; ``block_kwargs`` e.g. ``{"normalization": "batch"}``). The opening
+    operator is of kind ``stem_operator`` (dense by default: it sees only the ``in_channels`` image channels).
+    Shapes: ``(B, in_channels, n1, n2) -> (B, num_classes)``.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = (32, 64, 112, 112),
-                 scheme: str = "parabolic", nt: int = 3, h: float = 1.0, operator: str = "lean",
+                 scheme: str = "parabolic", nt: int = 3, h: float = 1.0, operator: str | None = "lean",
                  operator_kwargs: dict | None = None, block_kwargs: dict | None = None, stem_operator: str = "dense"):
         super().__init__()
         from ..blocks import build_block

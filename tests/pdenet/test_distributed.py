@@ -9,6 +9,7 @@ from torch import nn
 from pdenet.data import BatchLoader
 from pdenet.distributed import DistContext, GlobalBatchNorm2d, init_distributed, sync_batchnorm
 from pdenet.training import ClassificationTask, TrainConfig, Trainer, seed_everything
+from test_cli import fmnist_dir  # noqa: F401  (fixture)
 from test_training import ToyNet, toy_dataset
 
 GLOBAL_BATCH = 16
@@ -101,3 +102,31 @@ def test_bad_environment_or_device(monkeypatch, env, message):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match=message):
         init_distributed("cpu" if env else "tpu-9000")
+
+
+def test_torchrun_cli_two_processes_match_one_process(fmnist_dir, tmp_path):
+    """``torchrun --nproc-per-node 2 -m pdenet.cli train`` against the 1-process command, same global batch."""
+    import subprocess
+    import sys
+
+    from pdenet.checkpoint import load_checkpoint
+
+    def command(out):
+        return ["-m", "pdenet.cli", "train", "--config", "lean-resnet20", "--data-dir", str(fmnist_dir),
+                "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "32", "--threads", "1",
+                "--no-progress", "--device", "cpu", "--out", str(out)]
+
+    one = subprocess.run([sys.executable, *command(tmp_path / "one")], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *command(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert "cpu x2" in two.stdout and two.stdout.count("== lean-resnet20") == 1  # rank 0 reports
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    for k, v in a["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        else:
+            assert torch.equal(b["model"][k], v), k
+    for r1, r2 in zip(a["history"], b["history"]):
+        assert r1["test_loss"] == pytest.approx(r2["test_loss"], rel=1e-4)

@@ -121,16 +121,16 @@ def test_make_divisible_rounds_to_multiples_without_losing_more_than_ten_percent
         make_divisible(10, 0)
 
 
-@pytest.mark.parametrize("cls", [MobileNetV2, ShuffleNetV2])
-def test_match_width_finds_largest_multiplier_within_budget(cls):
+def test_match_width_finds_largest_multiplier_within_budget():
+    cls = MobileNetV2
     from pdenet.costs import flops_per_image
 
-    target = 6e6
+    target = 3e6
     w, flops = match_width(lambda w: cls(in_channels=1, width_mult=w, round_to=2), target, (1, 28, 28),
-                           low=0.05, high=2.0, iters=10)
+                           low=0.05, high=0.6, iters=6)
     assert flops <= target
     assert flops == flops_per_image(cls(in_channels=1, width_mult=w, round_to=2), (1, 28, 28))
-    assert flops_per_image(cls(in_channels=1, width_mult=w + 0.05, round_to=2), (1, 28, 28)) > target
+    assert flops_per_image(cls(in_channels=1, width_mult=w + 0.02, round_to=2), (1, 28, 28)) > target
     assert flops > 0.8 * target
 
 

@@ -1,0 +1,162 @@
+"""Time every operator kind against the dense 3x3 convolution at the same width, side by side in one run.
+
+For each (batch, channels, size) the baseline is ``nn.Conv2d(c, c, 3, padding=1, bias=False)`` on a plain
+NCHW input, the layer a lean operator replaces. Every operator of ``operators`` is timed on the same
+input in channels-last layout (the layout the toolbox keeps end to end); ``lean(cross)[nchw]`` repeats the
+lean operator on the NCHW input, conversion included, and ``dense`` is ``DenseConv`` on channels-last.
+Forward runs under ``torch.no_grad()``; forward+backward computes the gradients of the input and of the
+weights for a fixed random output gradient. Within each repeat all operators run one after the other
+(interleaved), so load from other processes hits them alike; the table shows medians after warm-up, and
+the load average before and after. ``flop_ratio`` is the dense FLOPs over the operator's FLOPs.
+
+    python benchmarks/operators.py                    # all four shapes
+    python benchmarks/operators.py --quick            # (64, 128, 16) only, fewer repeats (< 1 minute)
+    python benchmarks/operators.py --json ops.json    # also write the rows as JSON
+
+The last row times the exact spectral norm ``DenseConv(256, 256, boundary="circular").spectral_norm((32, 32))``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from operators import DenseConv
+from operators.registry import make_operator
+
+SHAPES = ((64, 64, 32), (64, 128, 16), (64, 256, 8), (8, 64, 112))
+QUICK_SHAPES = ((64, 128, 16),)
+#: (row label, registry kind, keywords, input layout)
+OPERATORS = (
+    ("dense", "dense", {}, "channels_last"),
+    ("lean(cross)", "lean", {"stencil": "cross"}, "channels_last"),
+    ("lean(cross)[nchw]", "lean", {"stencil": "cross"}, "nchw"),
+    ("lean(full)", "lean", {"stencil": "full"}, "channels_last"),
+    ("lean(cross,g=4)", "lean", {"stencil": "cross", "groups": 4}, "channels_last"),
+    ("grouped(g=4)", "grouped", {"groups": 4}, "channels_last"),
+    ("separable", "separable", {}, "channels_last"),
+    ("depthwise", "depthwise", {}, "channels_last"),
+    ("pointwise", "pointwise", {}, "channels_last"),
+    ("circulant", "circulant", {}, "channels_last"),
+)
+BASELINE = "nn.Conv2d[nchw]"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+class Case:
+    """One module on one input: callables for the forward and the forward+backward pass."""
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, macs_per_pixel: int):
+        self.module, self.macs = module, macs_per_pixel
+        self.x = x.detach().requires_grad_()
+        with torch.no_grad():
+            y = module(x)
+        self.grad = torch.randn_like(y)
+        self.fwd_ms: list[float] = []
+        self.fwdbwd_ms: list[float] = []
+
+    @torch.no_grad()
+    def forward(self):
+        self.module(self.x)
+
+    def forward_backward(self):
+        self.module(self.x).backward(self.grad)
+
+    def run(self, record: bool):
+        self.x.grad = None
+        for p in self.module.parameters():
+            p.grad = None
+        fwd, fwdbwd = _timed(self.forward), _timed(self.forward_backward)
+        if record:
+            self.fwd_ms.append(fwd)
+            self.fwdbwd_ms.append(fwdbwd)
+
+
+def benchmark_shape(batch: int, channels: int, size: int, repeats: int, warmup: int) -> list[dict]:
+    """Rows for one shape: every operator and the NCHW ``nn.Conv2d`` baseline, interleaved per repeat."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    dense = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    cases = {BASELINE: Case(dense, x, 9 * channels * channels)}
+    for label, kind, kwargs, layout in OPERATORS:
+        op = make_operator(kind, channels, channels, **kwargs)
+        cases[label] = Case(op, x if layout == "nchw" else x_cl, op.macs_per_pixel())
+    for rep in range(warmup + repeats):
+        for case in cases.values():
+            case.run(record=rep >= warmup)
+    base = cases[BASELINE]
+    dense_fwd, dense_fwdbwd = statistics.median(base.fwd_ms), statistics.median(base.fwdbwd_ms)
+    return [{"operator": label, "batch": batch, "channels": channels, "size": size,
+             "fwd_ms": statistics.median(case.fwd_ms), "fwdbwd_ms": statistics.median(case.fwdbwd_ms),
+             "dense_fwd_ms": dense_fwd, "dense_fwdbwd_ms": dense_fwdbwd, "flop_ratio": base.macs / case.macs}
+            for label, case in cases.items()]
+
+
+def spectral_norm_row(repeats: int) -> dict:
+    """Median wall time of the exact spectral norm of a 256-channel dense 3x3 operator, 32x32 periodic grid."""
+    torch.manual_seed(0)
+    op = DenseConv(256, 256, boundary="circular")
+    op.spectral_norm((32, 32))  # warm-up
+    ms = statistics.median(_timed(lambda: op.spectral_norm((32, 32))) for _ in range(repeats))
+    return {"operator": "spectral_norm(dense 256, circular, 32x32)", "batch": 1, "channels": 256, "size": 32,
+            "fwd_ms": ms, "fwdbwd_ms": None, "dense_fwd_ms": None, "dense_fwdbwd_ms": None, "flop_ratio": None}
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: times in ms and speed-ups over the NCHW ``nn.Conv2d`` of the same shape."""
+    lines = ["| operator | batch, c, n | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up | FLOP ratio |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        shape = f"{r['batch']}, {r['channels']}, {r['size']}"
+        if r["dense_fwd_ms"] is None:
+            lines.append(f"| {r['operator']} | {shape} | {r['fwd_ms']:.0f} | | | | |")
+            continue
+        lines.append(f"| {r['operator']} | {shape} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
+                     f"{r['dense_fwd_ms'] / r['fwd_ms']:.1f}x | {r['dense_fwdbwd_ms'] / r['fwdbwd_ms']:.1f}x | "
+                     f"{r['flop_ratio']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="only (64, 128, 16), fewer repeats")
+    p.add_argument("--repeats", type=int, help="timed repeats per operator (default 15; 5 with --quick)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (5 if args.quick else 15)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    rows = []
+    for shape in QUICK_SHAPES if args.quick else SHAPES:
+        rows += benchmark_shape(*shape, repeats=repeats, warmup=args.warmup)
+        print(format_table(rows[-len(OPERATORS) - 1:]), flush=True)
+    rows.append(spectral_norm_row(1 if args.quick else 3))
+    load_after = os.getloadavg()
+    print()
+    print(format_table(rows))
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats (median), "
+          f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after, "
+          f"{time.perf_counter() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

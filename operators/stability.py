@@ -1,0 +1,277 @@
+"""The stability contract of a time-stepping scheme: its stability function, its region, its step bound.
+
+Each scheme is registered by name in ``SCHEMES`` with the linear test equation it is analysed on,
+
+    y^(m) = λ y,   m = ``derivative_order`` (1 for first-order schemes, 2 for leapfrog and Verlet),
+
+and its *stability function* ``R(z)``, ``z = h^m λ``: the amplification factor of one step (for a two-step
+scheme, the root of largest modulus of its characteristic polynomial). The *region* is ``{z : |R(z)| ≤ 1}``.
+One generic helper, :func:`max_stable_step`, turns any spectrum ``λ`` (e.g. the eigenvalues of a block's
+Jacobian) and a scheme into the largest stable step; :func:`step_bound` is the same helper applied to the
+extreme eigenvalue ``−‖K‖²`` of the symmetric linearizations the blocks are built on.
+
+=====================  ======================  ==========================  ======================================
+scheme                 step (linearized)       ``R(z)``                    bound from a norm
+=====================  ======================  ==========================  ======================================
+``euler``              y ← y + h F(y)          ``1 + z``                   none (general Jacobian: use a spectrum)
+``parabolic``          F = −K^T D K            ``1 + z``                   ``h ≤ 2/‖K‖²``
+``leapfrog``           y'' = −K^T D K y        root of ξ² − (2+z)ξ + 1     ``h ≤ 2/‖K‖``
+``hamiltonian``        Verlet, two operators   root of ξ² − (2+z)ξ + 1     ``h ≤ 2/(‖K₁‖ ‖K₂‖)``
+``diffusion-explicit`` y ← y − h K^T K y       ``1 + z``                   ``h ≤ 2/max_ω |ŝ(ω)|²``
+``diffusion-implicit`` (I + hK^T K) y⁺ = y     ``1/(1 − z)``               none needed: every ``h``
+``diffusion-exact``    y⁺ = exp(−hK^T K) y     ``e^z``                     none needed: every ``h``
+``implicit-euler``     y⁺ = y + h F(y⁺)        ``1/(1 − z)``               every ``h`` (spectrum in Re z ≤ 0)
+=====================  ======================  ==========================  ======================================
+
+``D = diag(σ')`` with ``σ' ∈ [0, 1]`` (ReLU, tanh, ...) and no normalization: then the spectrum of
+``−K^T D K`` lies in ``[−‖K‖², 0]``. For Verlet on ``Z' = −K₁^T D₁ K₁ Y``, ``Y' = K₂^T D₂ K₂ Z`` the
+second-order form is ``Y'' = −A Y`` with ``A = K₂^T D₂ K₂ K₁^T D₁ K₁``, whose eigenvalues are real, ≥ 0 and
+at most ``‖K₁‖² ‖K₂‖²``: the leapfrog bound with ``‖K‖`` replaced by the product of the two norms.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+def _complex(z):
+    """``z`` as a complex torch tensor or numpy array (keeps torch tensors on their device)."""
+    if isinstance(z, torch.Tensor):
+        if z.is_complex():
+            return z
+        return z.to(torch.complex128 if z.dtype == torch.float64 else torch.complex64)
+    return np.asarray(z, dtype=np.complex128)
+
+
+def _euler_R(z):
+    """Forward Euler: ``R(z) = 1 + z``."""
+    return 1 + _complex(z)
+
+
+def _implicit_euler_R(z):
+    """Backward Euler: ``R(z) = 1 / (1 − z)`` (``inf``/``nan`` at the pole ``z = 1``, outside the region)."""
+    z = _complex(z)
+    if isinstance(z, torch.Tensor):
+        return 1 / (1 - z)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1 / (1 - z)
+
+
+def _leapfrog_R(z):
+    """Root of largest modulus of ``ξ² − (2 + z) ξ + 1 = 0`` (the two roots have product 1; of two on the
+    unit circle, the one with ``Im ξ ≥ 0``).
+
+    Leapfrog ``y_{n+1} = 2 y_n − y_{n−1} + h² λ y_n`` on ``y'' = λ y`` with ``z = h² λ``; Störmer–Verlet on
+    the equivalent first-order system has the same characteristic polynomial.
+    """
+    z = _complex(z)
+    sqrt, where = (torch.sqrt, torch.where) if isinstance(z, torch.Tensor) else (np.sqrt, np.where)
+    b = 2 + z
+    d = sqrt(b * b - 4)
+    plus, minus = (b + d) / 2, (b - d) / 2
+    big, small = abs(plus), abs(minus)
+    tie = abs(big - small) <= 1e-12 * (big + small)  # both on the unit circle: take the one with Im ξ ≥ 0
+    return where(tie, where(plus.imag >= minus.imag, plus, minus), where(big > small, plus, minus))
+
+
+def _exp_R(z):
+    """The exact flow: ``R(z) = e^z``."""
+    z = _complex(z)
+    return torch.exp(z) if isinstance(z, torch.Tensor) else np.exp(z)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A time-stepping scheme's stability contract.
+
+    ``stability_function(z)``: amplification of one step on ``y^(m) = λ y`` at ``z = h^m λ``.
+    ``boundary_locus(ξ)``: the ``z`` for which ``ξ`` is an amplification root; ``|ξ| = 1`` traces the region's
+    boundary. ``real_interval``: the stable part of the real ``z`` axis that contains 0 (exact, used for real
+    spectra). ``norm``: what ``norm`` means in :func:`step_bound` (the extreme eigenvalue of the linearization
+    is ``−norm²``), or ``None`` when the scheme has no bound from a norm.
+    """
+
+    name: str
+    description: str
+    derivative_order: int
+    stability_function: Callable
+    boundary_locus: Callable
+    real_interval: tuple[float, float]
+    norm: str | None
+    assumptions: str
+
+
+_SIGMA = "σ' ∈ [0, 1], no normalization (N = identity), linearized at the current weights"
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(scheme: Scheme) -> Scheme:
+    """Add ``scheme`` to ``SCHEMES`` under its name (a name can be registered once)."""
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"register_scheme expects a Scheme, got {type(scheme).__name__}")
+    if scheme.name in SCHEMES:
+        raise ValueError(f"a scheme named {scheme.name!r} is already registered")
+    if scheme.derivative_order not in (1, 2):
+        raise ValueError(f"derivative_order must be 1 or 2, got {scheme.derivative_order!r}")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+for _scheme in (
+    Scheme("euler", "forward Euler y ← y + h F(y)", 1, _euler_R, lambda xi: xi - 1, (-2.0, 0.0), None,
+           "general layer K₂ σ(K₁ y): the Jacobian is not symmetric, so no bound follows from norms; "
+           "compute its eigenvalues and use max_stable_step"),
+    Scheme("parabolic", "forward Euler on the symmetric layer F(y) = −K^T σ(K y + b)", 1, _euler_R,
+           lambda xi: xi - 1, (-2.0, 0.0), "‖K‖₂",
+           "Jacobian −K^T D K with spectrum in [−‖K‖², 0]; " + _SIGMA),
+    Scheme("leapfrog", "y_{j+1} = 2y_j − y_{j−1} − h² K^T σ(K y_j)", 2, _leapfrog_R,
+           lambda xi: xi + 1 / xi - 2, (-4.0, 0.0), "‖K‖₂",
+           "linearization y'' = −K^T D K y with spectrum in [−‖K‖², 0]; at h = 2/‖K‖ a double root −1 "
+           "gives linear growth, every smaller h is strictly stable; " + _SIGMA),
+    Scheme("hamiltonian", "Verlet: z ← z − h K₁^T σ(K₁ y), y ← y + h K₂^T σ(K₂ z)", 2, _leapfrog_R,
+           lambda xi: xi + 1 / xi - 2, (-4.0, 0.0), "‖K₁‖₂ ‖K₂‖₂",
+           "second-order form y'' = −K₂^T D₂ K₂ K₁^T D₁ K₁ y, spectrum in [−‖K₁‖²‖K₂‖², 0]; " + _SIGMA),
+    Scheme("diffusion-explicit", "explicit diffusion y ← y − h K^T K y", 1, _euler_R, lambda xi: xi - 1,
+           (-2.0, 0.0), "max_ω ‖K̂(ω)‖₂ (= max_{ω,j} |ŝ_j(ω)| for a depthwise K)",
+           "L = K^T K has spectrum [0, max_ω ‖K̂(ω)‖²] on a periodic grid (an upper bound for zero padding)"),
+    Scheme("diffusion-implicit", "implicit diffusion (I + h K^T K) y⁺ = y", 1, _implicit_euler_R,
+           lambda xi: 1 - 1 / xi, (-math.inf, 0.0), "max_ω ‖K̂(ω)‖₂",
+           "L = K^T K is symmetric positive semidefinite: |1/(1 + hλ)| ≤ 1 for every h > 0"),
+    Scheme("diffusion-exact", "exact diffusion flow y⁺ = exp(−h K^T K) y", 1, _exp_R, np.log,
+           (-math.inf, 0.0), "max_ω ‖K̂(ω)‖₂",
+           "L = K^T K is symmetric positive semidefinite: |e^{−hλ}| ≤ 1 for every h > 0"),
+    Scheme("implicit-euler", "backward Euler y⁺ = y + h F(y⁺)", 1, _implicit_euler_R, lambda xi: 1 - 1 / xi,
+           (-math.inf, 0.0), "‖K‖₂",
+           "A-stable: every h for a spectrum in the closed left half-plane (symmetric layer); " + _SIGMA),
+):
+    register_scheme(_scheme)
+
+
+def get_scheme(scheme: str | Scheme) -> Scheme:
+    """The registered :class:`Scheme` named ``scheme`` (a ``Scheme`` passes through)."""
+    if isinstance(scheme, Scheme):
+        return scheme
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme must be a name or a Scheme, got {type(scheme).__name__}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; known schemes: {', '.join(SCHEMES)}")
+    return SCHEMES[scheme]
+
+
+def stability_function(scheme: str | Scheme) -> Callable:
+    """``R``: ``z ↦`` amplification of one step, for complex (or real) numpy arrays and torch tensors."""
+    return get_scheme(scheme).stability_function
+
+
+def in_stability_region(scheme: str | Scheme, z, tol: float = 1e-12):
+    """``|R(z)| ≤ 1 + tol`` elementwise: a bool for a scalar, a bool array/tensor otherwise.
+
+    ``tol`` absorbs rounding for regions whose interior is empty (leapfrog: the segment ``[−4, 0]``,
+    where both roots lie on the unit circle).
+    """
+    r = get_scheme(scheme).stability_function(z)
+    if isinstance(r, torch.Tensor):
+        return r.abs() <= 1 + tol
+    inside = np.abs(r) <= 1 + tol
+    return bool(inside) if inside.ndim == 0 else inside
+
+
+def _as_spectrum(eigenvalues) -> np.ndarray:
+    if isinstance(eigenvalues, torch.Tensor):
+        eigenvalues = eigenvalues.detach().cpu().numpy()
+    try:
+        lam = np.asarray(eigenvalues, dtype=np.complex128).ravel()
+    except (TypeError, ValueError):
+        raise TypeError(f"eigenvalues must be an array of (complex) numbers, got {type(eigenvalues).__name__}") \
+            from None
+    if lam.size == 0:
+        raise ValueError("eigenvalues is empty: a stable step needs at least one eigenvalue")
+    if not np.all(np.isfinite(lam)):
+        raise ValueError("eigenvalues contain inf or nan")
+    return lam
+
+
+def _ray_bounds(scheme: Scheme, direction: np.ndarray, tol: float, s_min: float = 1e-4, s_max: float = 1e6,
+                samples: int = 301, iterations: int = 64) -> np.ndarray:
+    """For each unit ``direction`` ``d``: ``sup{s : s' d in the region for all s' in (0, s]}``.
+
+    Geometric scan of ``s`` over ``[s_min, s_max]`` for the first unstable sample, then bisection between it
+    and the last stable one. A ray unstable already at ``s_min`` gives 0; one stable up to ``s_max``, ``inf``.
+    """
+    s = np.geomspace(s_min, s_max, samples)
+    bad = ~in_stability_region(scheme, direction[:, None] * s[None, :], tol)
+    first = np.where(bad.any(axis=1), bad.argmax(axis=1), samples)
+    out = np.where(first == samples, math.inf, 0.0)
+    todo = (first > 0) & (first < samples)
+    if todo.any():
+        d = direction[todo]
+        lo, hi = s[first[todo] - 1], s[first[todo]]
+        for _ in range(iterations):
+            mid = np.sqrt(lo * hi)
+            ok = in_stability_region(scheme, d * mid, tol)
+            lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+        out[todo] = lo
+    return out
+
+
+def max_stable_step(scheme: str | Scheme, eigenvalues, rtol_real: float = 1e-10, tol: float = 1e-12) -> float:
+    """Largest ``h`` such that every step in ``(0, h]`` keeps ``h^m λ`` in the region for all ``λ``.
+
+    ``eigenvalues``: any complex spectrum (numpy, torch, list), e.g. a Jacobian's. Eigenvalues with
+    ``|Im λ| ≤ rtol_real |λ|`` are taken as real (eigensolver noise) and treated exactly with the scheme's
+    ``real_interval [a, b]``: ``t ≤ a/λ`` for ``λ < 0``, ``t ≤ b/λ`` for ``λ > 0``. The others are bounded by
+    a scan and bisection along the ray ``t λ`` for ``|R| ≤ 1 + tol`` (about 1e-10 relative for the default
+    ``tol``; a ray whose stable part is shorter than ``1e-4/|λ|`` counts as unstable). Returns ``h = t^{1/m}``: ``inf`` when every ``h`` is stable, 0 when
+    none is (e.g. forward Euler with an eigenvalue in the right half-plane).
+    """
+    s = get_scheme(scheme)
+    lam = _as_spectrum(eigenvalues)
+    lam = lam[lam != 0]  # R(0) = 1: a zero eigenvalue never limits the step
+    if lam.size == 0:
+        return math.inf
+    mag = np.abs(lam)
+    real = np.abs(lam.imag) <= rtol_real * mag
+    a, b = s.real_interval
+    lr = lam.real[real]
+    bounds = [a / lr[lr < 0], b / lr[lr > 0], _ray_bounds(s, lam[~real] / mag[~real], tol) / mag[~real]]
+    t = float(np.concatenate(bounds).min(initial=math.inf))
+    return t ** (1.0 / s.derivative_order)
+
+
+def step_bound(scheme: str | Scheme, norm: float) -> float:
+    """Closed-form step bound from an operator norm: :func:`max_stable_step` on the spectrum ``{−norm²}``.
+
+    ``norm`` is what ``SCHEMES[scheme].norm`` says (``‖K‖`` for "parabolic"/"leapfrog", ``‖K₁‖ ‖K₂‖`` for
+    "hamiltonian", ``max_ω |ŝ(ω)|`` for diffusion). Gives ``2/norm²`` ("parabolic", "diffusion-explicit"),
+    ``2/norm`` ("leapfrog", "hamiltonian") and ``inf`` (implicit schemes); ``inf`` when ``norm == 0``.
+    """
+    s = get_scheme(scheme)
+    if s.norm is None:
+        raise ValueError(f"scheme {s.name!r} has no step bound from an operator norm ({s.assumptions}); "
+                         f"known closed forms: {', '.join(n for n, v in SCHEMES.items() if v.norm)}")
+    try:
+        norm = float(norm)
+    except (TypeError, ValueError):
+        raise TypeError(f"norm must be a real number, got {type(norm).__name__}") from None
+    if not math.isfinite(norm) or norm < 0:
+        raise ValueError(f"norm must be finite and non-negative, got {norm}")
+    if norm == 0:
+        return math.inf
+    return max_stable_step(s, [-norm * norm])
+
+
+def region_boundary(scheme: str | Scheme, n: int = 512) -> np.ndarray:
+    """``n`` complex points ``z = boundary_locus(e^{iφ})``, ``φ ∈ [0, 2π]``: the region's boundary, for plots.
+
+    (For leapfrog/Verlet the region is the segment ``[−4, 0]``, traced twice.)
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    xi = np.exp(1j * np.linspace(0.0, 2 * np.pi, int(n)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(get_scheme(scheme).boundary_locus(xi), dtype=np.complex128)

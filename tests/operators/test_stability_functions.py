@@ -1,0 +1,220 @@
+"""operators.stability: stability functions, regions, the generic step helper, and the bounds on real operators."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from operators import DenseConv
+from operators.stability import (
+    SCHEMES, get_scheme, in_stability_region, max_stable_step, region_boundary, stability_function, step_bound,
+)
+
+NAMES = ["euler", "parabolic", "leapfrog", "hamiltonian", "diffusion-explicit", "diffusion-implicit",
+         "implicit-euler"]
+
+
+def test_all_schemes_registered_and_unknown_names_rejected():
+    assert set(NAMES) <= set(SCHEMES)
+    with pytest.raises(ValueError, match="unknown scheme 'rk4'.*parabolic"):
+        get_scheme("rk4")
+    for fn in (stability_function, lambda s: max_stable_step(s, [-1.0]), lambda s: step_bound(s, 1.0),
+               lambda s: region_boundary(s), lambda s: in_stability_region(s, 0.5)):
+        with pytest.raises(ValueError, match="known schemes"):
+            fn("nope")
+    with pytest.raises(TypeError, match="scheme"):
+        get_scheme(3)
+
+
+def test_stability_functions_values_numpy_and_torch():
+    z = np.array([-1.0, -0.5 + 0.5j, 0.2, -3.0])
+    np.testing.assert_allclose(stability_function("euler")(z), 1 + z)
+    np.testing.assert_allclose(stability_function("implicit-euler")(z), 1 / (1 - z))
+    xi = stability_function("leapfrog")(z)
+    np.testing.assert_allclose(xi ** 2 - (2 + z) * xi + 1, 0, atol=1e-12)            # a root ...
+    np.testing.assert_allclose(np.abs(xi), np.maximum(np.abs(xi), np.abs(1 / xi)))   # ... the dominant one
+    for name in SCHEMES:
+        r_np = stability_function(name)(z)
+        r_t = stability_function(name)(torch.as_tensor(z))
+        assert isinstance(r_t, torch.Tensor) and r_t.is_complex()
+        np.testing.assert_allclose(r_t.numpy(), r_np, atol=1e-14)
+    assert in_stability_region("euler", -1.0) is True and in_stability_region("euler", 0.1) is False
+    assert in_stability_region("implicit-euler", 1.0) is False           # the pole
+    assert in_stability_region("diffusion-implicit", -1e6) is True
+    assert in_stability_region("leapfrog", -3.99) and not in_stability_region("leapfrog", -4.01)
+    assert not in_stability_region("leapfrog", -2 + 0.01j)              # off the segment: one root outside
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_real_interval_and_boundary_agree_with_the_stability_function(name):
+    """Brute force on the real axis: the stable part containing 0 is exactly ``real_interval``."""
+    s = get_scheme(name)
+    a, b = s.real_interval
+    z = np.linspace(-10, 10, 20001)
+    inside = in_stability_region(name, z)
+    component = (z >= a) & (z <= b)
+    assert np.all(inside[component])
+    # the first unstable points on each side of 0 are where the interval ends
+    left = z[(z < 0) & ~inside]
+    assert (left.max() if left.size else -math.inf) == pytest.approx(a, abs=2e-3) or (a == -math.inf and left.size == 0)
+    right = z[(z > 0) & ~inside]
+    assert right.min() == pytest.approx(b, abs=2e-3)
+    boundary = region_boundary(name, 257)
+    assert boundary.shape == (257,)
+    r = np.abs(stability_function(name)(boundary[np.isfinite(boundary)]))
+    np.testing.assert_allclose(r, 1, atol=1e-9)
+
+
+def test_max_stable_step_closed_forms_on_real_spectra():
+    lam = -np.array([0.3, 2.0, 5.0, 0.0])
+    assert max_stable_step("euler", lam) == pytest.approx(2 / 5, rel=1e-15)
+    assert max_stable_step("parabolic", torch.as_tensor(lam)) == pytest.approx(2 / 5, rel=1e-15)
+    assert max_stable_step("leapfrog", lam) == pytest.approx(2 / math.sqrt(5), rel=1e-15)
+    assert max_stable_step("diffusion-implicit", lam) == math.inf
+    assert max_stable_step("euler", [0.0, 0.0]) == math.inf
+    assert max_stable_step("euler", [-1.0, 0.5]) == 0.0                 # a growing mode
+    assert max_stable_step("implicit-euler", [-1.0, 0.5]) == 0.0        # small steps follow the growth
+    # eigensolver noise in the imaginary part is treated as real
+    assert max_stable_step("leapfrog", [-4.0 + 1e-14j]) == pytest.approx(1.0, rel=1e-14)
+
+
+def test_max_stable_step_complex_spectra_against_closed_forms():
+    rng = np.random.default_rng(0)
+    lam = -rng.uniform(0.1, 3, 50) + 1j * rng.uniform(-3, 3, 50)
+    # forward Euler: |1 + h λ|² ≤ 1  ⟺  h ≤ −2 Re λ / |λ|²
+    assert max_stable_step("euler", lam) == pytest.approx(np.min(-2 * lam.real / np.abs(lam) ** 2), rel=1e-9)
+    assert max_stable_step("euler", lam.astype(np.complex64)) == pytest.approx(
+        np.min(-2 * lam.real.astype(np.float32) / np.abs(lam.astype(np.complex64)) ** 2), rel=1e-5)
+    assert max_stable_step("implicit-euler", lam) == math.inf           # A-stable
+    assert max_stable_step("implicit-euler", np.append(lam, 0.5 + 1j)) == 0.0
+    assert max_stable_step("leapfrog", lam) == 0.0                      # complex λ: one root outside
+    assert max_stable_step("euler", [1j]) == 0.0                        # pure oscillation: Euler always grows
+
+
+@pytest.mark.parametrize("name, spectrum", [
+    ("euler", "complex"), ("parabolic", "real"), ("leapfrog", "real"), ("hamiltonian", "real"),
+    ("diffusion-explicit", "real"), ("euler", "real"),
+])
+def test_max_stable_step_against_brute_force_scan(name, spectrum):
+    """Every ``h`` in ``(0, h*]`` keeps all ``h^m λ`` in the region; a step 0.1% larger does not."""
+    rng = np.random.default_rng(7)
+    lam = -rng.uniform(0.05, 4, 40)
+    if spectrum == "complex":
+        lam = lam + 1j * rng.uniform(-2, 2, 40)
+    m = get_scheme(name).derivative_order
+    best = max_stable_step(name, lam)
+    assert 0 < best < math.inf
+    steps = np.linspace(0, best, 400)[1:-1]
+    assert np.all(in_stability_region(name, (steps[:, None] ** m) * lam[None, :], tol=1e-9))
+    # at the bound itself leapfrog has a double root −1, computed only to ~sqrt(machine eps)
+    assert np.all(in_stability_region(name, best ** m * lam, tol=1e-6))
+    assert not np.all(in_stability_region(name, (1.001 * best) ** m * lam))
+
+
+def test_step_bound_closed_forms():
+    n = 3.0
+    assert step_bound("parabolic", n) == pytest.approx(2 / n ** 2, rel=1e-15)
+    assert step_bound("diffusion-explicit", n) == pytest.approx(2 / n ** 2, rel=1e-15)
+    assert step_bound("leapfrog", n) == pytest.approx(2 / n, rel=1e-15)
+    assert step_bound("hamiltonian", n) == pytest.approx(2 / n, rel=1e-15)
+    assert step_bound("diffusion-implicit", n) == math.inf
+    assert step_bound("implicit-euler", n) == math.inf
+    assert step_bound("parabolic", 0.0) == math.inf
+    assert step_bound("parabolic", torch.tensor(2.0)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="euler.*max_stable_step"):
+        step_bound("euler", n)
+    with pytest.raises(ValueError, match="non-negative"):
+        step_bound("parabolic", -1.0)
+    with pytest.raises(TypeError, match="norm"):
+        step_bound("parabolic", "big")
+    with pytest.raises(ValueError, match="empty"):
+        max_stable_step("euler", [])
+    with pytest.raises(ValueError, match="nan"):
+        max_stable_step("euler", [float("nan")])
+    with pytest.raises(ValueError, match="n must be"):
+        region_boundary("euler", 1)
+
+
+def _random_op(boundary, c=3, seed=0):
+    torch.manual_seed(seed)
+    return DenseConv(c, c, boundary=boundary).double()
+
+
+@pytest.mark.parametrize("boundary", ["circular", "zeros"])
+def test_parabolic_euler_step_is_non_expansive_below_the_bound_and_grows_above(boundary):
+    """``y ← y − h K^T K y``: at ``0.99·bound`` no random vector grows over 30 steps; at ``3·bound`` they blow up."""
+    op = _random_op(boundary)
+    grid = (8, 8)
+    bound = op.step_bound("parabolic", grid)
+    assert bound == pytest.approx(2 / op.spectral_norm(grid) ** 2, rel=1e-14)
+
+    def run(step, y, steps=30):
+        ratios = []
+        with torch.no_grad():
+            for _ in range(steps):
+                new = y - step * op.adjoint(op(y))
+                ratios.append(float(new.norm() / y.norm()))
+                y = new
+        return ratios
+
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(6, 3, *grid, generator=gen, dtype=torch.float64)
+    assert max(run(0.99 * bound, y)) <= 1 + 1e-12
+    # the exact matrix norm of one step agrees: ‖I − h K^T K‖₂ ≤ 1
+    K = op.to_matrix(grid)
+    step = torch.eye(K.shape[1], dtype=K.dtype) - 0.99 * bound * K.T @ K
+    assert float(torch.linalg.matrix_norm(step, ord=2)) <= 1 + 1e-12
+    growth = run(3 * bound, y)
+    assert math.prod(growth) > 1e6
+
+
+def test_leapfrog_and_verlet_bounds_on_a_real_operator():
+    """Leapfrog ``y_{j+1} = 2y_j − y_{j−1} − h² K^T K y_j`` stays bounded at ``0.99·2/‖K‖`` and blows up at
+    ``1.2·2/‖K‖``; Verlet with the pair ``(K, K)`` has the bound ``2/‖K‖²`` and the same behaviour.
+    (Iterated with the operators' dense matrices on a 6x6 grid, to keep 300 steps cheap.)"""
+    op = _random_op("circular", seed=2)
+    grid = (6, 6)
+    gen = torch.Generator().manual_seed(3)
+    y0 = torch.randn(op.in_channels * 36, 2, generator=gen, dtype=torch.float64)
+    K = op.to_matrix(grid)
+    N = K.T @ K
+
+    def leapfrog(step, steps=300):
+        prev, y, peak = y0, y0, 1.0
+        for _ in range(steps):
+            prev, y = y, 2 * y - prev - step ** 2 * N @ y
+            peak = max(peak, float(y.norm() / y0.norm()))
+        return peak
+
+    def verlet(step, other, steps=300):
+        y, z, peak = y0, torch.zeros_like(y0), 1.0
+        M = other.T @ other
+        for _ in range(steps):
+            z = z - step * N @ y
+            y = y + step * M @ z
+            peak = max(peak, float(y.norm() / y0.norm()))
+        return peak
+
+    lf = op.step_bound("leapfrog", grid)
+    assert lf == pytest.approx(2 / op.spectral_norm(grid), rel=1e-14)
+    assert leapfrog(0.99 * lf) < 20 and leapfrog(1.2 * lf) > 1e6
+    ham = op.step_bound("hamiltonian", grid)
+    assert ham == pytest.approx(2 / op.spectral_norm(grid) ** 2, rel=1e-14)
+    assert verlet(0.99 * ham, K) < 20 and verlet(1.2 * ham, K) > 1e6
+    other = _random_op("circular", seed=4)
+    pair = op.step_bound("hamiltonian", grid, other=other)
+    assert pair == pytest.approx(2 / (op.spectral_norm(grid) * other.spectral_norm(grid)), rel=1e-14)
+    assert verlet(0.99 * pair, other.to_matrix(grid)) < 50          # the product of norms is a safe (conservative) bound
+    with pytest.raises(ValueError, match="hamiltonian"):
+        op.step_bound("parabolic", grid, other=other)
+    with pytest.raises(ValueError, match="max_stable_step"):
+        op.step_bound("euler", grid)
+
+
+def test_max_stable_step_on_an_operator_spectrum():
+    """The generic helper on the exact spectrum of ``−K^T K`` gives the operator's closed-form bound."""
+    op = _random_op("circular", seed=5)
+    grid = (5, 6)
+    eigenvalues = -op.singular_values(grid) ** 2
+    assert max_stable_step("parabolic", eigenvalues) == pytest.approx(op.step_bound("parabolic", grid), rel=1e-12)
+    assert max_stable_step("leapfrog", eigenvalues) == pytest.approx(op.step_bound("leapfrog", grid), rel=1e-12)

@@ -1,0 +1,154 @@
+"""The ``pdenet train``, ``evaluate`` and ``cost`` commands on a tiny generated Fashion-MNIST-format data set."""
+import gzip
+import json
+import struct
+
+import pytest
+import torch
+
+from pdenet import checkpoint as ckpt
+from pdenet.cli import main
+from pdenet.training import Trainer
+
+
+def write_idx(path, array):
+    """IDX file of a uint8 array: magic 0x0000080d (d = ndim), big-endian sizes, then the bytes; gzip."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype("uint8").tobytes()))
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+    """128 training and 64 test 28x28 images of 10 classes: class k lights up a class-specific stripe."""
+    folder = tmp_path_factory.mktemp("fashion-mnist")
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 128), ("t10k", 64)):
+        labels = torch.randint(10, (n,), generator=g)
+        images = torch.randint(0, 60, (n, 28, 28), generator=g)
+        for i, k in enumerate(labels.tolist()):
+            images[i, 2 * k + 3:2 * k + 6, 4:24] += 180
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images.numpy())
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels.numpy())
+    return folder
+
+
+def train_args(data_dir, out, *extra):
+    return ["train", "--config", "lean-resnet20", "--data", "fashion-mnist", "--data-dir", str(data_dir),
+            "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "32", "--threads", "1", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def test_train_writes_metrics_checkpoint_and_report_then_evaluate(fmnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(fmnist_dir, out)) == 0
+    stdout = capsys.readouterr().out
+    for text in ("epoch   2", "test accuracy", "parameters", "FLOPs per image", "latency per image (b=1)",
+                 "throughput (b=32)", "training", "stability report"):
+        assert text in stdout, text
+    assert {p.name for p in out.iterdir()} >= {"settings.json", "checkpoint.pt", "metrics.json", "metrics.csv",
+                                               "report.json"}
+    history = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("epoch,lr,train_loss")
+    report = json.loads((out / "report.json").read_text())
+    assert report["test"]["accuracy"] == history[-1]["test_accuracy"]
+    assert report["costs"]["parameters"] == sum(p.numel() for p in ckpt.load_model(out)[0].parameters())
+    assert report["costs"]["flops_per_image"] > 0 and report["costs"]["latency_ms"] > 0
+    assert isinstance(report["stability"], list) and report["wall_time_s"] > report["training_time_s"] > 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["epochs"] == 2 and settings["optimizer"] == "sgd" and settings["task"] == "classification"
+
+    assert main(["evaluate", str(out), "--data-dir", str(fmnist_dir), "--json", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["accuracy"] == pytest.approx(history[-1]["test_accuracy"])
+    assert evaluated["loss"] == pytest.approx(history[-1]["test_loss"], rel=1e-5)
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(fmnist_dir, tmp_path, monkeypatch, capsys):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(train_args(fmnist_dir, full, "--warmup-epochs", "0.5")) == 0
+
+    save = Trainer.save
+
+    def save_then_die(self, path, meta):
+        save(self, path, meta)
+        if self.epoch == 1:
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    assert main(train_args(fmnist_dir, killed, "--warmup-epochs", "0.5")) == 130
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(killed)["epoch"] == 1
+    assert main(train_args(fmnist_dir, killed, "--warmup-epochs", "0.5")) == 2  # never overwrites a run
+    assert "already exists" in capsys.readouterr().err
+    assert main(["train", "--out", str(killed), "--resume", "--no-progress", "--threads", "1",
+                 "--data-dir", str(fmnist_dir)]) == 0
+    assert "resuming" in capsys.readouterr().out
+    a, b = ckpt.load_checkpoint(full), ckpt.load_checkpoint(killed)
+    assert a["epoch"] == b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert [r["test_loss"] for r in a["history"]] == [r["test_loss"] for r in b["history"]]
+
+
+def test_config_file_and_command_line_priority(fmnist_dir, tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"config": "lean-resnet20", "epochs": 3, "batch-size": 64, "lr": 0.05,
+                                  "overrides": {"widths": [8, 16, 32]}}))
+    out = tmp_path / "run"
+    assert main(["train", "--config-file", str(config), "--epochs", "1", "--data-dir", str(fmnist_dir),
+                 "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert (settings["epochs"], settings["batch_size"], settings["lr"]) == (1, 64, 0.05)
+    model, meta = ckpt.load_model(out)
+    assert meta["overrides"] == {"widths": [8, 16, 32]}
+    assert model.state_dict().keys() == ckpt.load_checkpoint(out)["model"].keys()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "nope"], "unknown model configuration 'nope'"),
+    (["train", "--data", "mnist-digits"], "unknown data set 'mnist-digits'"),
+    (["train", "--data-dir", "/nonexistent/folder"], "Fashion-MNIST not found"),
+    (["train", "--epochs", "0"], "epochs must be a positive integer"),
+    (["train", "--resume"], "--resume needs --out"),
+    (["train", "--config-file", "/nonexistent.json"], "config file /nonexistent.json does not exist"),
+    (["train", "--override", "widths"], "not of the form key=value"),
+    (["cost", "--config", "lean-resnet20", "nope"], "unknown model configuration 'nope'"),
+    (["cost", "--config", "resnet20", "--override", "colour=1"], "has no option(s) colour"),
+    (["evaluate", "/nonexistent/checkpoint.pt"], "does not exist"),
+])
+def test_bad_input_gives_one_clean_line_and_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith(f"pdenet {argv[0]}: error: ")
+
+
+def test_config_file_with_unknown_setting(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochz": 3}))
+    assert main(["train", "--config-file", str(bad)]) == 2
+    assert "unknown settings ['epochz']" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_settings(fmnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(fmnist_dir, out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.5"]) == 2
+    assert "do not change --lr" in capsys.readouterr().err
+
+
+def test_cost_side_by_side(tmp_path, capsys):
+    assert main(["cost", "--config", "lean-resnet20", "resnet20", "--input-shape", "1", "28", "28",
+                 "--repeats", "2", "--batch-size", "8", "--threads", "1", "--json", str(tmp_path / "c.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "input 1x28x28, 10 classes"
+    assert lines[3].startswith("lean-resnet20") and lines[4].startswith("resnet20")
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    from pdenet.configs import build_model
+    from pdenet.costs import flops_per_image
+
+    assert rows["resnet20"]["flops_per_image"] == flops_per_image(build_model("resnet20", 10, 1), (1, 28, 28))
+    assert rows["lean-resnet20"]["parameters"] < rows["resnet20"]["parameters"]
