@@ -55,6 +55,14 @@ def _use_fused(t: torch.Tensor) -> bool:
             and _fused_pointwise_add_works())
 
 
+def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last layout where the fused path will run (a no-op if it already is); unchanged
+    elsewhere and inside ``torch.func`` transforms (``vmap`` has no memory formats)."""
+    if _use_fused(x) and not torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def lean_apply(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, boundary: str,
                groups: int) -> torch.Tensor:
     """``P x + S x`` without autograd bookkeeping of its own.
@@ -112,8 +120,7 @@ class _LeanConvFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, pointwise, stencil = ctx.saved_tensors
         m = stencil.shape[0]
-        if x.is_contiguous(memory_format=torch.channels_last):
-            grad = grad.contiguous(memory_format=torch.channels_last)
+        grad = _fast_layout(grad)
         gx = gp = gs = None
         if ctx.needs_input_grad[0]:
             gx = _LeanConvFunction.apply(grad, adjoint_weight(pointwise, ctx.groups), adjoint_weight(stencil, m),
@@ -132,6 +139,23 @@ class _LeanConvFunction(torch.autograd.Function):
         ts = torch.zeros_like(stencil) if ts is None else ts
         return (lean_apply(tx, pointwise, stencil, ctx.boundary, ctx.groups)
                 + lean_apply(x, tp, ts, ctx.boundary, ctx.groups))
+
+    @staticmethod
+    def vmap(info, in_dims, x, pointwise, stencil, boundary, groups):
+        """``torch.func.vmap``: a mapped input alone joins the batch axis (one call); mapped weights are
+        applied one slice at a time."""
+        x_dim, p_dim, s_dim = in_dims[:3]
+        if p_dim is None and s_dim is None:
+            x = x.movedim(x_dim, 0)
+            y = _LeanConvFunction.apply(x.flatten(0, 1), pointwise, stencil, boundary, groups)
+            return y.unflatten(0, x.shape[:2]), 0
+
+        def slice_(t, dim, i):
+            return t if dim is None else t.select(dim, i)
+
+        return torch.stack([_LeanConvFunction.apply(slice_(x, x_dim, i), slice_(pointwise, p_dim, i),
+                                                    slice_(stencil, s_dim, i), boundary, groups)
+                            for i in range(info.batch_size)]), 0
 
 
 # ---------------------------------------------------------------------------------------- the operator
@@ -224,16 +248,14 @@ class LeanConv(ConvOperator):
 
     # ------------------------------------------------------------------ operator hooks
     def _forward(self, x):
-        if _use_fused(x):
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _fast_layout(x)
         if self.stencil is None:
             return F.conv2d(x, self.pointwise_kernel(), groups=self.groups)
         return _LeanConvFunction.apply(x, self.pointwise_kernel(), self.stencil_kernel(), self.boundary,
                                        self.groups)
 
     def _adjoint(self, y):
-        if _use_fused(y):
-            y = y.contiguous(memory_format=torch.channels_last)
+        y = _fast_layout(y)
         pt = adjoint_weight(self.pointwise_kernel(), self.groups)
         if self.stencil is None:
             return F.conv2d(y, pt, groups=self.groups)

@@ -25,6 +25,8 @@ import numpy as np
 import sympy as sp
 import torch
 
+from .base import as_grid
+
 theta1, theta2 = sp.symbols("theta1 theta2", real=True)
 h = sp.Symbol("h", positive=True)
 
@@ -106,23 +108,20 @@ def lambdify_symbol(expr, backend: str = "numpy", args=None):
 
     def evaluate(*values):
         out = f(*values)
-        if backend == "torch":
-            tensors = [v for v in values if isinstance(v, torch.Tensor)]
-            if tensors and not (isinstance(out, torch.Tensor) and out.shape == torch.broadcast_shapes(
-                    *(t.shape for t in tensors))):
-                out = torch.as_tensor(out, device=tensors[0].device) + torch.zeros(
-                    torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=tensors[0].dtype,
-                    device=tensors[0].device)
+        if not values:
             return out
-        return np.broadcast_to(out, np.broadcast_shapes(*(np.shape(v) for v in values))) if values else out
+        if backend == "numpy":
+            return np.broadcast_to(out, np.broadcast_shapes(*(np.shape(v) for v in values)))
+        tensors = [torch.as_tensor(v) for v in values]
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        out = torch.as_tensor(out, device=tensors[0].device)
+        return out if out.shape == shape else out.expand(shape)
 
     return evaluate
 
 
 def symbol_on_grid(expr, grid, backend: str = "torch"):
     """``expr(θ₁, θ₂)`` at ``θ = 2π(m₁/n₁, m₂/n₂)``: complex ``(n1, n2)``, the layout of ``ConvOperator.symbol``."""
-    from .base import as_grid
-
     n1, n2 = as_grid(grid)
     f = lambdify_symbol(expr, backend, args=(theta1, theta2))
     if backend == "torch":

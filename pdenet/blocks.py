@@ -348,7 +348,8 @@ class TimeSteppingBlock(nn.Module):
 
         Cheap enough for every optimizer step: the norms are tracked by warm-started power iteration on
         ``grid`` (default: the grid of the last forward pass; before any, the 64x64 symbol bound is used).
-        The report (:meth:`stability`) recomputes them exactly.
+        ``stability(grid, method="power")`` recomputes the same norms exactly; the default symbol method is
+        an upper bound for zero padding, so it may still show a (conservative) violation on small grids.
         """
         if self.stabilize is None:
             return

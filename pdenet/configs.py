@@ -50,7 +50,8 @@ def _resnets() -> list[ModelConfig]:
                         "option-A shortcuts", {**base, "operator": "dense"}),
             ModelConfig(f"lean-resnet{depth}", ResNet, f"CIFAR ResNet-{depth} with every 3x3 convolution after "
                         "the stem a lean operator (1x1 + 5-point depthwise stencil)",
-                        {**base, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)}, dense_twin=f"resnet{depth}"),
+                        {**base, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)},
+                        dense_twin=f"resnet{depth}"),
         ]
     for depth, depths in ((18, RESNET18_DEPTHS), (34, RESNET34_DEPTHS)):
         base = {"depths": depths, "widths": IMAGENET_WIDTHS, "stem": "small", "shortcut": "B"}
@@ -136,7 +137,8 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **overri
 def describe(name: str) -> str:
     """A few lines on configuration ``name``: what it is, its builder, its defaults and overridable keywords."""
     config = get_config(name)
-    lines = [f"{config.name}: {config.description}", f"  builder: {config.builder.__module__}.{config.builder.__name__}"]
+    builder = f"{config.builder.__module__}.{config.builder.__name__}"
+    lines = [f"{config.name}: {config.description}", f"  builder: {builder}"]
     lines += [f"  {k} = {v!r}" for k, v in config.defaults.items()]
     if config.dense_twin:
         lines.append(f"  dense twin: {config.dense_twin}")

@@ -162,7 +162,7 @@ def perturbation_growth(model: nn.Module, x: torch.Tensor, eps: float = 1e-3, se
         gen = torch.Generator().manual_seed(seed)
         random = growth(torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device))
         op = jacobian_operator(lambda t: _steps(model, t)[-1][1], x)
-        _, s, vt = svds(op, k=1, v0=_start_vector(op.shape[1], seed))
+        _, s, vt = svds(op, k=1, v0=_start_vector(min(op.shape), seed))
         v = torch.as_tensor(vt[0].copy(), dtype=x.dtype, device=x.device).reshape(x.shape)
         adversarial = growth(v)
     return PerturbationGrowth(labels, random, adversarial, float(s[0]))

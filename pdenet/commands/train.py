@@ -2,7 +2,7 @@
 
 Settings come from, in increasing priority: the defaults below, ``--config-file FILE.json`` (an object
 whose keys are the option names with underscores, e.g. ``{"config": "resnet20", "batch_size": 256,
-"overrides": {"width": 2}}``) and the options given on the command line. ``--resume`` takes every setting
+"overrides": {"widths": [32, 64, 128]}}``) and the options given on the command line. ``--resume`` takes every setting
 from the run's checkpoint; only the run-time options (``RUNTIME``) may then be given again.
 
 The output directory receives ``settings.json``, ``checkpoint.pt`` (atomically rewritten after every
@@ -112,13 +112,15 @@ def resolve_settings(given: dict, known: set[str]) -> dict:
         if "out" not in given:
             raise CommandError("--resume needs --out DIR, the directory of the run to continue")
         stored = stored_settings(Path(given["out"]))
+        threads = stored.pop("threads_used")
         changed = sorted(k for k, v in given.items() if k not in RUNTIME and stored.get(k) != v)
         if overrides and overrides != stored.get("overrides"):
             changed.append("override")
         if changed:
             raise CommandError(f"--resume continues a run with its own settings; do not change "
                                f"{', '.join('--' + k.replace('_', '-') for k in changed)}")
-        settings = {**settings, **stored}
+        # the same number of threads as before, unless told otherwise: float rounding depends on it
+        settings = {**settings, **stored, "threads": threads}
     elif overrides:
         settings["overrides"] = {**settings["overrides"], **overrides}
     settings.update(given)
@@ -135,7 +137,7 @@ def read_config_file(path: str, known: set[str]) -> dict:
     if not isinstance(data, dict):
         raise CommandError(f"config file {path} must hold a JSON object of settings")
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - known - {"overrides"} - set(RUNTIME[:1]))
+    unknown = sorted(set(data) - known)
     if unknown:
         raise CommandError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
     if not isinstance(data.get("overrides", {}), dict):
@@ -149,7 +151,11 @@ def stored_settings(out: Path) -> dict:
     path = out / CHECKPOINT_NAME
     if not path.is_file():
         raise CommandError(f"cannot resume: {path} does not exist")
-    return dict(load_checkpoint(path)["meta"]["settings"])
+    try:
+        meta = load_checkpoint(path)["meta"]
+        return {**meta["settings"], "threads_used": meta.get("threads")}
+    except (ValueError, KeyError) as exc:
+        raise CommandError(f"cannot resume from {path}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -241,6 +247,7 @@ def setup(settings: dict, dist):
     meta = {"config": settings["config"], "overrides": settings["overrides"],
             "num_classes": train_set.num_classes, "in_channels": train_set.image_shape[0],
             "input_shape": list(train_set.image_shape), "task": settings["task"], "data": settings["data"],
+            "threads": torch.get_num_threads(),
             "settings": {k: v for k, v in settings.items() if k not in RUNTIME}}
 
     seed_everything(config.seed)

@@ -36,7 +36,8 @@ def check_operator_kwargs(operator_kwargs) -> dict:
     return dict(operator_kwargs)
 
 
-def make_stem(in_channels: int, out_channels: int, stem_operator: str, operator: str, operator_kwargs: dict) -> nn.Sequential:
+def make_stem(in_channels: int, out_channels: int, stem_operator: str, operator,
+              operator_kwargs: dict) -> nn.Sequential:
     """Opening layer ``ReLU(BN(K x))`` with ``K`` a stride-1 3x3 operator of kind ``stem_operator``.
 
     ``K`` takes the network's ``operator_kwargs`` when it is of the network's own kind; otherwise only

@@ -36,12 +36,12 @@ def channels(case, seed: int) -> tuple[int, int]:
     """Random channel counts for the case (``c_in ≠ c_out`` where the kind allows it)."""
     _, _, multiple, square, _ = case
     rng = np.random.default_rng(seed)
-    c_in = multiple * int(rng.integers(1, 4))
+    c_in = multiple * int(rng.integers(1, 3))
     if square:
         return c_in, c_in
     c_out = c_in
     while c_out == c_in:
-        c_out = multiple * int(rng.integers(1, 5))
+        c_out = multiple * int(rng.integers(1, 4))
     return c_in, c_out
 
 

@@ -33,7 +33,7 @@ def test_singular_values_match_dense_matrix(case):
 @pytest.mark.parametrize("boundary", ["zeros", "circular"])
 @pytest.mark.parametrize("case", CASES)
 def test_power_norm_matches_svds(case, boundary):
-    grid = (6, 7)
+    grid = (5, 6)
     op = build(case, boundary, seed=5)
     reference = svds(op.as_linear_operator(grid), k=1, return_singular_vectors=False, random_state=0)[0]
     got = op.spectral_norm(grid, method="power")
@@ -41,8 +41,8 @@ def test_power_norm_matches_svds(case, boundary):
     assert abs(got - exact_norm(op, grid)) < 1e-8 * reference
 
 
-def test_power_norm_converges_past_plain_power_iteration():
-    """Close top singular values: Lanczos still reaches 1e-10 where power iteration stalls near 1e-5."""
+def test_power_norm_converges_where_power_iteration_stalls():
+    """Clustered top singular values (zero padding): Lanczos reaches 1e-10 where power iteration stalls."""
     torch.manual_seed(0)
     op = DenseConv(4, 4, boundary="zeros").double()
     for grid in [(8, 8), (3, 5)]:
@@ -54,10 +54,11 @@ def test_zero_padding_symbol_bound(case):
     for seed, grid in enumerate([(4, 4), (5, 7), (8, 8)]):
         op = build(case, "zeros", seed)
         assert op.spectral_norm(grid) >= exact_norm(op, grid) * (1 - 1e-12)
-    op = build(case, "zeros", seed=7, c_in=8, c_out=8) if case[2] == 1 else build(case, "zeros", seed=7, c_in=6, c_out=6)
-    exact = op.spectral_norm((32, 32), method="power")
+    c = 6 if case[2] == 3 else 4
+    op = build(case, "zeros", seed=7, c_in=c, c_out=c)
+    exact = op.spectral_norm((32, 32), method="power", tol=1e-8)
     bound = op.spectral_norm((32, 32))
-    assert exact <= bound <= 1.10 * exact
+    assert exact * (1 - 1e-12) <= bound <= 1.10 * exact
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -138,7 +139,7 @@ def test_pruned_maximum_is_exact_even_with_useless_estimates():
 def test_spectral_norm_float32_and_large_width():
     torch.manual_seed(0)
     op = DenseConv(48, 40, boundary="circular")
-    ref = float(torch.linalg.svdvals(op.symbol((12, 12)).double()).max())
+    ref = float(torch.linalg.svdvals(op.symbol((12, 12)).detach().to(torch.complex128)).max())
     assert op.spectral_norm((12, 12)) == pytest.approx(ref, rel=1e-5)
 
 

@@ -138,14 +138,14 @@ def test_every_operator_kind_plugs_into_every_block(scheme, kind):
     kwargs = {"groups": 2} if kind == "grouped" else {}
     torch.manual_seed(0)
     # for diffusion-reaction the operator is the diffusion K; the reaction stays pointwise
-    block = build_block(scheme, 4, nt=2, h=0.1, operator=kind, operator_kwargs=kwargs)
+    block = build_block(scheme, 4, nt=1, h=0.1, operator=kind, operator_kwargs=kwargs)
     assert {op.kind for op in block.operators()} >= {kind}
-    y = torch.randn(2, 4, 6, 6, requires_grad=True)
+    y = torch.randn(2, 4, 5, 5, requires_grad=True)
     out = block(y)
     assert out.shape == y.shape and torch.isfinite(out).all()
     out.square().sum().backward()
     assert y.grad is not None and all(p.grad is not None for p in block.parameters() if p.requires_grad)
-    bound = block.step_bound((6, 6))
+    bound = block.step_bound((5, 5))
     assert bound is not None and bound >= 0
 
 
@@ -179,19 +179,23 @@ def test_learnable_h_stays_positive_and_gets_gradients():
     assert all(p is not fixed.log_h for p in fixed.parameters())
 
 
-@pytest.mark.parametrize("scheme", ["parabolic", "leapfrog", "hamiltonian", "diffusion-reaction"])
-@pytest.mark.parametrize("stabilize", ["rescale-h", "project-norm"])
-@pytest.mark.parametrize("kind", ["dense", "separable"])
+@pytest.mark.parametrize("scheme, stabilize, kind", [
+    *((scheme, stabilize, "dense") for scheme in ("parabolic", "leapfrog", "hamiltonian", "diffusion-reaction")
+      for stabilize in ("rescale-h", "project-norm")),
+    ("parabolic", "project-norm", "separable"),  # bilinear in its weights
+])
 def test_enforce_stability_restores_h_below_the_bound(scheme, stabilize, kind):
-    """After a forward pass on a 6x6 grid the norms are tracked there by warm-started power iteration."""
+    """After a forward pass on a 6x6 grid the norms are tracked there by warm-started power iteration
+    (periodic grid: the symbol gives the exact bound to compare with)."""
     torch.manual_seed(0)
     grid = (6, 6)
     operator = {"operator": kind} if scheme != "diffusion-reaction" else {}
-    block = build_block(scheme, 3, nt=2, h=50.0, stabilize=stabilize, safety=0.9, learn_h=True, **operator).to(DT)
+    block = build_block(scheme, 3, nt=1, h=50.0, stabilize=stabilize, safety=0.9, learn_h=True,
+                        operator_kwargs={"boundary": "circular"}, **operator).to(DT)
     block(torch.randn(1, 3, *grid, dtype=DT))
-    assert block.step_bound(grid, method="power") < 50.0
+    assert block.step_bound(grid) < 50.0
     block.enforce_stability()
-    h, bound = float(block.h.detach()), block.step_bound(grid, method="power")
+    h, bound = float(block.h.detach()), block.step_bound(grid)
     assert h <= 0.9 * bound * (1 + 1e-2)  # the tracked norm is an estimate from below
     if stabilize == "rescale-h":
         assert h == pytest.approx(0.9 * bound, rel=1e-2)

@@ -105,7 +105,12 @@ def test_bad_environment_or_device(monkeypatch, env, message):
 
 
 def test_torchrun_cli_two_processes_match_one_process(fmnist_dir, tmp_path):
-    """``torchrun --nproc-per-node 2 -m pdenet.cli train`` against the 1-process command, same global batch."""
+    """``torchrun --nproc-per-node 2 -m pdenet.cli train`` against the 1-process command, same global batch.
+
+    In float32 this network's gradients carry relative rounding errors of about 1e-3 at initialisation (1 and 2
+    threads in one process already differ by that much), so the comparison uses 4 small steps and a tolerance
+    well below what per-process batch statistics give (about 1.6e-2 here without global batch norm).
+    """
     import subprocess
     import sys
 
@@ -113,7 +118,7 @@ def test_torchrun_cli_two_processes_match_one_process(fmnist_dir, tmp_path):
 
     def command(out):
         return ["-m", "pdenet.cli", "train", "--config", "lean-resnet20", "--data-dir", str(fmnist_dir),
-                "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "32", "--threads", "1",
+                "--epochs", "1", "--batch-size", "32", "--lr", "0.005", "--eval-batch-size", "32", "--threads", "1",
                 "--no-progress", "--device", "cpu", "--out", str(out)]
 
     one = subprocess.run([sys.executable, *command(tmp_path / "one")], capture_output=True, text=True, timeout=300)
@@ -123,10 +128,10 @@ def test_torchrun_cli_two_processes_match_one_process(fmnist_dir, tmp_path):
     assert two.returncode == 0, two.stderr
     assert "cpu x2" in two.stdout and two.stdout.count("== lean-resnet20") == 1  # rank 0 reports
     a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    assert a["model"].keys() == b["model"].keys()
     for k, v in a["model"].items():
         if v.is_floating_point():
-            torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+            torch.testing.assert_close(b["model"][k], v, rtol=0, atol=2e-3, msg=k)
         else:
             assert torch.equal(b["model"][k], v), k
-    for r1, r2 in zip(a["history"], b["history"]):
-        assert r1["test_loss"] == pytest.approx(r2["test_loss"], rel=1e-4)
+    assert a["history"][0]["test_loss"] == pytest.approx(b["history"][0]["test_loss"], rel=1e-3)
