@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 2,000 training and 1,000 test images, 1 epoch")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels-last", action="store_true", help="train and time every model in NHWC layout")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", default="benchmarks/results/train", help="output folder")
     args = p.parse_args(argv)
@@ -76,22 +77,27 @@ def epochs_for(model, dataset, args) -> int:
     """``--epochs``, or as many epochs as fit in ``--budget`` seconds at the measured training-step time."""
     if args.epochs is not None:
         return args.epochs
-    step = measure_train_step(model, dataset.image_shape, args.batch_size, warmup=2, repeats=5)
+    step = measure_train_step(model, dataset.image_shape, args.batch_size, warmup=2, repeats=5,
+                              channels_last=args.channels_last)
     return max(1, math.floor(args.budget / (step * (len(dataset) // args.batch_size))))
 
 
 def train_one(name, train_set, test_set, args, width_mult=None) -> dict:
     seed_everything(args.seed)
     model = build(name, train_set, width_mult)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     epochs = epochs_for(model, train_set, args)
     config = TrainConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed)
-    loader = BatchLoader(train_set, args.batch_size, shuffle=True, augment=True, seed=args.seed, drop_last=True)
-    test_loader = BatchLoader(test_set, 1000, shuffle=False)
-    trainer = Trainer(model, ClassificationTask(train_set.num_classes), config, len(loader))
+    layout = {"channels_last": args.channels_last}
+    loader = BatchLoader(train_set, args.batch_size, shuffle=True, augment=True, seed=args.seed, drop_last=True,
+                         **layout)
+    test_loader = BatchLoader(test_set, 1000, shuffle=False, **layout)
+    trainer = Trainer(model, ClassificationTask(train_set.num_classes), config, len(loader), **layout)
     start = time.perf_counter()
     history = trainer.fit(loader, test_loader, eval_every=epochs, show_progress=sys.stderr.isatty())
     train_time = time.perf_counter() - start
-    costs = measure_costs(model, train_set.image_shape, args.batch_size)
+    costs = measure_costs(model, train_set.image_shape, args.batch_size, **layout)
     images = sum(r["train_images_per_s"] * r["train_time"] for r in history)
     return {"model": name, "width_mult": width_mult, "epochs": epochs, "accuracy": history[-1]["test_accuracy"],
             "parameters": costs.parameters, "flops_per_image": costs.flops_per_image,
@@ -136,6 +142,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for ax, (data, rows) in zip(axes[0], results.items()):
@@ -144,6 +151,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
             ax.annotate(r["model"], (r["flops_per_image"] / 1e6, 100 * r["accuracy"]), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("MFLOPs per image (PyTorch counter)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(data)
@@ -176,8 +185,9 @@ def main(argv=None) -> int:
         report += [f"## {data} ({len(train_set)} training, {len(test_set)} test images)", "", table(rows), "",
                    *[f"- {t}" for t in targets(rows)], ""]
     budget = f"{args.epochs} epochs" if args.epochs is not None else f"{args.budget:.0f} s of training"
+    layout = "channels-last" if args.channels_last else "NCHW"
     header = [f"# Training benchmark: one budget per model ({budget}), batch {args.batch_size}, seed {args.seed}, "
-              f"{torch.get_num_threads()} threads", ""]
+              f"{layout}, {torch.get_num_threads()} threads", ""]
     text = "\n".join(header + report)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")

@@ -1,10 +1,11 @@
 """The lean operator of LeanConvNets: ``K = P + S``, a 1x1 channel coupling plus a per-channel stencil.
 
 Speed is the point of this operator, so the forward and backward passes are written by hand
-(``_LeanConvFunction``): on CPU in float32 with oneDNN, the input is taken in channels-last layout, the
-depthwise stencil is computed first and the 1x1 coupling is added into its output by a single oneDNN
-convolution with a fused "add" post-op (one pass, no extra tensor). Everywhere else (float64, CUDA, oneDNN
-disabled) the same mathematics runs through plain ``F.conv2d`` calls. Both paths are checked against the
+(``_LeanConvFunction``): on CPU in float32 with oneDNN, the input is taken in channels-last layout, the 1x1
+coupling writes the output and the depthwise stencil is added into it by one oneDNN convolution with a
+"sum" post-op (two kernels, one new tensor, no separate addition pass). The backward pass reuses the same
+two kernels for the input gradient. Everywhere else (float64, CUDA, oneDNN disabled, inside ``torch.func``
+transforms) the same mathematics runs through plain ``F.conv2d`` calls. Both paths are checked against the
 dense reference ``conv_same(x, equivalent_dense_weight())`` in the tests.
 """
 from __future__ import annotations
@@ -24,35 +25,40 @@ STENCILS = ("cross", "full", "none")
 
 
 # ---------------------------------------------------------------------------------------- primitives
+def _onednn_conv(x: torch.Tensor, weight: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
+    """``conv2d(x, weight)`` by oneDNN directly (PyTorch may route a 1x1 convolution elsewhere)."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, None, [padding, padding], [1, 1], [1, 1], groups, "none", [], "")
+
+
+def _onednn_conv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int,
+                      groups: int) -> torch.Tensor:
+    """``out += conv2d(x, weight)`` in place: one oneDNN convolution with a "sum" post-op."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        out, x, weight, None, [padding, padding], [1, 1], [1, 1], groups, "add", None, None, [], None)
+
+
 @functools.cache
-def _fused_pointwise_add_works() -> bool:
-    """Whether oneDNN's in-place "convolution + add" (``mkldnn._convolution_pointwise_.binary``) exists here
-    and gives the right answer; probed once on a tiny input, so an incompatible PyTorch falls back cleanly."""
-    op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise_", None)
-    if op is None or not torch.backends.mkldnn.is_available():
+def _onednn_works() -> bool:
+    """Whether the two oneDNN entry points exist here and agree with ``F.conv2d``; probed once on tiny
+    inputs, so a PyTorch without them (or with a changed signature) falls back cleanly."""
+    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise_") or not torch.backends.mkldnn.is_available():
         return False
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
-    other = torch.randn(2, 2, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(2, 2, 1, 1, generator=gen)
-    expected = other + F.conv2d(x, weight, groups=2)
+    pointwise, stencil = torch.randn(4, 2, 1, 1, generator=gen), torch.randn(4, 1, 3, 3, generator=gen)
     try:
-        got = _pointwise_add_(other, x, weight, 2)
+        out = _onednn_conv_add_(_onednn_conv(x, pointwise, 0, 2), x, stencil, 1, 4)
     except (RuntimeError, TypeError):
         return False
-    return bool(torch.allclose(got, expected, rtol=1e-5, atol=1e-5))
-
-
-def _pointwise_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """``out += conv1x1(x, weight)`` in place, one oneDNN kernel (channels-last float32 CPU tensors)."""
-    return torch.ops.mkldnn._convolution_pointwise_.binary(
-        out, x, weight, None, [0, 0], [1, 1], [1, 1], groups, "add", None, None, [], None)
+    expected = F.conv2d(x, pointwise, groups=2) + F.conv2d(x, stencil, padding=1, groups=4)
+    return bool(torch.allclose(out, expected, rtol=1e-5, atol=1e-5))
 
 
 def _use_fused(t: torch.Tensor) -> bool:
     """The oneDNN fast path applies to float32 CPU tensors with oneDNN enabled."""
     return (t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.enabled
-            and _fused_pointwise_add_works())
+            and _onednn_works())
 
 
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
@@ -69,14 +75,18 @@ def lean_apply(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, 
 
     ``pointwise`` is the 1x1 kernel ``(c_out, c_in/g, 1, 1)``, ``stencil`` the depthwise kernel
     ``(m, 1, k, k)`` acting on channels ``j < m``: ``(S x)_j = s_j ⋆ x_j``. With channels-last float32 CPU
-    input and ``m = c_out`` it runs as two oneDNN kernels (stencil, then 1x1 with a fused add into its
-    output) and returns a channels-last tensor; otherwise it runs plain ``F.conv2d`` calls.
+    input and ``m = c_out`` it runs as two oneDNN kernels, the 1x1 convolution into a new channels-last
+    tensor and the stencil added into it by a depthwise convolution with a "sum" post-op (measured here:
+    the post-op costs the memory-bound stencil about 25%, the compute-bound 1x1 kernel about 60%, so this
+    order); otherwise it runs plain ``F.conv2d`` calls.
     """
-    m = stencil.shape[0]
+    m, r = stencil.shape[0], stencil.shape[-1] // 2
     head = x if m == x.shape[1] else x[:, :m]
     if m == pointwise.shape[0] and x.is_contiguous(memory_format=torch.channels_last) and _use_fused(x):
-        out = conv_same(head, stencil, boundary, groups=m).contiguous(memory_format=torch.channels_last)
-        return _pointwise_add_(out, x, pointwise, groups)
+        out = _onednn_conv(x, pointwise, 0, groups)
+        if boundary == "circular":
+            head, r = pad_same(head, r, boundary).contiguous(memory_format=torch.channels_last), 0
+        return _onednn_conv_add_(out, head, stencil, r, m)
     out = F.conv2d(x, pointwise, groups=groups)
     if m == out.shape[1]:
         return out + conv_same(head, stencil, boundary, groups=m)
@@ -178,8 +188,8 @@ class LeanConv(ConvOperator):
     of channel ``j``'s stencil; ``K^T = P^T + S^T`` with the stencils flipped.
 
     Multiply-adds per pixel: ``c_out c_in/g + k² m``; the stencil runs as a ``k x k`` depthwise kernel (the
-    cross with zero corners), so that is what executes. On CPU in float32 the 1x1 part runs inside a oneDNN
-    kernel that PyTorch's FLOP counter does not see; ``uncounted_flops`` reports it.
+    cross with zero corners), so that is what executes. On CPU in float32 both kernels are direct oneDNN
+    calls that PyTorch's FLOP counter does not see; ``uncounted_flops`` reports them.
 
     Memory format: on CPU in float32 the input is converted to channels-last (free if it already is) and
     the output is channels-last, as ``nn.Conv2d`` returns with a channels-last weight; a network that keeps
@@ -331,12 +341,10 @@ class LeanConv(ConvOperator):
         return macs
 
     def uncounted_flops(self, input_shape) -> int:
-        """FLOPs of ``forward`` that PyTorch's FLOP counter does not see: the 1x1 coupling when it runs
-        inside the fused oneDNN kernel (CPU, float32, stencil on every output channel), else 0."""
-        b, _, n1, n2 = input_shape
-        p = self.pointwise
-        fused = (self.stencil is not None and self.stencil.shape[0] == self.out_channels and _use_fused(p))
-        return 2 * b * n1 * n2 * self.out_channels * self.in_channels // self.groups if fused else 0
+        """FLOPs of ``forward`` that PyTorch's FLOP counter does not see: all of them when the forward runs
+        as direct oneDNN calls (CPU, float32, a stencil on every output channel), else 0."""
+        p, s = self.pointwise, self.stencil
+        return self.flops(input_shape) if s is not None and len(s) == self.out_channels and _use_fused(p) else 0
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stencil={self.stencil_type!r}, groups={self.groups}"

@@ -37,7 +37,7 @@ from operators.base import as_grid, check_positive_int
 from operators.registry import make_operator
 from operators.stability import max_stable_step, step_bound as scheme_step_bound
 
-from .diffusion import DIFFUSION_STEPS, diffusion_step
+from .diffusion import diffusion_step, fourier_diffusion_flops
 from .layers import GeneralLayer, SymmetricLayer
 
 OperatorSpec = str | Callable[[int, int], ConvOperator]
@@ -130,7 +130,7 @@ def _norm_of(op: ConvOperator, grid, method: str) -> tuple[float, str]:
     if method == "power":
         return norm, f"‖K‖ by power iteration on the {grid[0]}x{grid[1]} grid (this grid, {op.boundary} boundary)"
     if grid is None:
-        return norm, "‖K‖ = max‖K̂(ω)‖ sampled on 64x64 frequencies (bounds every grid size)"
+        return norm, "‖K‖ ≈ sup_ω ‖K̂(ω)‖ (sampled on 64x64 frequencies), which bounds ‖K‖ on every grid"
     if op.boundary == "circular":
         return norm, f"‖K‖ = max‖K̂(ω)‖ on the periodic {grid[0]}x{grid[1]} grid (exact)"
     return norm, f"‖K‖ ≤ max‖K̂(ω)‖ on the {grid[0]}x{grid[1]} grid padded by k-1 (zero padding: upper bound)"
@@ -203,7 +203,6 @@ class TimeSteppingBlock(nn.Module):
     """
 
     scheme: str = ""
-    order: int = 1
     #: ``bound(c·K) = bound(K) / c**bound_degree`` when every operator of a step is scaled by ``c``.
     bound_degree: int = 2
     reversible: bool = False
@@ -467,7 +466,6 @@ class LeapfrogBlock(_LayerBlock):
     """
 
     scheme = "leapfrog"
-    order = 2
     bound_degree = 1
     reversible = True
 
@@ -512,7 +510,6 @@ class HamiltonianBlock(_LayerBlock):
     """
 
     scheme = "hamiltonian"
-    order = 2
     reversible = True
 
     def make_layer(self, factory, j, activation, normalization, bias):
@@ -620,9 +617,23 @@ class DiffusionReactionBlock(TimeSteppingBlock):
         w, h = self.weights(j), float(self.h)
         k = w.diffusion
         h_d = h if self.splitting == "lie" else h / 2
+        point = y if self.splitting == "lie" else self.diffusion_step(y, k, h_d)  # where R_h is evaluated
         reaction_scheme = "parabolic" if self.reaction == "symmetric" else "euler"
-        return [Linearization(f"step {j} reaction", reaction_scheme, w.reaction, y, h),
+        return [Linearization(f"step {j} reaction", reaction_scheme, w.reaction, point, h),
                 Linearization(f"step {j} diffusion", f"diffusion-{self.diffusion}", lambda x: -k.adjoint(k(x)), y, h_d)]
+
+    def uncounted_flops(self, input_shape) -> int:
+        """FLOPs of ``forward`` that PyTorch's counter does not see: the FFTs of implicit or exact diffusion
+        (see :func:`pdenet.diffusion.fourier_diffusion_flops`); 0 for explicit diffusion."""
+        if self.diffusion == "explicit":
+            return 0
+        per_step = 1 if self.splitting == "lie" else 2
+        return sum(per_step * fourier_diffusion_flops(self.weights(j).diffusion, input_shape, self.diffusion)
+                   for j in range(self.nt))
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, splitting={self.splitting!r}, diffusion={self.diffusion!r}, "
+                f"reaction={self.reaction!r}")
 
     def step_stability(self, j, grid, method):
         w = self.weights(j)

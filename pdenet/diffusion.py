@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 
 from operators import ConvOperator
+from operators.circulant import real_fft_flops
+from operators.depthwise import DepthwiseConv
 
 DIFFUSION_STEPS = ("explicit", "implicit", "exact")
 
@@ -49,13 +51,14 @@ def _fourier_diffusion(y: torch.Tensor, op: ConvOperator, h, kind: str) -> torch
             f"boundary={op.boundary!r} (use the explicit step for zero padding)"
         )
     n1, n2 = y.shape[-2:]
-    khat = op.symbol((n1, n2))[:, : n2 // 2 + 1]  # (n1, n2//2+1, m, c)
+    half = n2 // 2 + 1  # rfft2 keeps the frequencies m2 = 0 .. n2 // 2
     yhat = torch.fft.rfft2(y)  # (B, c, n1, n2//2+1)
-    if op.kind == "depthwise":
-        x = h * khat.diagonal(dim1=-2, dim2=-1).abs().square()  # h|ŝ(ω)|², (n1, n2//2+1, c)
+    if isinstance(op, DepthwiseConv):
+        x = h * op.stencil_symbols(n1, n2)[:, :half].abs().square()  # h|ŝ(ω)|², (n1, n2//2+1, c)
         factor = 1 / (1 + x) if kind == "implicit" else torch.exp(-x)
         yhat = yhat * factor.permute(2, 0, 1)
     else:
+        khat = op.symbol((n1, n2))[:, :half]  # (n1, n2//2+1, m, c)
         x = h * (khat.mH @ khat)  # h K̂^H K̂, (n1, n2//2+1, c, c), Hermitian positive semi-definite
         rhs = yhat.permute(2, 3, 1, 0)  # (n1, n2//2+1, c, B)
         if kind == "implicit":
@@ -75,6 +78,25 @@ def implicit_diffusion(y: torch.Tensor, op: ConvOperator, h) -> torch.Tensor:
 def exact_diffusion(y: torch.Tensor, op: ConvOperator, h) -> torch.Tensor:
     """``exp(−h KᵀK) Y``, the exact flow of ``∂_t Y = −KᵀK Y`` over time ``h``, on the periodic grid, by FFT."""
     return _fourier_diffusion(y, op, h, "exact")
+
+
+def fourier_diffusion_flops(op: ConvOperator, input_shape, kind: str = "implicit") -> int:
+    """FLOPs of one implicit or exact step on ``input_shape`` that PyTorch's FLOP counter does not see.
+
+    ``rfft2`` and ``irfft2`` of every ``n1 x n2`` channel image (``2.5 N log₂ N`` each, ``N = n1 n2``); for a
+    depthwise ``K`` the damping factor (4 per frequency and channel) and the spectral product (2 per
+    complex entry); otherwise the per-frequency ``c x c`` work: a complex LU solve (``8/3 c³ + 8 c² B``) or
+    a matrix exponential (counted as 12 complex ``c x c`` products, ``8 c³`` each, plus ``8 c² B``).
+    """
+    if kind not in ("implicit", "exact"):
+        raise ValueError(f"FFT diffusion steps are 'implicit' or 'exact', got {kind!r}")
+    b, c, n1, n2 = input_shape
+    freqs = n1 * (n2 // 2 + 1)
+    fft = 2 * b * c * real_fft_flops(n1 * n2)
+    if isinstance(op, DepthwiseConv):
+        return fft + 4 * freqs * c + 2 * b * c * freqs
+    per_freq = (8 * c ** 3) // 3 if kind == "implicit" else 12 * 8 * c ** 3
+    return fft + freqs * (per_freq + 8 * c * c * b)
 
 
 def diffusion_step(kind: str):

@@ -65,7 +65,8 @@ def jacobian_eigenvalues(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
         raise ValueError(f"eigenvalues need a square Jacobian; fn maps {n} entries to {op.shape[0]}")
     if not 1 <= k < n - 1:
         raise ValueError(f"k must satisfy 1 <= k < n - 1 = {n - 1} for eigs on a {n} x {n} Jacobian, got {k}")
-    values = eigs(op, k=k, which="LM", tol=tol, v0=_start_vector(n, seed), return_eigenvectors=False)
+    ncv = min(n - 1, max(2 * k + 1, 20))  # a larger Krylov space than ARPACK's default: fewer restarts
+    values = eigs(op, k=k, which="LM", tol=tol, ncv=ncv, v0=_start_vector(n, seed), return_eigenvectors=False)
     return values[np.argsort(-np.abs(values), kind="stable")]
 
 

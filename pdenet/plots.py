@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import nn
 
-from operators.stability import in_stability_region, region_boundary
+from operators.stability import get_scheme, in_stability_region, region_boundary
 
 from .blocks import time_stepping_blocks
 from .jacobian import PerturbationGrowth, StepSpectrum
@@ -67,7 +67,8 @@ def plot_eigenvalues(spectra: Sequence[StepSpectrum], path, title: str | None = 
         ax.set_xlabel("Re z")
         ax.set_ylabel("Im z")
         outside = sum(int((~s.inside).sum()) for s in group)
-        ax.set_title(f"{block}: {scheme}, z = h^m λ ({outside} outside)", fontsize=9)
+        power = "h²" if get_scheme(scheme).derivative_order == 2 else "h"
+        ax.set_title(f"{block}: {scheme}, z = {power}·λ ({outside} of {z.size} outside)", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     if title:
         fig.suptitle(title)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from operators import channel_shuffle
 from operators.base import check_positive_int
 
 from .layers import ClassifierHead
@@ -33,12 +34,6 @@ def depthwise_bn(channels: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False), nn.BatchNorm2d(channels)
     )
-
-
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Interleave ``groups`` channel groups: channel ``g m + j`` goes to position ``j groups + g``."""
-    b, c, n1, n2 = x.shape
-    return x.view(b, groups, c // groups, n1, n2).transpose(1, 2).reshape(b, c, n1, n2)
 
 
 class ShuffleUnit(nn.Module):

@@ -31,7 +31,7 @@ def check_width_mult(width_mult: float) -> float:
 
 
 def match_width(factory: Callable[[float], nn.Module], target_flops: float, input_shape: Sequence[int],
-                low: float = 0.05, high: float = 4.0, iters: int = 20) -> tuple[float, int]:
+                low: float = 0.05, high: float = 2.0, iters: int = 12) -> tuple[float, int]:
     """Largest width multiplier ``w`` in ``[low, high]`` with ``FLOPs(factory(w)) <= target_flops``.
 
     ``factory(w)`` builds the network at multiplier ``w``; FLOPs per image are measured on one image of

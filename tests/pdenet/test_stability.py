@@ -10,6 +10,15 @@ from pdenet.blocks import build_block
 from pdenet.cli import main
 from pdenet.stability import block_grids, format_table, report
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared machine (10-100x on small ops)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 
 def _net(scheme="parabolic", h=0.1, boundary="zeros", **block_kwargs):
     """conv -> block (8x8) -> pool -> 1x1 conv -> block (4x4) -> head."""
@@ -113,7 +122,7 @@ def test_cli_on_a_named_configuration(tmp_path, capsys):
     out = tmp_path / "rows.json"
     code = main(["stability", "--config", "pde-parabolic-lean", "--input-shape", "3", "6", "6",
                  "--override", "widths=(3, 4)", "--override", "nt=2", "--json", str(out), "--eigs", "2",
-                 "--plot", str(tmp_path / "plots")])
+                 "--plot", str(tmp_path / "plots"), "--threads", "1"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "parabolic" in printed and "lean" in printed and "perturbation growth" in printed
@@ -133,7 +142,7 @@ def test_cli_on_a_checkpoint(tmp_path, capsys):
     meta = {"config": "pde-parabolic-lean", "overrides": overrides, "num_classes": 10, "in_channels": 1,
             "input_shape": [1, 6, 6]}
     path = save_checkpoint(tmp_path / "checkpoint.pt", model=model, epoch=1, meta=meta)
-    assert main(["stability", str(path)]) == 0
+    assert main(["stability", str(path), "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "leapfrog" in printed and "6x6" in printed
 
