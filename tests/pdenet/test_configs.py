@@ -72,7 +72,7 @@ def analytic_params(model: nn.Module) -> int:
             total += (m.in_features + 1) * m.out_features
         elif isinstance(m, nn.BatchNorm2d):
             total += 2 * m.num_features
-        elif not isinstance(m, ConvOperator):  # e.g. the bias b of a layer σ(N(K Y + b)), a learnable h
+        else:  # e.g. the bias b of a layer σ(N(K Y + b)), a learnable h
             total += sum(p.numel() for p in m.parameters(recurse=False))
     return total
 
@@ -82,7 +82,6 @@ def count_flops_and_analytic(model: nn.Module, x: torch.Tensor) -> tuple[int, in
     every operator application (forward and adjoint, from ``macs_per_pixel``), nn.Conv2d and nn.Linear, and
     for an FFT diffusion step its ``fourier_diffusion_flops`` plus the FLOPs of the stencil symbols it forms."""
     total = 0
-
     diffusion_steps = []  # (operator, input shape, kind, applications): evaluated after the counted pass
 
     def diffusion_hook(block, args):
