@@ -30,7 +30,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper, else ``model``."""
-    return model.module if hasattr(model, "module") and isinstance(model, nn.Module) else model
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
 
 
 def _atomic_write(path: str | os.PathLike, write) -> Path:

@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image shape when no --data is given (default 3 32 32)")
     p.add_argument("--num-classes", type=int, default=10, help="classes when no --data is given (default 10)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="model option applied to every configuration; repeatable")
+                   help="model option applied to every configuration (VALUE a Python literal or a string); "
+                        "repeatable")
     p.add_argument("--batch-size", type=int, default=128, help="batch for the throughput (default 128)")
     p.add_argument("--train", action="store_true", help="also time training steps at --batch-size")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median; default 20)")

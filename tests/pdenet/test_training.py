@@ -188,3 +188,39 @@ def test_evaluate_restores_training_mode():
     model = ToyNet().train()
     evaluate(model, ClassificationTask(4), BatchLoader(toy_dataset(32), 16, shuffle=False))
     assert model.training
+
+
+class FakeStream:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_bar_on_a_terminal_and_in_a_log():
+    from pdenet.progress import Progress
+
+    log = FakeStream(tty=False)
+    with Progress(100, desc="epoch 1/2", stream=log, interval=0.0) as bar:
+        bar.update(40, loss=1.5)
+        bar.update(60, loss=0.5)
+    lines = log.text.splitlines()
+    assert len(lines) == 3 and "\r" not in log.text  # two periodic lines and the final one
+    assert lines[-1].startswith("epoch 1/2  100/100 img (100%)") and "loss=0.5" in lines[-1] and "img/s" in lines[-1]
+
+    term = FakeStream(tty=True)
+    with Progress(10, stream=term, interval=3600) as bar:
+        bar.update(5)
+    assert term.text.startswith("\r") and "[" + "#" * 12 + "." * 12 + "]  5/10" in term.text and term.text.endswith("\n")
+
+    quiet = FakeStream(tty=False)
+    with Progress(10, stream=quiet, enabled=False) as bar:
+        bar.update(10)
+    assert quiet.text == "" and bar.count == 10
