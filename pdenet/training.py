@@ -37,8 +37,9 @@ SCHEDULES = ("cosine", "step", "constant")
 class Task:
     """What a network learns: loss, metrics and the headline metric.
 
-    Subclasses set ``name`` and ``metric`` and implement ``loss``, ``state_size``, ``update`` and
-    ``summarize``. The metric state is a float64 tensor of sums over samples (so it adds across batches and
+    Subclasses set ``name`` and ``metric`` (the headline key of ``summarize``; ``metric_label`` is how the
+    report names it) and implement ``from_dataset``, ``loss``, ``state_size``, ``update`` and ``summarize``;
+    ``add_arguments`` and ``save_artifacts`` are optional hooks. The metric state is a float64 tensor of sums over samples (so it adds across batches and
     ranks); ``summarize`` turns it into named numbers that include ``"loss"`` and ``metric``.
     """
 
@@ -70,6 +71,11 @@ class Task:
 
     def summarize(self, state: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
+
+    def save_artifacts(self, model: nn.Module, dataset, out) -> list[str]:
+        """Files the task writes into the run directory ``out`` after training (for example predicted
+        masks next to the ground truth); returns their names. None by default."""
+        return []
 
 
 class ClassificationTask(Task):

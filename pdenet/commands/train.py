@@ -206,6 +206,7 @@ def train(settings: dict) -> int:
         trainer.fit(loader, test_loader, settings["eval_every"], [on_epoch_end], settings["progress"])
         if dist.is_main:
             report = final_report(trainer, meta, out)
+            report["artifacts"] = task.save_artifacts(trainer.model, test_loader.dataset, out)
             report["wall_time_s"] = time.perf_counter() - start
             ckpt.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
             print(format_report(report, task), flush=True)
@@ -336,12 +337,14 @@ def format_report(report: dict, task) -> str:
         "",
         f"== {report['config']} on {report['data']}: {report['epochs']} epochs ==",
         f"{task.metric_label:<28} {test.get(task.metric, float('nan')):.4f}",
-        f"{'test loss':<28} {test.get('loss', float('nan')):.4f}",
+        *[f"{'test ' + k.replace('_', ' '):<28} {v:.4f}" for k, v in test.items()
+          if k not in (task.metric, "time") and isinstance(v, float)],
         f"{'parameters':<28} {c['parameters']:,}",
         f"{'FLOPs per image':<28} {c['flops_per_image'] / 1e6:.2f} M",
         f"{'latency per image (b=1)':<28} {c['latency_ms']:.2f} ms",
         f"{'throughput (b=' + str(c['batch_size']) + ')':<28} {c['throughput']:.0f} images/s (inference)",
         f"{'training':<28} {report['training_time_s']:.1f} s, {report['training_images_per_s']:.0f} images/s",
+        f"{'wall time of the command':<28} {report['wall_time_s']:.1f} s",
         "",
         "stability report:",
         format_table(report["stability"]),

@@ -89,7 +89,9 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(fmnist_dir, tmp_path
     assert a["epoch"] == b["epoch"] == 2
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    assert [r["test_loss"] for r in a["history"]] == [r["test_loss"] for r in b["history"]]
+    # same weights and statistics; the channels-last (oneDNN) evaluation of a fresh process has been seen to
+    # round differently in the 7th digit (not with --no-channels-last), so the losses agree to float precision
+    assert [r["test_loss"] for r in b["history"]] == pytest.approx([r["test_loss"] for r in a["history"]], rel=1e-6)
 
 
 def test_config_file_and_command_line_priority(fmnist_dir, tmp_path):
