@@ -1,9 +1,7 @@
 """Spectra against dense ground truth: singular values, exact and bounding norms, Lanczos, the fast paths."""
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import pytest
 import torch
 from scipy.sparse.linalg import svds

@@ -13,15 +13,6 @@ DT = torch.float64
 KINDS = ["dense", "lean", "grouped", "separable", "depthwise", "pointwise", "circulant"]
 LAYER_SCHEMES = ["parabolic", "euler", "leapfrog", "hamiltonian"]
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared machine (10-100x on small ops)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 def _parabolic(boundary, activation, c=3, nt=3, normalization="none", seed=0):
     torch.manual_seed(seed)

@@ -12,15 +12,6 @@ from pdenet.diffusion import exact_diffusion, explicit_diffusion, implicit_diffu
 
 DT = torch.float64
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared machine (10-100x on small ops)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 def _operator(kind, c, boundary="circular", seed=0):
     torch.manual_seed(seed)

@@ -9,15 +9,6 @@ from pdenet.plots import plot_eigenvalues, plot_growth, plot_singular_values
 
 DT = torch.float64
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared machine (10-100x on small ops)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 def _block(scheme, activation="tanh", h=0.3, boundary="zeros", nt=2, seed=0):
     torch.manual_seed(seed)

@@ -10,15 +10,6 @@ from pdenet.blocks import build_block
 from pdenet.cli import main
 from pdenet.stability import block_grids, format_table, report
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared machine (10-100x on small ops)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 def _net(scheme="parabolic", h=0.1, boundary="zeros", **block_kwargs):
     """conv -> block (8x8) -> pool -> 1x1 conv -> block (4x4) -> head."""
