@@ -101,7 +101,21 @@ def _baselines() -> list[ModelConfig]:
     ]
 
 
-CONFIGS: dict[str, ModelConfig] = {c.name: c for c in _resnets() + _pde_nets() + _baselines()}
+def _segmentation() -> list[ModelConfig]:
+    from .segmentation.network import SegmentationNet
+
+    base = {"widths": (32, 64, 128, 128), "stem_width": 16, "scheme": "euler", "nt": 1, "h": 1.0,
+            "block_kwargs": {"normalization": "batch"}, "decoder_width": 32}
+    layout = ("segmentation net (CamVid): full-resolution stem, 4 residual stages 32/64/128/128 at 1/2..1/16 "
+              "resolution (forward Euler, batch norm), top-down decoder with lateral 1x1 and 3x3 refinement")
+    return [
+        ModelConfig("dense-segnet", SegmentationNet, f"{layout}, dense 3x3 operators", {**base, "operator": "dense"}),
+        ModelConfig("lean-segnet", SegmentationNet, f"{layout}, lean operators",
+                    {**base, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)}, dense_twin="dense-segnet"),
+    ]
+
+
+CONFIGS: dict[str, ModelConfig] = {c.name: c for c in _resnets() + _pde_nets() + _baselines() + _segmentation()}
 
 
 def list_configs() -> list[str]:

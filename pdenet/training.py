@@ -123,6 +123,7 @@ class ClassificationTask(Task):
 
 TASKS: dict[str, str] = {
     "classification": "pdenet.training:ClassificationTask",
+    "segmentation": "pdenet.segmentation.task:SegmentationTask",
 }
 
 

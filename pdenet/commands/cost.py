@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         if args.batch_size < 1 or args.repeats < 1:
             raise CommandError("--batch-size and --repeats must be positive")
         if args.data:
-            dataset = load_split(args.data, "test", args.data_dir)
+            from ..data.registry import eval_split
+
+            dataset = load_split(args.data, eval_split(args.data), args.data_dir)
             shape, classes = dataset.image_shape, dataset.num_classes
         else:
             shape, classes = tuple(args.input_shape), args.num_classes

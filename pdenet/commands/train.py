@@ -30,6 +30,7 @@ DEFAULTS = {
     "data": "fashion-mnist",
     "data_dir": None,
     "task": None,            # None: the data set's own task (class labels -> classification)
+    "eval_split": None,      # None: the data set's evaluation split (pdenet.data.registry.eval_split)
     "epochs": 10,
     "batch_size": 128,
     "optimizer": "sgd",
@@ -68,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=s, help=f"data set: {', '.join(DATASETS)} (default {DEFAULTS['data']})")
     p.add_argument("--data-dir", default=s, help="folder holding the data set (default: the standard places)")
     p.add_argument("--task", default=s, choices=sorted(TASKS), help="what to learn (default: from the data set)")
+    p.add_argument("--eval-split", default=s, help="split evaluated after each epoch and reported (default: val for "
+                                                   "camvid, test otherwise)")
     p.add_argument("--epochs", type=int, default=s, help=f"epochs (default {DEFAULTS['epochs']})")
     p.add_argument("--batch-size", type=int, default=s,
                    help=f"global training batch (default {DEFAULTS['batch_size']})")
@@ -235,7 +238,10 @@ def setup(settings: dict, dist):
     if settings["eval_every"] < 1 or settings["eval_batch_size"] < 1:
         raise CommandError("--eval-every and --eval-batch-size must be positive")
     train_set = load_split(settings["data"], "train", settings["data_dir"])
-    test_set = load_split(settings["data"], "test", settings["data_dir"])
+    from ..data.registry import eval_split
+
+    settings["eval_split"] = settings["eval_split"] or eval_split(settings["data"])
+    test_set = load_split(settings["data"], settings["eval_split"], settings["data_dir"])
     settings["task"] = settings["task"] or train_set.task
     try:
         task = task_class(settings["task"]).from_dataset(train_set, settings)

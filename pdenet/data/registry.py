@@ -10,6 +10,14 @@ from .fashion_mnist import load_fashion_mnist
 
 DATASETS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10, "cifar100": load_cifar100,
             "camvid": load_camvid}
+#: The held-out split a training run evaluates on when none is named: CamVid validates on ``val`` (the SegNet
+#: protocol; the development copy has no ``test`` split), the others on ``test``.
+EVAL_SPLITS = {"camvid": "val"}
+
+
+def eval_split(name: str) -> str:
+    """The default evaluation split of data set ``name`` (see ``EVAL_SPLITS``; ``"test"`` otherwise)."""
+    return EVAL_SPLITS.get(name, "test")
 
 
 def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | None = None, **options) -> Dataset:

@@ -69,32 +69,3 @@ def pixel_accuracy(confusion: torch.Tensor) -> float:
     """Fraction of non-void pixels labelled correctly (``nan`` if there are none)."""
     total = int(confusion.sum())
     return int(confusion.diagonal().sum()) / total if total else math.nan
-
-
-class SegmentationMeter:
-    """Accumulates the confusion matrix over batches; ``compute()`` gives mIoU, pixel accuracy, per-class IoU."""
-
-    def __init__(self, num_classes: int, ignore_index: int | None = 11, class_names: list[str] | None = None):
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-
-    def reset(self) -> None:
-        self.confusion.zero_()
-
-    @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch: ``pred`` logits ``(B, C, H, W)`` or class ids ``(B, H, W)``; ``target`` ``(B, H, W)``."""
-        self.confusion += confusion_matrix(pred.detach(), target, self.num_classes, self.ignore_index).cpu()
-
-    def compute(self) -> dict:
-        """``{"miou", "pixel_accuracy", "class_iou": {name: iou or None}}`` (``None`` for absent classes)."""
-        iou = class_iou(self.confusion)
-        return {
-            "miou": mean_iou(self.confusion),
-            "pixel_accuracy": pixel_accuracy(self.confusion),
-            "class_iou": {n: (None if math.isnan(v) else v) for n, v in zip(self.class_names, iou.tolist())},
-        }
