@@ -6,12 +6,17 @@ input in channels-last layout (the layout the toolbox keeps end to end); ``lean(
 lean operator on the NCHW input, conversion included, and ``dense`` is ``DenseConv`` on channels-last.
 Forward runs under ``torch.no_grad()``; forward+backward computes the gradients of the input and of the
 weights for a fixed random output gradient. Within each repeat all operators run one after the other
-(interleaved), so load from other processes hits them alike; the table shows medians after warm-up, and
-the load average before and after. ``flop_ratio`` is the dense FLOPs over the operator's FLOPs.
+(interleaved), so load from other processes hits them alike; the table shows medians after warm-up, the
+speed-ups also from the fastest run of each (the least disturbed on a shared machine), and the load average
+before and after. ``flop_ratio`` is the dense FLOPs over the operator's FLOPs.
 
     python benchmarks/operators.py                    # all four shapes
     python benchmarks/operators.py --quick            # (64, 128, 16) only, fewer repeats (< 1 minute)
     python benchmarks/operators.py --json ops.json    # also write the rows as JSON
+    python benchmarks/operators.py --threads 1        # one torch thread (steadier on a busy machine)
+
+JSON rows: ``operator, batch, channels, size, fwd_ms, fwdbwd_ms, dense_fwd_ms, dense_fwdbwd_ms, flop_ratio``
+(medians, ms) and the same times as minima (``fwd_min_ms``, ...).
 
 The last row times the exact spectral norm ``DenseConv(256, 256, boundary="circular").spectral_norm((32, 32))``.
 """
@@ -99,10 +104,13 @@ def benchmark_shape(batch: int, channels: int, size: int, repeats: int, warmup: 
         for case in cases.values():
             case.run(record=rep >= warmup)
     base = cases[BASELINE]
-    dense_fwd, dense_fwdbwd = statistics.median(base.fwd_ms), statistics.median(base.fwdbwd_ms)
+    med, best = statistics.median, min
     return [{"operator": label, "batch": batch, "channels": channels, "size": size,
-             "fwd_ms": statistics.median(case.fwd_ms), "fwdbwd_ms": statistics.median(case.fwdbwd_ms),
-             "dense_fwd_ms": dense_fwd, "dense_fwdbwd_ms": dense_fwdbwd, "flop_ratio": base.macs / case.macs}
+             "fwd_ms": med(case.fwd_ms), "fwdbwd_ms": med(case.fwdbwd_ms),
+             "dense_fwd_ms": med(base.fwd_ms), "dense_fwdbwd_ms": med(base.fwdbwd_ms),
+             "flop_ratio": base.macs / case.macs,
+             "fwd_min_ms": best(case.fwd_ms), "fwdbwd_min_ms": best(case.fwdbwd_ms),
+             "dense_fwd_min_ms": best(base.fwd_ms), "dense_fwdbwd_min_ms": best(base.fwdbwd_ms)}
             for label, case in cases.items()]
 
 
@@ -117,8 +125,10 @@ def spectral_norm_row(repeats: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table: times in ms and speed-ups over the NCHW ``nn.Conv2d`` of the same shape."""
-    lines = ["| operator | batch, c, n | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up | FLOP ratio |",
+    """Markdown table: median times in ms, speed-ups over the NCHW ``nn.Conv2d`` of the same shape from the
+    medians and from the fastest runs (the runs least disturbed by other processes), FLOP ratio."""
+    lines = ["| operator | batch, c, n | fwd ms | fwd+bwd ms | speed-up fwd, fwd+bwd (median) | "
+             "speed-up fwd, fwd+bwd (best) | FLOP ratio |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         shape = f"{r['batch']}, {r['channels']}, {r['size']}"
@@ -126,8 +136,9 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"| {r['operator']} | {shape} | {r['fwd_ms']:.0f} | | | | |")
             continue
         lines.append(f"| {r['operator']} | {shape} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
-                     f"{r['dense_fwd_ms'] / r['fwd_ms']:.1f}x | {r['dense_fwdbwd_ms'] / r['fwdbwd_ms']:.1f}x | "
-                     f"{r['flop_ratio']:.1f} |")
+                     f"{r['dense_fwd_ms'] / r['fwd_ms']:.1f}x, {r['dense_fwdbwd_ms'] / r['fwdbwd_ms']:.1f}x | "
+                     f"{r['dense_fwd_min_ms'] / r['fwd_min_ms']:.1f}x, "
+                     f"{r['dense_fwdbwd_min_ms'] / r['fwdbwd_min_ms']:.1f}x | {r['flop_ratio']:.1f} |")
     return "\n".join(lines)
 
 

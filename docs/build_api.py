@@ -19,7 +19,6 @@ Docstrings are reproduced verbatim in ``text`` blocks, so formulas and tables re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import inspect
 import os
@@ -27,6 +26,7 @@ import pkgutil
 import re
 import sys
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "api.md"
@@ -70,7 +70,8 @@ def signature(obj, method: bool = False) -> str:
         text = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return "(...)"
-    text = re.sub(r"(: |-> )'([^']*)'", r"\1\2", clean(text))
+    quoted = r"""(: |-> )(?:'([^']*)'|"([^"]*)")"""  # annotations kept as strings by `from __future__`
+    text = re.sub(quoted, lambda m: m.group(1) + (m.group(2) or m.group(3)), clean(text))
     return re.sub(r"^\(self(, )?", "(", text) if method else text
 
 
@@ -83,6 +84,7 @@ def docstring(obj) -> str:
 
 
 def public_names(module) -> list[str]:
+    """``module.__all__``, else its own public functions and classes, sorted."""
     if hasattr(module, "__all__"):
         return list(module.__all__)
     return sorted(name for name, obj in vars(module).items()
@@ -104,6 +106,7 @@ def own_members(cls) -> list[tuple[str, object]]:
 
 
 def render_class(qualname: str, cls) -> list[str]:
+    """Constructor signature, docstring, and the public methods and properties ``cls`` defines itself."""
     bases = [b.__name__ for b in cls.__bases__ if b is not object]
     line = f"`{cls.__name__}{signature(cls)}`" + (f", subclass of `{', '.join(bases)}`" if bases else "")
     out = [f"### class `{qualname}`\n", line + "\n", docstring(cls)]
@@ -116,6 +119,7 @@ def render_class(qualname: str, cls) -> list[str]:
 
 
 def render_value(qualname: str, value) -> list[str]:
+    """A public constant: a registry's keys, a short literal, or just its type."""
     if isinstance(value, dict):
         shown = f"dict with keys {', '.join(repr(k) for k in value)}"
     elif isinstance(value, (tuple, list, str, int, float)):
@@ -130,6 +134,7 @@ def defining_module(obj, fallback: str) -> str:
 
 
 def render_module(name: str) -> list[str]:
+    """One section: the module docstring, its public names, and for a package the names it re-exports."""
     module = importlib.import_module(name)
     out = [f"## {name}\n", docstring(module)]
     is_package = hasattr(module, "__path__")
@@ -138,7 +143,8 @@ def render_module(name: str) -> list[str]:
         obj = getattr(module, public)
         home = defining_module(obj, name) if (inspect.isclass(obj) or inspect.isfunction(obj)) else name
         if is_package and home != name:
-            exported.append(f"- `{public}`: see [{home}](#{anchor(home)})")
+            alias = f"`{obj.__name__}` in " if getattr(obj, "__name__", public) != public else ""
+            exported.append(f"- `{public}`: {alias}[{home}](#{anchor(home)})")
             continue
         qualname = f"{name}.{public}"
         if inspect.isclass(obj):
@@ -156,26 +162,13 @@ def render_cli() -> list[str]:
     """``pdenet COMMAND --help`` for every command, 100 columns wide."""
     from pdenet.cli import build_parser
 
-    with _columns(100):
+    with mock.patch.dict(os.environ, {"COLUMNS": "100"}):  # argparse wraps help to $COLUMNS
         parser = build_parser()
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         out = ["## The `pdenet` command\n", "```text\n" + parser.format_help().rstrip() + "\n```\n"]
         for command, sub in subparsers.choices.items():
             out += [f"### `pdenet {command}`\n", "```text\n" + clean(sub.format_help()).rstrip() + "\n```\n"]
     return out
-
-
-@contextlib.contextmanager
-def _columns(width: int):
-    old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = str(width)
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = old
 
 
 def render() -> str:

@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from operators import count_flops
 from pdenet import BatchLoader, build_model, list_configs, load_dataset, stability_report
 from pdenet.checkpoint import save_checkpoint
-from pdenet.costs import count_parameters, measure_latency
+from pdenet.configs import parse_overrides
+from pdenet.costs import count_parameters, flops_per_image, measure_latency
 from pdenet.training import ClassificationTask, TrainConfig, Trainer, seed_everything
 
 
@@ -61,8 +61,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pdenet.configs import parse_overrides
-
     overrides = parse_overrides(args.override)
 
     # data: uint8 tensors in memory; the loaders normalize and augment whole batches in torch
@@ -93,8 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"test accuracy {row['test_accuracy']:.4f}")
 
     # costs: FLOPs from PyTorch's counter, latency measured here (median of repeated runs)
-    model.eval()
-    flops = count_flops(model, torch.randn(1, *shape))
+    flops = flops_per_image(model, shape)
     latency_ms = 1e3 * measure_latency(model, shape, batch_size=1, warmup=3, repeats=10)
     summary = {"config": args.config, "test_accuracy": history[-1]["test_accuracy"],
                "parameters": count_parameters(model), "flops_per_image": flops, "latency_ms": latency_ms,

@@ -5,8 +5,8 @@ their links resolve, and the example training script trains.
 - The ```python blocks of each docs/tutorials/*.md run in order in one namespace, in a temporary directory,
   with ``PDENET_QUICK=1`` and matplotlib's Agg backend. ```python no-run blocks are shown, not run; a block
   tagged ``needs-data=NAME`` skips the rest of its tutorial, with the reason, when data set NAME is not on disk.
-- Every ``pdenet ...`` and ``python examples/train_fashion_mnist.py ...`` command in a ```bash block of the
-  docs is accepted by the real argument parser.
+- Every ``pdenet ...``, ``torchrun ... -m pdenet.cli ...`` and ``python examples/train_fashion_mnist.py ...``
+  command in a ```bash block of the docs is accepted by the real argument parser.
 - Relative links in the docs point at files that exist.
 """
 from __future__ import annotations
@@ -58,8 +58,8 @@ def test_api_reference_is_current():
     if current != expected:
         old, new = current.splitlines(), expected.splitlines()
         first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
-        pytest.fail(f"docs/api.md is stale (first difference at line {first + 1}: "
-                    f"{old[first] if first < len(old) else '<end>'!r} vs {new[first] if first < len(new) else '<end>'!r}); "
+        was, now = (lines[first] if first < len(lines) else "<end>" for lines in (old, new))
+        pytest.fail(f"docs/api.md is stale (first difference at line {first + 1}: {was!r} vs {now!r}); "
                     f"run `python docs/build_api.py`")
 
 
@@ -124,6 +124,8 @@ def commands(path: Path) -> list[tuple[list[str], int]]:
                 words = shlex.split(text.strip().removeprefix("$ "), comments=True)
                 while words and "=" in words[0] and not words[0].startswith("-"):
                     words = words[1:]  # environment assignments such as PDENET_QUICK=1
+                if words[:1] == ["torchrun"] and "pdenet.cli" in words:
+                    words = ["pdenet", *words[words.index("pdenet.cli") + 1:]]  # torchrun ... -m pdenet.cli ARGS
                 if words[:1] == ["pdenet"] or words[:2] == ["python", "examples/train_fashion_mnist.py"]:
                     found.append((words, line))
     return found
