@@ -161,7 +161,8 @@ class ConvOperator(nn.Module):
 
         ``method="symbol"``: ``max_ω ‖K̂(ω)‖₂``. With ``"circular"`` boundaries and a grid this is exact.
         With ``"zeros"`` and a grid ``n1 x n2`` it is a guaranteed upper bound: the zero-padded operator is
-        a compression of the periodic one on the ``(n1 + k − 1) x (n2 + k − 1)`` grid. Without a grid it is
+        a compression of the periodic one on the ``(n1 + k − 1) x (n2 + k − 1)`` grid (for grids larger than
+        the ``N x N`` one below, the grid-free bound is used instead: cheaper, and it bounds every grid). Without a grid it is
         a guaranteed upper bound on the supremum over all continuous frequencies (hence on every grid and
         both boundaries), at most 1% above it: the maximum ``Λ_N`` on an ``N x N`` grid, ``N = 32 (k − 1)``,
         times ``(1 − 2π²D²/N²)^{-1/2}``. (``v^H K̂^H K̂ v`` is a trigonometric polynomial of degree
@@ -174,13 +175,16 @@ class ConvOperator(nn.Module):
         cluster, as they do for zero padding on large grids.)
         """
         if method == "symbol":
-            if grid is not None:
-                n1, n2 = as_grid(grid)
-                if self.boundary == "zeros":
-                    n1, n2 = n1 + self.kernel_size - 1, n2 + self.kernel_size - 1
-                return self._max_symbol_norm(n1, n2)
             degree = self.kernel_size - 1
             n = max(1, 32 * degree)
+            if grid is not None:
+                n1, n2 = as_grid(grid)
+                if self.boundary == "circular":
+                    return self._max_symbol_norm(n1, n2)
+                n1, n2 = n1 + degree, n2 + degree
+                if n1 * n2 <= n * n:
+                    return self._max_symbol_norm(n1, n2)
+                # a larger zero-padded grid: the grid-free bound below is cheaper and still bounds it
             return self._max_symbol_norm(n, n) / math.sqrt(1 - 2 * (math.pi * degree / n) ** 2)
         if method == "power":
             if grid is None:

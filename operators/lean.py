@@ -94,7 +94,7 @@ def lean_apply(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, 
     return out
 
 
-def conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, boundary: str,
+def _conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, boundary: str,
                      groups: int) -> torch.Tensor:
     """``∂<grad_out, conv_same(x, W)>/∂W``: ``Σ_{b,n} grad_out[b, o, n] x[b, i, n + (p − r, q − r)]``."""
     r = weight.shape[-1] // 2
@@ -136,9 +136,9 @@ class _LeanConvFunction(torch.autograd.Function):
             gx = _LeanConvFunction.apply(grad, adjoint_weight(pointwise, ctx.groups), adjoint_weight(stencil, m),
                                          ctx.boundary, ctx.groups)
         if ctx.needs_input_grad[1]:
-            gp = conv_weight_grad(grad, x, pointwise, "zeros", ctx.groups)
+            gp = _conv_weight_grad(grad, x, pointwise, "zeros", ctx.groups)
         if ctx.needs_input_grad[2]:
-            gs = conv_weight_grad(grad[:, :m], x[:, :m], stencil, ctx.boundary, m)
+            gs = _conv_weight_grad(grad[:, :m], x[:, :m], stencil, ctx.boundary, m)
         return gx, gp, gs, None, None
 
     @staticmethod
