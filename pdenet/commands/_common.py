@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -27,6 +28,16 @@ def set_threads(threads: int | None, dist=None) -> int:
         raise CommandError(f"--threads must be a positive integer, got {threads}")
     torch.set_num_threads(threads)
     return threads
+
+
+@contextmanager
+def restored_threads():
+    """Give torch its thread count back on exit (for commands run in-process: tests, notebooks)."""
+    previous = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def load_split(name: str, split: str, data_dir: str | None):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ._common import CommandError, build_named_model, fail, load_split, parse_override_args, set_threads
+from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, restored_threads,
+                      set_threads)
 
 HELP = "parameters, FLOPs per image, latency and throughput of named networks, side by side"
 
@@ -31,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with restored_threads():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..costs import format_costs, measure_costs
 
     try:

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import CommandError, fail, load_split, set_threads
+from ._common import CommandError, fail, load_split, restored_threads, set_threads
 
 HELP = "evaluate a saved model (a checkpoint file or a run directory) on a data split"
 
@@ -23,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with restored_threads():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..data import BatchLoader
     from ..distributed import DistContext, resolve_device

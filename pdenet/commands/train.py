@@ -7,6 +7,12 @@ from the run's checkpoint; only the run-time options (``RUNTIME``) may then be g
 
 The output directory receives ``settings.json``, ``checkpoint.pt`` (atomically rewritten after every
 epoch), ``metrics.json`` and ``metrics.csv`` (one row per epoch) and ``report.json`` (the final report).
+
+Defaults (measured on the project's 2-core CPU machine, seed 0). ``pdenet train`` trains the lean ResNet-20
+on Fashion-MNIST for 10 epochs: SGD with Nesterov momentum 0.9, learning rate 0.1 on a cosine schedule,
+weight decay 5e-4, batch 128, random crops (padding 2) and flips, channels-last layout (about 2,000 training
+images/s with 2 threads against 1,900 in NCHW), all cores. It reaches 92.2% test accuracy; 30 epochs
+(``--epochs 30``) reach 93.6%.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ..training import OPTIMIZERS, SCHEDULES, TASKS, TrainConfig, Trainer, seed_everything, task_class
-from ._common import CommandError, build_named_model, fail, load_split, parse_override_args, set_threads
+from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, restored_threads,
+                      set_threads)
 
 HELP = "train a network on a data set (checkpoints every epoch, metrics, costs and stability report)"
 
@@ -178,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     try:
         settings = resolve_settings(given, known_settings())
-        return train(settings)
+        with restored_threads():
+            return train(settings)
     except CommandError as exc:
         return fail("train", exc)
     except FloatingPointError as exc:

@@ -51,7 +51,6 @@ def weights(trainer):
 
 
 def test_resume_after_interruption_reproduces_uninterrupted_weights(tmp_path):
-    torch.set_num_threads(1)
     data = toy_dataset(128)
     config = TrainConfig(epochs=2, batch_size=32, lr=0.05, warmup_epochs=0.5, seed=1)
     full = run(tmp_path / "full", config, data)

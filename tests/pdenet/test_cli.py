@@ -121,7 +121,9 @@ def test_config_file_and_command_line_priority(fmnist_dir, tmp_path):
     (["evaluate", "/nonexistent/checkpoint.pt"], "does not exist"),
 ])
 def test_bad_input_gives_one_clean_line_and_exit_code_2(argv, message, capsys):
+    threads = torch.get_num_threads()
     assert main(argv) == 2
+    assert torch.get_num_threads() == threads  # commands give the thread count back
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.count("\n") == 1 and err.startswith(f"pdenet {argv[0]}: error: ")

@@ -277,7 +277,7 @@ def test_cli_segmentation_resume_reproduces_the_uninterrupted_run(camvid_dir, tm
 def test_cli_reports_missing_and_corrupt_camvid_files(tmp_path, capsys):
     assert main(seg_args(tmp_path / "nowhere", tmp_path / "r0")) == 2
     assert "CamVid not found" in capsys.readouterr().err
-    folder = write_camvid(tmp_path, splits=(("train", 2), ("val", 1)), size=(8, 8))
+    folder = write_camvid(tmp_path, splits=(("train", 2), ("val", 1)), size=(16, 16))
     (folder / "trainannot" / "f1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     assert main(seg_args(tmp_path, tmp_path / "r1")) == 2
     err = capsys.readouterr().err

@@ -45,7 +45,6 @@ def make_trainer(config, data, model=None, **kw):
 
 
 def test_short_run_lowers_the_loss():
-    torch.set_num_threads(1)
     data, test = toy_dataset(), toy_dataset(128, seed=1, split="test")
     config = TrainConfig(epochs=4, batch_size=32, lr=0.05, seed=3)
     trainer, loader = make_trainer(config, data)
