@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
-from pdenet.configs import build_model
-from pdenet.costs import measure_costs, measure_train_step
-from pdenet.data import BatchLoader, load_dataset
-from pdenet.networks import match_width
-from pdenet.training import ClassificationTask, TrainConfig, Trainer, seed_everything
+# benchmarks/operators.py shares its name with the operators package: keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from pdenet.configs import build_model  # noqa: E402
+from pdenet.costs import measure_costs, measure_train_step  # noqa: E402
+from pdenet.data import BatchLoader, load_dataset  # noqa: E402
+from pdenet.networks import match_width  # noqa: E402
+from pdenet.training import ClassificationTask, TrainConfig, Trainer, seed_everything  # noqa: E402
 
 MODELS = ("lean-resnet20", "resnet20", "mobilenetv2", "shufflenetv2", "pde-parabolic-lean")
 MATCHED = ("mobilenetv2", "shufflenetv2")  # width multiplier matched to the lean ResNet-20's FLOPs
