@@ -27,13 +27,15 @@ COMMON_KEYWORDS = ("num_classes", "in_channels")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A named network: ``builder(num_classes=..., in_channels=..., **defaults)``."""
+    """A named network: ``builder(num_classes=..., in_channels=..., **defaults)``; ``task`` says what its
+    output is: ``"classification"`` logits ``(B, num_classes)``, ``"segmentation"`` ``(B, num_classes, H, W)``."""
 
     name: str
     builder: type[nn.Module]
     description: str
     defaults: dict = field(default_factory=dict)
     dense_twin: str | None = None
+    task: str = "classification"
 
     def keywords(self) -> tuple[str, ...]:
         """The keywords an override may set (the builder's, except ``num_classes`` and ``in_channels``)."""
@@ -109,9 +111,11 @@ def _segmentation() -> list[ModelConfig]:
     layout = ("segmentation net (CamVid): full-resolution stem, 4 residual stages 32/64/128/128 at 1/2..1/16 "
               "resolution (forward Euler, batch norm), top-down decoder with lateral 1x1 and 3x3 refinement")
     return [
-        ModelConfig("dense-segnet", SegmentationNet, f"{layout}, dense 3x3 operators", {**base, "operator": "dense"}),
+        ModelConfig("dense-segnet", SegmentationNet, f"{layout}, dense 3x3 operators", {**base, "operator": "dense"},
+                    task="segmentation"),
         ModelConfig("lean-segnet", SegmentationNet, f"{layout}, lean operators",
-                    {**base, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)}, dense_twin="dense-segnet"),
+                    {**base, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)}, dense_twin="dense-segnet",
+                    task="segmentation"),
     ]
 
 

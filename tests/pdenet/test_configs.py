@@ -38,7 +38,8 @@ def test_builds_and_runs_forward_and_backward(name, data):
     torch.manual_seed(0)
     model = build_model(name, num_classes=7, in_channels=channels)
     out = model(torch.randn(2, channels, size, size))
-    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    expected = (2, 7) if get_config(name).task == "classification" else (2, 7, size, size)  # per-pixel logits
+    assert out.shape == expected and torch.isfinite(out).all()
     out.logsumexp(dim=1).mean().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without gradient: {missing}"
