@@ -40,7 +40,9 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def _input(model: nn.Module, input_shape, batch_size: int, channels_last: bool) -> torch.Tensor:
-    x = torch.randn(batch_size, *_check_shape(input_shape), device=_device(model), dtype=_dtype(model))
+    """A random batch from a private generator (measuring never disturbs the global random state)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *_check_shape(input_shape), generator=gen, dtype=_dtype(model)).to(_device(model))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -106,6 +108,26 @@ def measure_train_step(model: nn.Module, input_shape: Sequence[int], batch_size:
         opt.step()
 
     return _median_time(step, x.device, warmup, repeats)
+
+
+def fastest_threads(model: nn.Module, input_shape: Sequence[int], batch_size: int, candidates: Sequence[int],
+                    channels_last: bool = False) -> tuple[int, dict[int, float]]:
+    """The torch CPU thread count among ``candidates`` with the highest training throughput right now.
+
+    Each candidate is timed on a few training steps (``measure_train_step``); on a busy machine fewer threads
+    than cores can be many times faster (threads wait on each other at every parallel region). Returns
+    ``(best, {threads: images/s})`` and leaves torch set to ``best``.
+    """
+    rates = {}
+    for n in sorted(set(candidates)):
+        if n < 1:
+            raise ValueError(f"thread counts must be positive, got {n}")
+        torch.set_num_threads(n)
+        rates[n] = batch_size / measure_train_step(model, input_shape, batch_size, warmup=1, repeats=3,
+                                                   channels_last=channels_last)
+    best = max(rates, key=rates.get)
+    torch.set_num_threads(best)
+    return best, rates
 
 
 @dataclass

@@ -11,7 +11,8 @@ epoch), ``metrics.json`` and ``metrics.csv`` (one row per epoch) and ``report.js
 Defaults (measured on the project's 2-core CPU machine, seed 0). ``pdenet train`` trains the lean ResNet-20
 on Fashion-MNIST for 10 epochs: SGD with Nesterov momentum 0.9, learning rate 0.1 on a cosine schedule,
 weight decay 5e-4, batch 128, random crops (padding 2) and flips, channels-last layout (about 2,000 training
-images/s with 2 threads against 1,900 in NCHW), all cores. It reaches 92.2% test accuracy; 30 epochs
+images/s with 2 threads against 1,900 in NCHW). Without ``--threads`` the thread count is the fastest of 1,
+half and all cores in a one-second probe (see ``pick_threads``). It reaches 92.2% test accuracy; 30 epochs
 (``--epochs 30``) reach 93.6%.
 """
 from __future__ import annotations
@@ -235,7 +236,7 @@ def setup(settings: dict, dist):
 
     from ..configs import get_config
 
-    set_threads(settings["threads"], dist)
+    threads = set_threads(settings["threads"], dist)
     try:
         get_config(settings["config"])
         config = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
@@ -273,6 +274,8 @@ def setup(settings: dict, dist):
     seed_everything(config.seed)
     model = build_named_model(settings["config"], train_set.num_classes, train_set.image_shape[0],
                               settings["overrides"]).to(dist.device)
+    if settings["threads"] is None and threads > 1 and not dist.enabled and dist.device.type == "cpu":
+        pick_threads(model, train_set.image_shape, config.batch_size, threads, settings["channels_last"])
     common = dict(seed=config.seed, rank=dist.rank, world_size=dist.world_size, device=dist.device,
                   channels_last=settings["channels_last"])
     loader = BatchLoader(train_set, config.batch_size // dist.world_size, shuffle=True,
@@ -292,6 +295,23 @@ def setup(settings: dict, dist):
     elif dist.is_main:
         ckpt.atomic_write_text(out / "settings.json", json.dumps(settings, indent=2) + "\n")
     return trainer, loader, test_loader, meta, out
+
+
+def pick_threads(model, image_shape, batch_size: int, cores: int, channels_last: bool) -> int:
+    """Default thread count: the fastest of 1, half and all cores for a few training steps of this model now.
+
+    On an idle machine that is all cores; while other processes keep cores busy, all-core steps can be many
+    times slower than single-thread ones, and the probe (about a second) avoids that.
+    """
+    import copy
+
+    from ..costs import fastest_threads
+
+    probe = copy.deepcopy(model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    best, rates = fastest_threads(probe, image_shape, batch_size, {1, max(1, cores // 2), cores}, channels_last)
+    print(f"threads: {best} (training images/s by threads: "
+          + ", ".join(f"{n}: {r:.0f}" for n, r in sorted(rates.items())) + ")", flush=True)
+    return best
 
 
 def say(dist, text: str) -> None:
