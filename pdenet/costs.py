@@ -115,7 +115,8 @@ def fastest_threads(model: nn.Module, input_shape: Sequence[int], batch_size: in
     """The torch CPU thread count among ``candidates`` with the highest training throughput right now.
 
     Each candidate is timed on a few training steps (``measure_train_step``); on a busy machine fewer threads
-    than cores can be many times faster (threads wait on each other at every parallel region). Returns
+    than cores can be many times faster (threads wait on each other at every parallel region). A candidate
+    whose first step is over 3 times slower than the best median so far is not timed further. Returns
     ``(best, {threads: images/s})`` and leaves torch set to ``best``.
     """
     rates = {}
@@ -123,7 +124,11 @@ def fastest_threads(model: nn.Module, input_shape: Sequence[int], batch_size: in
         if n < 1:
             raise ValueError(f"thread counts must be positive, got {n}")
         torch.set_num_threads(n)
-        rates[n] = batch_size / measure_train_step(model, input_shape, batch_size, warmup=1, repeats=3,
+        first = measure_train_step(model, input_shape, batch_size, warmup=0, repeats=1, channels_last=channels_last)
+        if rates and batch_size / first < max(rates.values()) / 3:
+            rates[n] = batch_size / first
+            continue
+        rates[n] = batch_size / measure_train_step(model, input_shape, batch_size, warmup=0, repeats=3,
                                                    channels_last=channels_last)
     best = max(rates, key=rates.get)
     torch.set_num_threads(best)

@@ -108,8 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=s, help="output directory (default runs/CONFIG-DATA-TIMESTAMP); never "
                                             "overwritten")
     p.add_argument("--resume", action="store_true", default=s, help="continue the run in --out")
-    p.add_argument("--threads", type=int, default=s, help="torch CPU threads (default: all cores, split between "
-                                                          "local torchrun processes)")
+    p.add_argument("--threads", type=int, default=s, help="torch CPU threads (default: the fastest of 1, half and "
+                                                          "all cores in a short probe; torchrun processes share "
+                                                          "the cores)")
     p.add_argument("--device", default=s, help="auto, cpu or cuda (default auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=s, help="no progress bar")
     for name in sorted(TASKS):

@@ -94,13 +94,17 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(fmnist_dir, tmp_path
     assert [r["test_loss"] for r in b["history"]] == pytest.approx([r["test_loss"] for r in a["history"]], rel=1e-6)
 
 
-def test_config_file_and_command_line_priority(fmnist_dir, tmp_path):
+def test_config_file_and_command_line_priority(fmnist_dir, tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"config": "lean-resnet20", "epochs": 3, "batch-size": 64, "lr": 0.05,
                                   "overrides": {"widths": [8, 16, 32]}}))
     out = tmp_path / "run"
+    threads = torch.get_num_threads()
     assert main(["train", "--config-file", str(config), "--epochs", "1", "--data-dir", str(fmnist_dir),
-                 "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+                 "--no-progress", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads
+    probe = [line for line in capsys.readouterr().out.splitlines() if line.startswith("threads: ")]
+    assert len(probe) == 1 and "training images/s by threads: 1: " in probe[0]  # default: probed
     settings = json.loads((out / "settings.json").read_text())
     assert (settings["epochs"], settings["batch_size"], settings["lr"]) == (1, 64, 0.05)
     model, meta = ckpt.load_model(out)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pdenet.costs import (Costs, count_parameters, flops_per_image, format_costs, measure_costs, measure_latency,
-                          measure_train_step)
+from pdenet.costs import (Costs, count_parameters, fastest_threads, flops_per_image, format_costs, measure_costs,
+                          measure_latency, measure_train_step)
 
 
 def small_net():
@@ -88,3 +88,22 @@ def test_bad_input_shape(shape):
 def test_bad_timing_arguments():
     with pytest.raises(ValueError, match="repeats >= 1"):
         measure_latency(small_net(), (3, 4, 4), repeats=0)
+
+
+def test_fastest_threads_times_each_candidate_and_keeps_the_best():
+    before = torch.get_num_threads()
+    try:
+        best, rates = fastest_threads(small_net(), (3, 8, 8), 8, [2, 1, 2])
+        assert sorted(rates) == [1, 2] and all(r > 0 for r in rates.values())
+        assert rates[best] == max(rates.values()) and torch.get_num_threads() == best
+        with pytest.raises(ValueError, match="thread counts must be positive"):
+            fastest_threads(small_net(), (3, 8, 8), 8, [0])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_measurements_leave_the_global_random_state_alone():
+    net = small_net()
+    state = torch.get_rng_state()
+    measure_costs(net, (3, 8, 8), batch_size=4, train=True, warmup=0, repeats=1)
+    assert torch.equal(torch.get_rng_state(), state)
