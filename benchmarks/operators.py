@@ -6,9 +6,11 @@ input in channels-last layout (the layout the toolbox keeps end to end); ``lean(
 lean operator on the NCHW input, conversion included, and ``dense`` is ``DenseConv`` on channels-last.
 Forward runs under ``torch.no_grad()``; forward+backward computes the gradients of the input and of the
 weights for a fixed random output gradient. Within each repeat all operators run one after the other
-(interleaved), so load from other processes hits them alike; the table shows medians after warm-up, the
+(interleaved, in a new random order each repeat: an operator runs measurably slower right after a dense
+convolution), so load from other processes hits them alike; the table shows medians after warm-up, the
 speed-ups also from the fastest run of each (the least disturbed on a shared machine), and the load average
-before and after. ``flop_ratio`` is the dense FLOPs over the operator's FLOPs.
+before and after. ``flop_ratio`` is the dense FLOPs over the operator's FLOPs, both from
+``operators.count_flops`` (PyTorch's counter plus the work it cannot see).
 
     python benchmarks/operators.py                    # all four shapes
     python benchmarks/operators.py --quick            # (64, 128, 16) only, fewer repeats (< 1 minute)
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -35,7 +38,7 @@ from torch import nn
 
 # This script shares its name with the package it measures: keep its own folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-from operators import DenseConv, make_operator  # noqa: E402
+from operators import DenseConv, count_flops, make_operator  # noqa: E402
 
 SHAPES = ((64, 64, 32), (64, 128, 16), (64, 256, 8), (8, 64, 112))
 QUICK_SHAPES = ((64, 128, 16),)
@@ -64,8 +67,8 @@ def _timed(fn) -> float:
 class Case:
     """One module on one input: callables for the forward and the forward+backward pass."""
 
-    def __init__(self, module: nn.Module, x: torch.Tensor, macs_per_pixel: int):
-        self.module, self.macs = module, macs_per_pixel
+    def __init__(self, module: nn.Module, x: torch.Tensor):
+        self.module, self.flops = module, count_flops(module, x)
         self.x = x.detach().requires_grad_()
         with torch.no_grad():
             y = module(x)
@@ -96,19 +99,20 @@ def benchmark_shape(batch: int, channels: int, size: int, repeats: int, warmup: 
     x = torch.randn(batch, channels, size, size)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     dense = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    cases = {BASELINE: Case(dense, x, 9 * channels * channels)}
+    cases = {BASELINE: Case(dense, x)}
     for label, kind, kwargs, layout in OPERATORS:
-        op = make_operator(kind, channels, channels, **kwargs)
-        cases[label] = Case(op, x if layout == "nchw" else x_cl, op.macs_per_pixel())
+        cases[label] = Case(make_operator(kind, channels, channels, **kwargs), x if layout == "nchw" else x_cl)
+    order = list(cases.values())
     for rep in range(warmup + repeats):
-        for case in cases.values():
+        random.Random(rep).shuffle(order)  # a new order per repeat: no operator always follows the same one
+        for case in order:
             case.run(record=rep >= warmup)
     base = cases[BASELINE]
     med, best = statistics.median, min
     return [{"operator": label, "batch": batch, "channels": channels, "size": size,
              "fwd_ms": med(case.fwd_ms), "fwdbwd_ms": med(case.fwdbwd_ms),
              "dense_fwd_ms": med(base.fwd_ms), "dense_fwdbwd_ms": med(base.fwdbwd_ms),
-             "flop_ratio": base.macs / case.macs,
+             "flop_ratio": base.flops / case.flops,
              "fwd_min_ms": best(case.fwd_ms), "fwdbwd_min_ms": best(case.fwdbwd_ms),
              "dense_fwd_min_ms": best(base.fwd_ms), "dense_fwdbwd_min_ms": best(base.fwdbwd_ms)}
             for label, case in cases.items()]
