@@ -7,7 +7,10 @@ lean operator on the NCHW input, conversion included, and ``dense`` is ``DenseCo
 Forward runs under ``torch.no_grad()``; forward+backward computes the gradients of the input and of the
 weights for a fixed random output gradient. Within each repeat all operators run one after the other
 (interleaved, in a new random order each repeat: an operator runs measurably slower right after a dense
-convolution), so load from other processes hits them alike; the table shows medians after warm-up, the
+convolution), so load from other processes hits them alike. Each timing is the mean of a short burst of
+``BURST`` consecutive calls after one untimed call, so the input is in cache as in a network, where the
+previous layer has just written it (one call right after an unrelated operator measures the cache misses
+of the other operator's data instead). The table shows medians after warm-up, the
 speed-ups also from the fastest run of each (the least disturbed on a shared machine), and the load average
 before and after. ``flop_ratio`` is the dense FLOPs over the operator's FLOPs, both from
 ``operators.count_flops`` (PyTorch's counter plus the work it cannot see).
@@ -56,12 +59,16 @@ OPERATORS = (
     ("circulant", "circulant", {}, "channels_last"),
 )
 BASELINE = "nn.Conv2d[nchw]"
+#: timed consecutive calls per measurement, after one untimed call
+BURST = 3
 
 
-def _timed(fn) -> float:
+def _timed(fn, burst: int = 1) -> float:
+    """Milliseconds per call of ``fn``, the mean over ``burst`` consecutive calls."""
     start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    for _ in range(burst):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / burst
 
 
 class Case:
@@ -81,13 +88,16 @@ class Case:
         self.module(self.x)
 
     def forward_backward(self):
-        self.module(self.x).backward(self.grad)
-
-    def run(self, record: bool):
         self.x.grad = None
         for p in self.module.parameters():
             p.grad = None
-        fwd, fwdbwd = _timed(self.forward), _timed(self.forward_backward)
+        self.module(self.x).backward(self.grad)
+
+    def run(self, record: bool):
+        self.forward()
+        fwd = _timed(self.forward, BURST)
+        self.forward_backward()
+        fwdbwd = _timed(self.forward_backward, BURST)
         if record:
             self.fwd_ms.append(fwd)
             self.fwdbwd_ms.append(fwdbwd)

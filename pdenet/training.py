@@ -347,10 +347,10 @@ class Trainer:
         and after the last."""
         callbacks = list(callbacks)
         while not self.done:
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr, threads = self.optimizer.param_groups[0]["lr"], torch.get_num_threads()
             train = self.train_epoch(train_loader, show_progress)
             self.epoch += 1
-            row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v for k, v in train.items()}}
+            row = {"epoch": self.epoch, "lr": lr, "threads": threads, **{f"train_{k}": v for k, v in train.items()}}
             if eval_loader is not None and (self.epoch % eval_every == 0 or self.done):
                 row.update({f"test_{k}": v for k, v in self.evaluate(eval_loader).items()})
             self.history.append(row)

@@ -12,8 +12,8 @@ Defaults (measured on the project's 2-core CPU machine, seed 0). ``pdenet train`
 on Fashion-MNIST for 10 epochs: SGD with Nesterov momentum 0.9, learning rate 0.1 on a cosine schedule,
 weight decay 5e-4, batch 128, random crops (padding 2) and flips, channels-last layout (about 2,000 training
 images/s with 2 threads against 1,900 in NCHW). Without ``--threads`` the thread count is the fastest of 1,
-half and all cores in a one-second probe (see ``pick_threads``). It reaches 92.2% test accuracy; 30 epochs
-(``--epochs 30``) reach 93.6%.
+half and all cores in a one-second probe, repeated when the throughput changes (see ``ThreadTuner``). It
+reaches 92.2% test accuracy; 30 epochs (``--epochs 30``) reach 93.6%.
 """
 from __future__ import annotations
 
@@ -204,19 +204,21 @@ def train(settings: dict) -> int:
     start = time.perf_counter()
     dist = init_distributed(settings["device"])
     try:
-        trainer, loader, test_loader, meta, out = setup(settings, dist)
+        trainer, loader, test_loader, meta, out, tuner = setup(settings, dist)
         task = trainer.task
         say(dist, f"training {meta['config']} on {meta['data']} ({len(loader.dataset)} train, "
                   f"{len(test_loader.dataset)} test images) for {trainer.config.epochs} epochs on {dist.device} "
                   f"x{dist.world_size}, {torch.get_num_threads()} threads; output in {out}")
 
         def on_epoch_end(tr: Trainer, row: dict) -> None:
+            meta["threads"] = torch.get_num_threads()  # a resumed run continues with the same count
             tr.save(out / ckpt.CHECKPOINT_NAME, meta)
             if dist.is_main:
                 write_metrics(out, tr.history)
             say(dist, format_row(row, task.metric))
 
-        trainer.fit(loader, test_loader, settings["eval_every"], [on_epoch_end], settings["progress"])
+        callbacks = [tuner, on_epoch_end] if tuner is not None else [on_epoch_end]
+        trainer.fit(loader, test_loader, settings["eval_every"], callbacks, settings["progress"])
         if dist.is_main:
             report = final_report(trainer, meta, out)
             report["artifacts"] = task.save_artifacts(trainer.model, test_loader.dataset, out)
@@ -275,8 +277,10 @@ def setup(settings: dict, dist):
     seed_everything(config.seed)
     model = build_named_model(settings["config"], train_set.num_classes, train_set.image_shape[0],
                               settings["overrides"]).to(dist.device)
+    tuner = None
     if settings["threads"] is None and threads > 1 and not dist.enabled and dist.device.type == "cpu":
-        pick_threads(model, train_set.image_shape, config.batch_size, threads, settings["channels_last"])
+        tuner = ThreadTuner(threads, train_set.image_shape, config.batch_size, settings["channels_last"])
+        tuner.probe(model)
     common = dict(seed=config.seed, rank=dist.rank, world_size=dist.world_size, device=dist.device,
                   channels_last=settings["channels_last"])
     loader = BatchLoader(train_set, config.batch_size // dist.world_size, shuffle=True,
@@ -295,24 +299,45 @@ def setup(settings: dict, dist):
         say(dist, f"resuming {out} after epoch {trainer.epoch}/{config.epochs}")
     elif dist.is_main:
         ckpt.atomic_write_text(out / "settings.json", json.dumps(settings, indent=2) + "\n")
-    return trainer, loader, test_loader, meta, out
+    return trainer, loader, test_loader, meta, out, tuner
 
 
-def pick_threads(model, image_shape, batch_size: int, cores: int, channels_last: bool) -> int:
-    """Default thread count: the fastest of 1, half and all cores for a few training steps of this model now.
+class ThreadTuner:
+    """The default thread count: the fastest of 1, half and all cores on a few training steps of the model.
 
-    On an idle machine that is all cores; while other processes keep cores busy, all-core steps can be many
-    times slower than single-thread ones, and the probe (about a second) avoids that.
+    Probed before training (about a second). The first epoch after a probe sets the expected training
+    throughput (an epoch also loads and augments data, which the probe does not); a later epoch more than
+    ``tolerance`` away from it means other jobs started or stopped, and the probe runs again: on a shared
+    machine, all-core steps can be many times slower than single-thread ones while other processes keep
+    cores busy. Runs with an explicit ``--threads`` are not tuned (and are bit-reproducible).
     """
-    import copy
 
-    from ..costs import fastest_threads
+    def __init__(self, cores: int, image_shape, batch_size: int, channels_last: bool, tolerance: float = 0.25):
+        self.candidates = {1, max(1, cores // 2), cores}
+        self.image_shape, self.batch_size, self.channels_last = image_shape, batch_size, channels_last
+        self.tolerance = tolerance
+        self.expected: float | None = None
 
-    probe = copy.deepcopy(model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    best, rates = fastest_threads(probe, image_shape, batch_size, {1, max(1, cores // 2), cores}, channels_last)
-    print(f"threads: {best} (training images/s by threads: "
-          + ", ".join(f"{n}: {r:.0f}" for n, r in sorted(rates.items())) + ")", flush=True)
-    return best
+    def probe(self, model) -> int:
+        """Time the candidates on a copy of ``model``, set torch to the fastest and return it."""
+        import copy
+
+        from ..costs import fastest_threads
+
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        best, rates = fastest_threads(copy.deepcopy(model).to(memory_format=layout), self.image_shape,
+                                      self.batch_size, self.candidates, self.channels_last)
+        self.expected = None
+        print(f"threads: {best} (training images/s by threads: "
+              + ", ".join(f"{n}: {r:.0f}" for n, r in sorted(rates.items())) + ")", flush=True)
+        return best
+
+    def __call__(self, trainer: Trainer, row: dict) -> None:
+        rate = row["train_images_per_s"]
+        if self.expected is None:
+            self.expected = rate
+        elif not trainer.done and abs(rate / self.expected - 1) > self.tolerance:
+            self.probe(trainer.model)
 
 
 def say(dist, text: str) -> None:

@@ -160,13 +160,14 @@ class SegmentationTask(Task):
         return torch.cat(parts).cpu()
 
     def save_artifacts(self, model, dataset, out) -> list[str]:
-        """``predictions.png``: image, ground truth and prediction for the first ``num_visualized`` images."""
-        from .visualize import save_prediction_grid
+        """``predictions.png``: image, ground truth and prediction for the first ``num_visualized`` images
+        (in the data set's palette, CamVid's when it has none)."""
+        from .visualize import PALETTE, save_prediction_grid
 
         n = min(self.num_visualized, len(dataset))
         if n == 0:
             return []
         images, targets = dataset.images[:n], dataset.targets[:n]
         save_prediction_grid(images, targets, self.predict(model, images), Path(out) / PREDICTIONS_PNG,
-                             self.class_names, self.palette, self.ignore_index)
+                             self.class_names, PALETTE if self.palette is None else self.palette, self.ignore_index)
         return [PREDICTIONS_PNG]

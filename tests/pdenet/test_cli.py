@@ -50,7 +50,7 @@ def test_train_writes_metrics_checkpoint_and_report_then_evaluate(fmnist_dir, tm
     history = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2]
     csv_lines = (out / "metrics.csv").read_text().splitlines()
-    assert len(csv_lines) == 3 and csv_lines[0].startswith("epoch,lr,train_loss")
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("epoch,lr,threads,train_loss")
     report = json.loads((out / "report.json").read_text())
     assert report["test"]["accuracy"] == history[-1]["test_accuracy"]
     assert report["costs"]["parameters"] == sum(p.numel() for p in ckpt.load_model(out)[0].parameters())
@@ -160,3 +160,29 @@ def test_cost_side_by_side(tmp_path, capsys):
 
     assert rows["resnet20"]["flops_per_image"] == flops_per_image(build_model("resnet20", 10, 1), (1, 28, 28))
     assert rows["lean-resnet20"]["parameters"] < rows["resnet20"]["parameters"]
+
+
+def test_thread_tuner_reprobes_when_throughput_changes(capsys):
+    from types import SimpleNamespace
+
+    from pdenet.commands.train import ThreadTuner
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    threads = torch.get_num_threads()
+    try:
+        tuner = ThreadTuner(2, (1, 4, 4), 8, channels_last=False)
+        assert tuner.candidates == {1, 2} and tuner.probe(model) in (1, 2)
+        trainer = SimpleNamespace(done=False, model=model)
+        capsys.readouterr()
+        tuner(trainer, {"train_images_per_s": 1000.0})  # the first epoch after a probe calibrates
+        assert capsys.readouterr().out == "" and tuner.expected == 1000.0
+        tuner(trainer, {"train_images_per_s": 1100.0})  # within 25%: no probe
+        assert capsys.readouterr().out == ""
+        tuner(trainer, {"train_images_per_s": 500.0})  # other jobs started: probe again, then recalibrate
+        assert capsys.readouterr().out.startswith("threads: ") and tuner.expected is None
+        tuner(trainer, {"train_images_per_s": 480.0})
+        assert tuner.expected == 480.0
+        tuner(SimpleNamespace(done=True, model=model), {"train_images_per_s": 10.0})  # finished: no probe
+        assert capsys.readouterr().out == ""
+    finally:
+        torch.set_num_threads(threads)
