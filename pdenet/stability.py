@@ -1,8 +1,9 @@
-"""Stability report of a whole network: one row per time-stepping block.
+"""Stability report of a whole network: one row per time-stepping block and per ResNet basic block.
 
 ``report(model, input_shape)`` runs the model once on an input of ``input_shape`` to learn the grid each
-block acts on, then asks every :class:`~pdenet.blocks.TimeSteppingBlock` for its step bound from its current
-weights on that grid. A row holds the block's name, scheme, operator kind(s), ``max ‖K‖``, ``h``, the bound
+block's operators act on, then asks every :class:`~pdenet.blocks.TimeSteppingBlock` and every ResNet
+:class:`~pdenet.networks.resnet.BasicBlock` (forward Euler with ``h = 1``) for its step bound from its
+current weights on that grid. A row holds the block's name, scheme, operator kind(s), ``max ‖K‖``, ``h``, the bound
 on ``h``, the margin ``1 − h/bound`` (negative when violated), whether ``h ≤ bound`` (``"yes"``, ``"no"``, or
 ``"unknown"`` when no bound exists), the ``stabilize`` option, and the assumptions behind the bound.
 """
@@ -12,12 +13,13 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .blocks import TimeSteppingBlock, time_stepping_blocks
+from .networks.resnet import BasicBlock
 
 COLUMNS = ("block", "scheme", "operator", "norm", "h", "bound", "margin", "stable", "stabilize")
 
@@ -87,7 +89,7 @@ def _fmt(value) -> str:
 def format_table(rows: Sequence[dict]) -> str:
     """A fixed-width table of report rows (as dicts, e.g. read back from JSON), assumptions as footnotes."""
     if not rows:
-        return "no time-stepping blocks"
+        return "no time-stepping or residual blocks"
     header = ["block", "scheme", "operator", "‖K‖", "h", "bound", "margin", "stable", "stabilize"]
     body = [[_fmt(r[c]) if c != "margin" or r[c] is None or isinstance(r[c], str) else f"{100 * r[c]:+.1f}%"
              for c in COLUMNS] for r in rows]
@@ -147,19 +149,40 @@ def block_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def analysed_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, block)`` for every time-stepping block and every ResNet basic block of ``model``, in order."""
+    for name, module in model.named_modules():
+        if isinstance(module, (TimeSteppingBlock, BasicBlock)):
+            yield name or type(module).__name__, module
+
+
 def block_grids(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, int]]:
-    """``{block name: (n1, n2)}``: the grid each time-stepping block sees on an input of ``input_shape``."""
-    blocks = list(time_stepping_blocks(model))
-    with eval_mode(model), torch.no_grad():
-        inputs = block_inputs(model, model_input(model, input_shape))
-    grids = {name: tuple(y.shape[-2:]) for name, y in inputs.items()}
+    """``{block name: (n1, n2)}``: the grid the operators of each analysed block act on for an input of
+    ``input_shape`` (after the pooling of a downsampling ResNet block)."""
+    grids: dict[str, tuple[int, int]] = {}
+
+    def keep(name):
+        def hook(module, args):
+            grids.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
+
+    blocks = list(analysed_blocks(model))
+    # a time-stepping block keeps its grid; a basic block's operators see its input after any pooling
+    handles = [(block.conv1 if isinstance(block, BasicBlock) else block).register_forward_pre_hook(keep(name))
+               for name, block in blocks]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(model_input(model, input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
     missing = [name for name, _ in blocks if name not in grids]
     if missing:
         raise ValueError(f"blocks {missing} were not run by the model's forward pass on {tuple(input_shape)}")
     return grids
 
 
-def block_row(name: str, block: TimeSteppingBlock, grid, method: str = "symbol") -> StabilityRow:
+def block_row(name: str, block: TimeSteppingBlock | BasicBlock, grid, method: str = "symbol") -> StabilityRow:
     """The report row of one block on the ``(n1, n2)`` grid it acts on."""
     result = block.stability(grid, method)
     h, bound = float(block.h), result.bound
@@ -174,14 +197,15 @@ def block_row(name: str, block: TimeSteppingBlock, grid, method: str = "symbol")
 
 
 def report(model: nn.Module, input_shape: Sequence[int], method: str = "symbol") -> StabilityReport:
-    """Stability rows of every time-stepping block of ``model`` at the grids an ``input_shape`` input gives.
+    """Stability rows of every time-stepping block and ResNet basic block of ``model`` at the grids an
+    ``input_shape`` input gives.
 
     ``method``: how ``‖K‖`` is computed, ``"symbol"`` (exact on periodic grids, a guaranteed upper bound for
     zero padding) or ``"power"`` (power iteration, exact on the grid for either boundary).
     """
     if method not in ("symbol", "power"):
         raise ValueError(f"unknown norm method {method!r}; expected 'symbol' or 'power'")
-    blocks = list(time_stepping_blocks(model))
+    blocks = list(analysed_blocks(model))
     grids = block_grids(model, input_shape) if blocks else {}
     rows = [block_row(name, block, grids[name], method) for name, block in blocks]
     return StabilityReport(rows, tuple(int(s) for s in input_shape), method)

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from operators.base import check_positive_int
+from operators.base import as_grid, check_positive_int
+from operators.stability import max_stable_step
 
+from ..blocks import StepStability
 from .layers import ClassifierHead, check_operator_kwargs, downsample2x, make_stem
 
 SHORTCUTS = ("A", "B")
@@ -73,6 +76,47 @@ class BasicBlock(nn.Module):
                 )
             else:
                 self.pad_channels = out_channels - in_channels
+
+    # ------------------------------------------------------------ as a time step (for stability reports)
+    #: at stride 1 and constant width the block is forward Euler with h = 1 (see ``stability``)
+    scheme = "resnet"
+    h = 1.0
+    stabilize = None
+
+    def is_time_step(self) -> bool:
+        """Stride 1 at constant width: ``y = ReLU(x + F(x))``, a forward Euler step of ``y' = F(y)``."""
+        return self.stride == 1 and self.projection is None and not self.pad_channels
+
+    def operators(self) -> list:
+        return [self.conv1, self.conv2]
+
+    @torch.no_grad()
+    def stability(self, grid, method: str = "symbol") -> StepStability:
+        """The block as forward Euler with ``h = 1`` on the ``(n1, n2)`` grid of its operators.
+
+        With batch norm in inference mode, ``B x = b ⊙ x + β`` with ``b = γ/√(var + ε)``, the residual branch
+        is ``F(x) = B₂K₂ ReLU(B₁K₁x)``. Linearized at ``ReLU' = 1`` (the largest slope), its Jacobian has the
+        eigenvalues of ``diag(b₂)K̂₂(ω) diag(b₁)K̂₁(ω)`` over the periodic grid's frequencies, and forward
+        Euler needs ``1 + hλ`` inside the unit disc (the largest ``|1 + λ|`` is stated too: the growth per step).
+        The outer ReLU is 1-Lipschitz and left out. ``norm``:
+        ``max_i max|b_i| ‖K_i‖``. A downsampling or width-changing block is not a step of one ODE: no bound.
+        """
+        grid = as_grid(grid)
+        scales = [bn.weight / torch.sqrt(bn.running_var + bn.eps) for bn in (self.bn1, self.bn2)]
+        norm = max(float(b.abs().max()) * op.spectral_norm(grid, method=method)
+                   for b, op in zip(scales, self.operators()))
+        norm_text = (f"‖K‖ column: max over K₁, K₂ of max|b|·‖K‖ with the batch-norm scale b = γ/√(var+ε) "
+                     f"({method} norm on the {grid[0]}x{grid[1]} grid)")
+        if not self.is_time_step():
+            return StepStability(None, norm, ("downsampling or width-changing residual block: not a time step "
+                                              "of one ODE, no step bound", norm_text))
+        symbols = [b[:, None] * op.symbol(grid) for b, op in zip(scales, self.operators())]
+        eigenvalues = torch.linalg.eigvals(symbols[1] @ symbols[0]).flatten().cpu().numpy()
+        law = (f"ResNet block y = ReLU(x + B₂K₂ReLU(B₁K₁x)) as forward Euler with h = 1, linearized at ReLU' = 1: "
+               f"eigenvalues of b₂K̂₂(ω)b₁K̂₁(ω) on the periodic {grid[0]}x{grid[1]} grid (batch norm in "
+               "inference mode; not a guarantee where ReLU' varies)")
+        growth = f"largest amplification |1 + λ| of the linearized step: {float(np.abs(1 + eigenvalues).max()):.4g}"
+        return StepStability(float(max_stable_step("euler", eigenvalues)), norm, (law, growth, norm_text))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:

@@ -96,7 +96,7 @@ def test_table_and_json(tmp_path):
     assert set(data["rows"][0]) >= {"block", "scheme", "operator", "norm", "h", "bound", "margin", "stable",
                                     "assumptions"}
     assert format_table(data["rows"]) == text  # formatting round-trips through JSON
-    assert report(nn.Linear(2, 2), (2,) * 3).table() == "no time-stepping blocks"
+    assert report(nn.Linear(2, 2), (2,) * 3).table() == "no time-stepping or residual blocks"
     with pytest.raises(ValueError, match="input_shape"):
         report(_net(), (8, 8))
 
@@ -145,3 +145,48 @@ def test_cli_errors(capsys):
     assert "no-such-net" in capsys.readouterr().err
     assert main(["stability", "/nonexistent/checkpoint.pt"]) == 2
     assert "nonexistent" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- ResNet basic blocks
+def test_report_covers_resnet_blocks_at_the_grid_of_their_operators():
+    from pdenet.configs import build_model
+
+    model = build_model("lean-resnet20", 10, 1)
+    rows = report(model, (1, 28, 28)).rows
+    assert [r.block for r in rows] == [f"stages.{i}.{j}" for i in range(3) for j in range(3)]
+    assert [r.grid for r in rows] == [(28, 28)] * 3 + [(14, 14)] * 3 + [(7, 7)] * 3
+    assert all(r.scheme == "resnet" and r.h == 1 and r.operator == "lean" for r in rows)
+    transitions = [r for r in rows if r.block in ("stages.1.0", "stages.2.0")]
+    assert all(r.bound is None and r.stable == "unknown" for r in transitions)
+    assert all(r.bound is not None for r in rows if r not in transitions)
+
+
+def test_resnet_block_bound_matches_the_dense_linearized_jacobian():
+    """A dissipative block (K₂ = −K₁ᵀ) with batch-norm scales: the bound from the symbols equals the forward
+    Euler bound from the eigenvalues of the dense matrix of x ↦ B₂K₂B₁K₁x on a periodic 6x6 grid."""
+    from operators.functional import adjoint_weight
+    from pdenet.networks.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    block = BasicBlock(4, 4, operator="dense", operator_kwargs={"boundary": "circular"}).double().eval()
+    with torch.no_grad():
+        block.conv2.weight.copy_(-adjoint_weight(block.conv1.weight))
+        for bn in (block.bn1, block.bn2):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    grid = (6, 6)
+    stability = block.stability(grid)
+    matrices = []
+    for bn, op in ((block.bn1, block.conv1), (block.bn2, block.conv2)):
+        b = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+        matrices.append(b.repeat_interleave(36)[:, None] * op.to_matrix(grid))
+    eigenvalues = torch.linalg.eigvals(matrices[1] @ matrices[0]).numpy()
+    from operators.stability import max_stable_step
+
+    expected = max_stable_step("euler", eigenvalues)
+    assert 0 < expected < math.inf
+    assert stability.bound == pytest.approx(expected, rel=1e-8)
+    growth = float(abs(1 + eigenvalues).max())
+    assert any(f"{growth:.4g}" in a for a in stability.assumptions)
+    row = report(nn.Sequential(block), (4, *grid)).rows[0]
+    assert row.bound == pytest.approx(expected, rel=1e-8) and row.stable == ("yes" if expected >= 1 else "no")
