@@ -30,6 +30,7 @@ import torch
 
 # benchmarks/operators.py shares its name with the operators package: keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from pdenet.commands.train import format_row  # noqa: E402
 from pdenet.configs import build_model  # noqa: E402
 from pdenet.costs import measure_costs  # noqa: E402
 from pdenet.data import BatchLoader, load_dataset  # noqa: E402
@@ -75,7 +76,10 @@ def train_one(name: str, train_set, val_set, args, out: Path) -> dict:
     val_loader = BatchLoader(val_set, 4, shuffle=False, channels_last=True)
     trainer = Trainer(model, task, config, len(loader), channels_last=True)
     start = time.perf_counter()
-    history = trainer.fit(loader, val_loader, eval_every=args.epochs, show_progress=sys.stderr.isatty())
+    def report_epoch(_, row):  # one line per epoch (the progress bar redraws only on a terminal)
+        print(f"  {name}: {format_row(row, task.metric)}", flush=True)
+
+    history = trainer.fit(loader, val_loader, args.epochs, [report_epoch], show_progress=True)
     train_time = time.perf_counter() - start
     repeats = 3 if args.quick else 20
     costs = measure_costs(model, INPUT_SHAPE, batch_size=1, warmup=2, repeats=repeats, channels_last=True)

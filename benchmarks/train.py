@@ -25,6 +25,7 @@ import torch
 
 # benchmarks/operators.py shares its name with the operators package: keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from pdenet.commands.train import format_row  # noqa: E402
 from pdenet.configs import build_model  # noqa: E402
 from pdenet.costs import measure_costs, measure_train_step  # noqa: E402
 from pdenet.data import BatchLoader, load_dataset  # noqa: E402
@@ -97,7 +98,10 @@ def train_one(name, train_set, test_set, args, width_mult=None) -> dict:
     test_loader = BatchLoader(test_set, 1000, shuffle=False, **layout)
     trainer = Trainer(model, ClassificationTask(train_set.num_classes), config, len(loader), **layout)
     start = time.perf_counter()
-    history = trainer.fit(loader, test_loader, eval_every=epochs, show_progress=sys.stderr.isatty())
+    def report_epoch(_, row):  # one line per epoch (the progress bar redraws only on a terminal)
+        print(f"  {name}: {format_row(row, trainer.task.metric)}", flush=True)
+
+    history = trainer.fit(loader, test_loader, epochs, [report_epoch], show_progress=True)
     train_time = time.perf_counter() - start
     costs = measure_costs(model, train_set.image_shape, args.batch_size, **layout)
     images = sum(r["train_images_per_s"] * r["train_time"] for r in history)

@@ -13,7 +13,7 @@ on Fashion-MNIST for 10 epochs: SGD with Nesterov momentum 0.9, learning rate 0.
 weight decay 5e-4, batch 128, random crops (padding 2) and flips, channels-last layout (about 2,000 training
 images/s with 2 threads against 1,900 in NCHW). Without ``--threads`` the thread count is the fastest of 1,
 half and all cores in a one-second probe, repeated when the throughput changes (see ``ThreadTuner``). It
-reaches 92.2% test accuracy; 30 epochs (``--epochs 30``) reach 93.6%.
+reaches 92.6% test accuracy in about 6 minutes on 2 idle cores; 30 epochs (``--epochs 30``) reach 93.6%.
 """
 from __future__ import annotations
 
