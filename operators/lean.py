@@ -168,6 +168,16 @@ class _LeanConvFunction(torch.autograd.Function):
                             for i in range(info.batch_size)]), 0
 
 
+def _lean(x, pointwise, stencil, boundary: str, groups: int) -> torch.Tensor:
+    """``P x + S x``: through ``_LeanConvFunction`` where autograd (reverse or forward mode) or ``torch.func``
+    may differentiate it, directly otherwise (inference: the Function's bookkeeping is a large share of a
+    batch-1 call)."""
+    if (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        return _LeanConvFunction.apply(x, pointwise, stencil, boundary, groups)
+    return lean_apply(x, pointwise, stencil, boundary, groups)
+
+
 # ---------------------------------------------------------------------------------------- the operator
 class LeanConv(ConvOperator):
     """Lean convolution ``K = P + S`` (LeanConvNets).
@@ -261,8 +271,7 @@ class LeanConv(ConvOperator):
         x = _fast_layout(x)
         if self.stencil is None:
             return F.conv2d(x, self.pointwise_kernel(), groups=self.groups)
-        return _LeanConvFunction.apply(x, self.pointwise_kernel(), self.stencil_kernel(), self.boundary,
-                                       self.groups)
+        return _lean(x, self.pointwise_kernel(), self.stencil_kernel(), self.boundary, self.groups)
 
     def _adjoint(self, y):
         y = _fast_layout(y)
@@ -270,7 +279,7 @@ class LeanConv(ConvOperator):
         if self.stencil is None:
             return F.conv2d(y, pt, groups=self.groups)
         s = self.stencil_kernel()
-        return _LeanConvFunction.apply(y, pt, adjoint_weight(s, s.shape[0]), self.boundary, self.groups)
+        return _lean(y, pt, adjoint_weight(s, s.shape[0]), self.boundary, self.groups)
 
     def _symbol(self, n1, n2):
         p = self.pointwise_matrix()

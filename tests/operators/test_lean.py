@@ -187,3 +187,17 @@ def test_bad_input():
         op(torch.randn(1, 3, 5, 5))
     with pytest.raises(ValueError, match="4-D tensor"):
         op(torch.randn(4, 5, 5))
+
+
+def test_forward_mode_derivative_under_no_grad_matches_the_operator():
+    """Inference takes a shortcut past the autograd Function; forward-mode AD under no_grad must not."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    op = LeanConv(6, 6, stencil="cross")
+    x, v = torch.randn(2, 6, 7, 9), torch.randn(2, 6, 7, 9)
+    with torch.no_grad(), fwAD.dual_level():
+        out = op(fwAD.make_dual(x, v))
+        tangent = fwAD.unpack_dual(out).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, op(v), rtol=1e-5, atol=1e-5)
