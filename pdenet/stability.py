@@ -131,8 +131,8 @@ def model_input(model: nn.Module, input_shape: Sequence[int], batch: int = 1, se
     return torch.randn(batch, *shape, generator=gen, dtype=dtype).to(device)
 
 
-def block_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{block name: the input it receives}`` when ``model(x)`` runs (first call of each block)."""
+def first_inputs(model: nn.Module, x: torch.Tensor, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``{name: the input modules[name] receives}`` when ``model(x)`` runs (first call of each module)."""
     inputs: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -140,13 +140,18 @@ def block_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
             inputs.setdefault(name, args[0].detach())
         return hook
 
-    handles = [block.register_forward_pre_hook(keep(name)) for name, block in time_stepping_blocks(model)]
+    handles = [module.register_forward_pre_hook(keep(name)) for name, module in modules.items()]
     try:
         model(x)
     finally:
         for handle in handles:
             handle.remove()
     return inputs
+
+
+def block_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{block name: the input it receives}`` for every time-stepping block when ``model(x)`` runs."""
+    return first_inputs(model, x, dict(time_stepping_blocks(model)))
 
 
 def analysed_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -159,23 +164,12 @@ def analysed_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def block_grids(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, int]]:
     """``{block name: (n1, n2)}``: the grid the operators of each analysed block act on for an input of
     ``input_shape`` (after the pooling of a downsampling ResNet block)."""
-    grids: dict[str, tuple[int, int]] = {}
-
-    def keep(name):
-        def hook(module, args):
-            grids.setdefault(name, tuple(args[0].shape[-2:]))
-        return hook
-
     blocks = list(analysed_blocks(model))
     # a time-stepping block keeps its grid; a basic block's operators see its input after any pooling
-    handles = [(block.conv1 if isinstance(block, BasicBlock) else block).register_forward_pre_hook(keep(name))
-               for name, block in blocks]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(model_input(model, input_shape))
-    finally:
-        for handle in handles:
-            handle.remove()
+    grid_modules = {name: block.conv1 if isinstance(block, BasicBlock) else block for name, block in blocks}
+    with eval_mode(model), torch.no_grad():
+        inputs = first_inputs(model, model_input(model, input_shape), grid_modules)
+    grids = {name: tuple(y.shape[-2:]) for name, y in inputs.items()}
     missing = [name for name, _ in blocks if name not in grids]
     if missing:
         raise ValueError(f"blocks {missing} were not run by the model's forward pass on {tuple(input_shape)}")
