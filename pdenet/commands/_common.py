@@ -32,7 +32,8 @@ def set_threads(threads: int | None, dist=None) -> int:
 
 @contextmanager
 def restored_threads():
-    """Give torch its thread count back on exit (for commands run in-process: tests, notebooks)."""
+    """Give torch its thread count back on exit (for commands run in-process: tests, notebooks); also a
+    decorator, ``@restored_threads()``."""
     previous = torch.get_num_threads()
     try:
         yield

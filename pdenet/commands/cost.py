@@ -31,12 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the table to FILE as JSON")
 
 
+@restored_threads()
 def run(args: argparse.Namespace) -> int:
-    with restored_threads():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..costs import format_costs, measure_costs
 
     try:

@@ -22,12 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the metrics to FILE as JSON")
 
 
+@restored_threads()
 def run(args: argparse.Namespace) -> int:
-    with restored_threads():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..data import BatchLoader
     from ..distributed import DistContext, resolve_device

@@ -183,12 +183,12 @@ def known_settings() -> set[str]:
     return {a.dest for a in parser._actions} | set(DEFAULTS)
 
 
+@restored_threads()
 def run(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     try:
         settings = resolve_settings(given, known_settings())
-        with restored_threads():
-            return train(settings)
+        return train(settings)
     except CommandError as exc:
         return fail("train", exc)
     except FloatingPointError as exc:
@@ -211,7 +211,7 @@ def train(settings: dict) -> int:
                   f"x{dist.world_size}, {torch.get_num_threads()} threads; output in {out}")
 
         def on_epoch_end(tr: Trainer, row: dict) -> None:
-            meta["threads"] = torch.get_num_threads()  # a resumed run continues with the same count
+            meta["threads"] = torch.get_num_threads()  # the count in use now: a resumed run continues with it
             tr.save(out / ckpt.CHECKPOINT_NAME, meta)
             if dist.is_main:
                 write_metrics(out, tr.history)
@@ -271,7 +271,6 @@ def setup(settings: dict, dist):
     meta = {"config": settings["config"], "overrides": settings["overrides"],
             "num_classes": train_set.num_classes, "in_channels": train_set.image_shape[0],
             "input_shape": list(train_set.image_shape), "task": settings["task"], "data": settings["data"],
-            "threads": torch.get_num_threads(),
             "settings": {k: v for k, v in settings.items() if k not in RUNTIME}}
 
     seed_everything(config.seed)
