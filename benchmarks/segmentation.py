@@ -78,10 +78,11 @@ def train_one(name: str, train_set, val_set, args, out: Path) -> dict:
                          channels_last=True)
     val_loader = BatchLoader(val_set, 4, shuffle=False, channels_last=True)
     trainer = Trainer(model, task, config, len(loader), channels_last=True)
-    start = time.perf_counter()
+
     def report_epoch(_, row):  # one line per epoch (the progress bar redraws only on a terminal)
         print(f"  {name}: {format_row(row, task.metric)}", flush=True)
 
+    start = time.perf_counter()
     history = trainer.fit(loader, val_loader, args.eval_every, [report_epoch], show_progress=True)
     train_time = time.perf_counter() - start
     repeats = 3 if args.quick else 20

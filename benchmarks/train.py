@@ -97,10 +97,11 @@ def train_one(name, train_set, test_set, args, width_mult=None) -> dict:
                          **layout)
     test_loader = BatchLoader(test_set, 1000, shuffle=False, **layout)
     trainer = Trainer(model, ClassificationTask(train_set.num_classes), config, len(loader), **layout)
-    start = time.perf_counter()
+
     def report_epoch(_, row):  # one line per epoch (the progress bar redraws only on a terminal)
         print(f"  {name}: {format_row(row, trainer.task.metric)}", flush=True)
 
+    start = time.perf_counter()
     history = trainer.fit(loader, test_loader, epochs, [report_epoch], show_progress=True)
     train_time = time.perf_counter() - start
     costs = measure_costs(model, train_set.image_shape, args.batch_size, **layout)
