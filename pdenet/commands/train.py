@@ -308,7 +308,10 @@ class ThreadTuner:
     throughput (an epoch also loads and augments data, which the probe does not); a later epoch more than
     ``tolerance`` away from it means other jobs started or stopped, and the probe runs again: on a shared
     machine, all-core steps can be many times slower than single-thread ones while other processes keep
-    cores busy. Runs with an explicit ``--threads`` are not tuned (and are bit-reproducible).
+    cores busy. A probe that chose fewer threads than cores is checked once more after the next epoch: a
+    one-second probe can fall in a brief busy moment, and fewer threads then run at a steady (slower) rate that
+    the tolerance test alone would never question. Runs with an explicit ``--threads`` are not tuned (and are
+    bit-reproducible).
     """
 
     def __init__(self, cores: int, image_shape, batch_size: int, channels_last: bool, tolerance: float = 0.25):
@@ -316,9 +319,11 @@ class ThreadTuner:
         self.image_shape, self.batch_size, self.channels_last = image_shape, batch_size, channels_last
         self.tolerance = tolerance
         self.expected: float | None = None
+        self.recheck = False
 
-    def probe(self, model) -> int:
-        """Time the candidates on a copy of ``model``, set torch to the fastest and return it."""
+    def probe(self, model, recheck: bool = False) -> int:
+        """Time the candidates on a copy of ``model``, set torch to the fastest and return it; unless this probe
+        is itself the ``recheck``, one that chose fewer threads than cores is repeated after the next epoch."""
         import copy
 
         from ..costs import fastest_threads
@@ -327,15 +332,20 @@ class ThreadTuner:
         best, rates = fastest_threads(copy.deepcopy(model).to(memory_format=layout), self.image_shape,
                                       self.batch_size, self.candidates, self.channels_last)
         self.expected = None
+        self.recheck = best < max(self.candidates) and not recheck
         print(f"threads: {best} (training images/s by threads: "
               + ", ".join(f"{n}: {r:.0f}" for n, r in sorted(rates.items())) + ")", flush=True)
         return best
 
     def __call__(self, trainer: Trainer, row: dict) -> None:
         rate = row["train_images_per_s"]
-        if self.expected is None:
+        if trainer.done:
+            return
+        if self.recheck:
+            self.probe(trainer.model, recheck=True)
+        elif self.expected is None:
             self.expected = rate
-        elif not trainer.done and abs(rate / self.expected - 1) > self.tolerance:
+        elif abs(rate / self.expected - 1) > self.tolerance:
             self.probe(trainer.model)
 
 

@@ -162,27 +162,36 @@ def test_cost_side_by_side(tmp_path, capsys):
     assert rows["lean-resnet20"]["parameters"] < rows["resnet20"]["parameters"]
 
 
-def test_thread_tuner_reprobes_when_throughput_changes(capsys):
+def test_thread_tuner_reprobes_when_throughput_changes(capsys, monkeypatch):
     from types import SimpleNamespace
 
+    import pdenet.costs
     from pdenet.commands.train import ThreadTuner
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(64, 2))
     threads = torch.get_num_threads()
     try:
         tuner = ThreadTuner(2, (1, 4, 4), 8, channels_last=False)
-        assert tuner.candidates == {1, 2} and tuner.probe(model) in (1, 2)
+        assert tuner.candidates == {1, 2} and tuner.probe(model) in (1, 2)  # the real probe runs
+        choices = iter([2, 1, 1, 1])  # what the probes below find fastest
+        monkeypatch.setattr(pdenet.costs, "fastest_threads",
+                            lambda *args: (b := next(choices), {1: 100.0 * (3 - b), 2: 100.0 * b}))
         trainer = SimpleNamespace(done=False, model=model)
+        assert tuner.probe(model) == 2 and not tuner.recheck
         capsys.readouterr()
         tuner(trainer, {"train_images_per_s": 1000.0})  # the first epoch after a probe calibrates
         assert capsys.readouterr().out == "" and tuner.expected == 1000.0
         tuner(trainer, {"train_images_per_s": 1100.0})  # within 25%: no probe
         assert capsys.readouterr().out == ""
-        tuner(trainer, {"train_images_per_s": 500.0})  # other jobs started: probe again, then recalibrate
-        assert capsys.readouterr().out.startswith("threads: ") and tuner.expected is None
-        tuner(trainer, {"train_images_per_s": 480.0})
-        assert tuner.expected == 480.0
+        tuner(trainer, {"train_images_per_s": 500.0})  # other jobs started: probe again (it chooses 1 thread)
+        assert capsys.readouterr().out.startswith("threads: 1 ") and tuner.expected is None and tuner.recheck
+        tuner(trainer, {"train_images_per_s": 480.0})  # fewer threads than cores: checked once more
+        assert capsys.readouterr().out.startswith("threads: 1 ") and tuner.expected is None
+        assert not tuner.recheck  # a recheck is not rechecked
+        tuner(trainer, {"train_images_per_s": 480.0})  # steady: calibrate, no probe
+        assert capsys.readouterr().out == "" and tuner.expected == 480.0
         tuner(SimpleNamespace(done=True, model=model), {"train_images_per_s": 10.0})  # finished: no probe
         assert capsys.readouterr().out == ""
+        assert next(choices) == 1  # exactly three probes went through the substitute
     finally:
         torch.set_num_threads(threads)
