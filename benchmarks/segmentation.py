@@ -35,7 +35,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 from pdenet.commands.train import format_row  # noqa: E402
 from pdenet.configs import build_model  # noqa: E402
 from pdenet.costs import measure_costs  # noqa: E402
-from pdenet.data import BatchLoader, load_dataset  # noqa: E402
+from pdenet.data import Augmentation, BatchLoader, load_dataset  # noqa: E402
 from pdenet.segmentation import SegmentationTask, save_prediction_grid  # noqa: E402
 from pdenet.training import TrainConfig, Trainer, seed_everything  # noqa: E402
 
@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--class-weights", default="none",
                    help="none, segnet-median-freq, median-freq or a comma-separated list")
+    p.add_argument("--zoom", type=float, help="random zoom range (default: CamVid's, Dataset.zoom_range)")
+    p.add_argument("--color-jitter", type=float, help="colour jitter strength (default: CamVid's)")
     p.add_argument("--eval-every", type=int, default=5, help="validate every N epochs and after the last")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -67,14 +69,14 @@ def parse_args(argv=None):
     return args
 
 
-def train_one(name: str, train_set, val_set, args, out: Path) -> dict:
+def train_one(name: str, train_set, val_set, augment: Augmentation, args, out: Path) -> dict:
     """Train configuration ``name`` with the benchmark's budget; its metrics, costs and predictions."""
     seed_everything(args.seed)
     model = build_model(name, num_classes=train_set.num_classes, in_channels=train_set.image_shape[0])
     task = SegmentationTask.from_dataset(train_set, {"class_weights": args.class_weights})
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          seed=args.seed)
-    loader = BatchLoader(train_set, args.batch_size, shuffle=True, augment=True, seed=args.seed, drop_last=True,
+    loader = BatchLoader(train_set, args.batch_size, shuffle=True, augment=augment, seed=args.seed, drop_last=True,
                          channels_last=True)
     val_loader = BatchLoader(val_set, 4, shuffle=False, channels_last=True)
     trainer = Trainer(model, task, config, len(loader), channels_last=True)
@@ -100,6 +102,11 @@ def train_one(name: str, train_set, val_set, args, out: Path) -> dict:
             "class_iou": {k[len("test_iou_"):]: v for k, v in last.items() if k.startswith("test_iou_")},
             "parameters": costs.parameters, "flops_per_image": costs.flops_per_image, "latency_ms": costs.latency_ms,
             "train_time_s": train_time, "train_loss": [r["train_loss"] for r in history], "predictions": picture.name}
+
+
+def describe_augmentation(a: Augmentation) -> str:
+    return (f"shift by up to {a.padding} pixels, {'horizontal flip, ' if a.flip else ''}zoom by [{1 - a.zoom:g}, "
+            f"{1 + a.zoom:g}], colour jitter {a.jitter:g}")
 
 
 def table(rows: list[dict]) -> str:
@@ -167,17 +174,19 @@ def main(argv=None) -> int:
     val_set = load_dataset("camvid", "val", args.data_dir)
     if args.quick:
         train_set, val_set = train_set.subset(slice(0, 8)), val_set.subset(slice(0, 4))
+    augment = Augmentation.for_dataset(train_set, zoom=args.zoom, jitter=args.color_jitter)
     load_before = os.getloadavg()
     rows = []
     for name in (LEAN, DENSE):
         print(f"training {name} for {args.epochs} epochs on {len(train_set)} images ...", flush=True)
-        rows.append(train_one(name, train_set, val_set, args, out))
+        rows.append(train_one(name, train_set, val_set, augment, args, out))
         print(f"{name}: mIoU {100 * rows[-1]['miou']:.2f} in {rows[-1]['train_time_s']:.0f}s", flush=True)
     load_after = os.getloadavg()
     command = "python benchmarks/segmentation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     setup = (f"CamVid development copy: {len(train_set)} training, {len(val_set)} validation images (360x480); "
              f"{args.epochs} epochs per network, batch {args.batch_size}, {args.optimizer} lr {args.lr} cosine, "
-             f"class weights {args.class_weights}, seed {args.seed}; {torch.get_num_threads()} torch threads, "
+             f"class weights {args.class_weights}, seed {args.seed}; augmentation: "
+             f"{describe_augmentation(augment)}; {torch.get_num_threads()} torch threads, "
              f"load average {load_before[0]:.1f} before and {load_after[0]:.1f} after (2 cores shared)")
     section = "\n".join(["## Segmentation", "", f"`{command.strip()}`", "", setup + ".", "", table(rows), "",
                          *[f"- {t}" for t in targets(rows)], "",

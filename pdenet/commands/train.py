@@ -53,6 +53,8 @@ DEFAULTS = {
     "label_smoothing": 0.0,
     "seed": 0,
     "augment": True,
+    "zoom": None,            # None: the data set's own zoom range and colour jitter (Dataset.zoom_range,
+    "color_jitter": None,    # Dataset.color_jitter; CamVid's are on, the classification sets' off)
     "overrides": {},
     "eval_every": 1,
     "eval_batch_size": 1000,
@@ -96,7 +98,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, default=s, help="default 0 (off)")
     p.add_argument("--seed", type=int, default=s, help="seed of weights, data order and augmentation (default 0)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=s,
-                   help="no random crops and flips")
+                   help="no random crops, flips, zooms or colour jitter")
+    p.add_argument("--zoom", type=float, default=s, metavar="Z",
+                   help="random zoom by a factor in [1-Z, 1+Z] (default: the data set's; 0 for off)")
+    p.add_argument("--color-jitter", type=float, default=s, metavar="J",
+                   help="random contrast and brightness in [1-J, 1+J], colour gains in [1-J/2, 1+J/2] (default: "
+                        "the data set's; 0 for off)")
     p.add_argument("--override", dest="override", action="append", default=s, metavar="KEY=VALUE",
                    help="model option passed to the configuration (VALUE is a Python literal when it parses as "
                         "one, else a string); repeatable")
@@ -235,7 +242,7 @@ def setup(settings: dict, dist):
     """Everything a run needs, with bad input reported as CommandError: ``(trainer, train loader, test
     loader, checkpoint meta, output directory)``. Restores the checkpoint on ``--resume``."""
     from .. import checkpoint as ckpt
-    from ..data import BatchLoader
+    from ..data import Augmentation, BatchLoader
 
     from ..configs import get_config
 
@@ -250,6 +257,11 @@ def setup(settings: dict, dist):
     if settings["eval_every"] < 1 or settings["eval_batch_size"] < 1:
         raise CommandError("--eval-every and --eval-batch-size must be positive")
     train_set = load_split(settings["data"], "train", settings["data_dir"])
+    try:
+        augment = settings["augment"] and Augmentation.for_dataset(train_set, zoom=settings["zoom"],
+                                                                   jitter=settings["color_jitter"])
+    except ValueError as exc:
+        raise CommandError(f"--zoom / --color-jitter: {exc}") from None
     from ..data.registry import eval_split
 
     settings["eval_split"] = settings["eval_split"] or eval_split(settings["data"])
@@ -283,7 +295,7 @@ def setup(settings: dict, dist):
     common = dict(seed=config.seed, rank=dist.rank, world_size=dist.world_size, device=dist.device,
                   channels_last=settings["channels_last"])
     loader = BatchLoader(train_set, config.batch_size // dist.world_size, shuffle=True,
-                         augment=settings["augment"], drop_last=True, **common)
+                         augment=augment, drop_last=True, **common)
     test_loader = BatchLoader(test_set, -(-settings["eval_batch_size"] // dist.world_size), shuffle=False,
                               augment=False, drop_last=False, **common)
     if len(loader) < 1:

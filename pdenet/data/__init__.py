@@ -1,6 +1,6 @@
 """Real data sets read from disk (Fashion-MNIST, CIFAR-10/100, CamVid), batch augmentation and a
 deterministic, shardable batch loader. Nothing is downloaded at run time."""
-from .augment import Augmentation, CropFlip, crop, normalize
+from .augment import AugmentParams, Augmentation, color_jitter, crop, normalize, zoom
 from .camvid import load_camvid
 from .cifar import load_cifar10, load_cifar100
 from .dataset import Dataset, DatasetError
@@ -10,6 +10,6 @@ from .loader import BatchLoader
 from .registry import DATASETS, load_dataset
 from .stats import channel_stats, median_frequency_weights
 
-__all__ = ["Augmentation", "BatchLoader", "CropFlip", "DATASETS", "Dataset", "DatasetError", "channel_stats", "crop",
-           "load_camvid", "load_cifar10", "load_cifar100", "load_dataset", "load_fashion_mnist",
-           "median_frequency_weights", "normalize", "read_idx"]
+__all__ = ["AugmentParams", "Augmentation", "BatchLoader", "DATASETS", "Dataset", "DatasetError", "channel_stats",
+           "color_jitter", "crop", "load_camvid", "load_cifar10", "load_cifar100", "load_dataset",
+           "load_fashion_mnist", "median_frequency_weights", "normalize", "read_idx", "zoom"]

@@ -8,7 +8,8 @@ A :class:`Dataset` holds the whole split as tensors:
 
 plus what a training script needs to use it: class names, the per-channel ``mean``/``std`` of the training
 split on the ``[0, 1]`` scale (normalization is ``(x / 255 - mean) / std``), the ignore index, the
-augmentation a data set allows (``crop_padding``, ``hflip``) and the files that were read.
+augmentation a data set takes by default (``crop_padding``, ``hflip``, ``zoom_range``, ``color_jitter``: see
+:class:`pdenet.data.augment.Augmentation`) and the files that were read.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class Dataset(torch.utils.data.Dataset):
     ignore_index: int | None = None
     crop_padding: int = 0
     hflip: bool = False
+    zoom_range: float = 0.0
+    color_jitter: float = 0.0
     class_weights: tuple[float, ...] | None = None
     palette: tuple[tuple[int, int, int], ...] | None = None
     files: tuple[str, ...] = ()

@@ -106,7 +106,7 @@ class BatchLoader:
             targets = ds.targets[local].to(self.device, non_blocking=True)
             if self.augment is not None:
                 generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, AUGMENT_STREAM, k))
-                params = self.augment.sample(len(members), image_size, generator)
+                params = self.augment.sample(len(members), image_size, generator, ds.image_shape[0])
                 masks = targets if targets.ndim == 3 else None
                 images, masks = self.augment.apply(images, params.select(slice(self.rank, None, self.world_size)),
                                                    masks, ds.ignore_index)

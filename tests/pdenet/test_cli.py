@@ -133,6 +133,14 @@ def test_bad_input_gives_one_clean_line_and_exit_code_2(argv, message, capsys):
     assert err.count("\n") == 1 and err.startswith(f"pdenet {argv[0]}: error: ")
 
 
+def test_augmentation_out_of_range_is_named_before_training(fmnist_dir, tmp_path, capsys):
+    argv = ["train", "--data-dir", str(fmnist_dir), "--color-jitter", "1.2", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "--color-jitter: Augmentation jitter must be a number in [0, 1), got 1.2" in captured.err
+    assert "threads: " not in captured.out and not (tmp_path / "run").exists()
+
+
 def test_config_file_with_unknown_setting(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"epochz": 3}))

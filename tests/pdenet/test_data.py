@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pdenet.data import (Augmentation, BatchLoader, Dataset, DatasetError, channel_stats, crop, load_dataset,
-                         median_frequency_weights, normalize, read_idx)
+from pdenet.data import (Augmentation, BatchLoader, Dataset, DatasetError, channel_stats, color_jitter, crop,
+                         load_dataset, median_frequency_weights, normalize, read_idx, zoom)
 from pdenet.data import camvid, cifar, fashion_mnist
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -392,6 +392,74 @@ def test_augmentation_shapes_reproducibility_and_joint_alignment():
         aug(images, values, torch.Generator().manual_seed(5))
     with pytest.raises(ValueError, match="padding"):
         Augmentation(padding=-1)
+
+
+def test_zoom_samples_about_the_centre_and_fills_outside():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.randint(0, 11, (2, 9, 9), generator=g)
+    image = torch.randint(0, 256, (2, 3, 9, 9), generator=g, dtype=torch.uint8)
+    one = torch.ones(2, dtype=torch.float64)
+    assert torch.equal(zoom(mask, one, fill=11), mask) and torch.equal(zoom(image, one), image)
+    # zoom out by 2 on a 9x9 grid (centre 4): out[q] = in[4 + 2 (q - 4)] = in[2q - 4] where that index is inside
+    half = torch.full((2,), 0.5, dtype=torch.float64)
+    expected = torch.full_like(mask, 11)
+    expected[:, 2:7, 2:7] = mask[:, 0:9:2, 0:9:2]
+    assert torch.equal(zoom(mask, half, fill=11), expected)
+    out = zoom(image, half)
+    assert out.dtype == torch.uint8 and torch.equal(out[..., 2:7, 2:7], image[..., 0:9:2, 0:9:2])
+    assert int(out[..., :2, :].abs().sum()) == 0 and int(out[..., :, 7:].abs().sum()) == 0
+    # zoom in by 2 keeps the centre pixel and never fills (every sampled point lies inside)
+    double = torch.full((2,), 2.0, dtype=torch.float64)
+    assert torch.equal(zoom(mask, double, fill=11)[:, 4, 4], mask[:, 4, 4])
+    assert not bool((zoom(mask, double, fill=11) == 11).any())
+    with pytest.raises(ValueError, match="positive"):
+        zoom(mask, torch.zeros(2))
+
+
+def test_color_jitter_matches_its_formula():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (4, 3, 5, 6), generator=g, dtype=torch.uint8)
+    ones = torch.ones(4)
+    assert torch.equal(color_jitter(x, ones, torch.ones(4, 3)), x)
+    contrast, gain = 0.5 + torch.rand(4, generator=g), 0.5 + torch.rand(4, 3, generator=g)
+    f = x.double().numpy()
+    mean = f.mean(axis=(1, 2, 3), keepdims=True)
+    ref = gain.double().numpy()[:, :, None, None] * (mean + contrast.double().numpy()[:, None, None, None] * (f - mean))
+    out = color_jitter(x, contrast, gain).numpy().astype(np.int64)
+    assert np.abs(out - np.clip(np.round(ref), 0, 255)).max() <= 1  # float32 rounding at .5 may differ by one
+    flat = color_jitter(x, torch.zeros(4), torch.ones(4, 3))  # no contrast: every pixel is its image's mean
+    assert torch.equal(flat, torch.round(torch.from_numpy(mean)).expand_as(flat).to(torch.uint8))
+    with pytest.raises(ValueError, match="gain"):
+        color_jitter(x, ones, torch.ones(4, 1, 2))
+
+
+def test_augmentation_with_zoom_and_jitter():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(1, 200, (16, 9, 11), generator=g)
+    images = values[:, None].expand(16, 3, 9, 11).to(torch.uint8)
+    plain, full = Augmentation(padding=2, flip=True), Augmentation(padding=2, flip=True, zoom=0.3, jitter=0.4)
+    a = plain.sample(16, (9, 11), torch.Generator().manual_seed(3))
+    b = full.sample(16, (9, 11), torch.Generator().manual_seed(3))
+    # crop and flip are drawn first: switching zoom and jitter on does not change them
+    assert all(torch.equal(u, v) for u, v in zip(a[:3], b[:3])) and a.zoom is None and a.gain is None
+    assert bool(((b.zoom >= 0.7) & (b.zoom <= 1.3)).all()) and b.gain.shape == (16, 3)
+    assert bool(((b.contrast >= 0.6) & (b.contrast <= 1.4)).all())
+    assert bool(((b.gain >= 0.6 * 0.8) & (b.gain <= 1.4 * 1.2)).all())
+    out, masks = full.apply(images, b, values, mask_fill=255)
+    again, masks_again = full(images, values, torch.Generator().manual_seed(3), mask_fill=255)
+    assert torch.equal(out, again) and torch.equal(masks, masks_again) and out.shape == images.shape
+    # the geometry is the crop of the zoomed batch, for images (after jitter) and masks alike
+    jittered = color_jitter(images, b.contrast.float(), b.gain.float())
+    expected_images = plain.apply(zoom(jittered, b.zoom), a)[0]
+    expected_masks = plain.apply(images, a, zoom(values, b.zoom, 255), mask_fill=255)[1]
+    assert torch.equal(out, expected_images) and torch.equal(masks, expected_masks)
+    assert not torch.equal(out, plain.apply(images, a)[0])
+    with pytest.raises(ValueError, match="zoom"):
+        Augmentation(zoom=1.0)
+    with pytest.raises(ValueError, match="jitter"):
+        Augmentation(jitter=-0.1)
+    with pytest.raises(ValueError, match="fill label"):
+        Augmentation(zoom=0.2).apply(images, b, values)
 
 
 def test_normalize():
