@@ -1,22 +1,22 @@
 """Train the lean segmentation network and its dense twin with the same budget on CamVid and compare them.
 
 Both networks (``lean-segnet`` and ``dense-segnet`` of ``pdenet.configs``: the same encoder–decoder, lean or
-dense 3x3 operators) get the same seed, data order, augmentation (random shift by up to 16 pixels and
-horizontal flip, jointly on image and mask), optimizer, schedule and number of epochs, on the CamVid
-development copy (``../shared/data/CamVid``: 80 training, 20 validation images of 360x480). Reported per
-network: mean IoU and pixel accuracy on the validation split (void ignored), per-class IoU, parameters,
-FLOPs per 360x480 image (PyTorch's counter) and latency at batch 1 (median after warm-up), plus the issue's
-targets (lean within 3 mIoU points of the dense twin at at least 4x fewer FLOPs). Writes ``results.json``,
-``results.md`` and each network's ``predictions-<config>.png`` to ``--out``; ``--docs`` also replaces the
-"Segmentation" section of ``docs/benchmarks.md``.
+dense 3x3 operators) get the same seed, data order, augmentation (CamVid's defaults: colour jitter, zoom, random
+shift by up to 16 pixels and horizontal flip, the geometry jointly on image and mask), optimizer, schedule and
+number of epochs, on the CamVid development copy (``../shared/data/CamVid``: 80 training, 20 validation images of
+360x480). Reported per network: mean IoU and pixel accuracy on the validation split (void ignored), per-class IoU,
+parameters, FLOPs per 360x480 image (PyTorch's counter) and latency at batch 1 (median after warm-up), plus the
+issue's targets (lean within 3 mIoU points of the dense twin at at least 4x fewer FLOPs). Writes
+``results.json``, ``results.md`` and each network's ``predictions-<config>.png`` to ``--out``; ``--docs`` also
+replaces the "Segmentation" section of ``docs/benchmarks.md``.
 
-    python benchmarks/segmentation.py --docs            # full run (about an hour on 2 busy cores)
-    python benchmarks/segmentation.py --quick           # smoke run: 8 training, 4 validation images, 1 epoch
+    python benchmarks/segmentation.py --threads 1 --docs   # full run (about 55 minutes on one core)
+    python benchmarks/segmentation.py --quick              # smoke run: 8 training, 4 validation images, 1 epoch
 
 The same training from the command line: ``pdenet train --task segmentation --data camvid --config
-lean-segnet --epochs 40 --batch-size 8 --optimizer adamw --lr 3e-3``. Class weights are off by default: on the
-development copy the SegNet median-frequency weights (``--class-weights segnet-median-freq``) made the dense twin
-paint road as car (docs/benchmarks.md "Segmentation").
+lean-segnet --epochs 80 --batch-size 8 --optimizer adamw --lr 3e-3 --eval-every 10``. Class weights are off by
+default: on the development copy the SegNet median-frequency weights (``--class-weights segnet-median-freq``) made
+the dense twin paint road as car (docs/benchmarks.md "Segmentation").
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", help="folder holding CamVid (default: the standard places)")
-    p.add_argument("--epochs", type=int, help="epochs per network (default 40; 1 with --quick)")
+    p.add_argument("--epochs", type=int, help="epochs per network (default 80; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 training and 4 validation images, 1 epoch")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--optimizer", default="adamw", choices=("sgd", "adamw"))
@@ -56,14 +56,14 @@ def parse_args(argv=None):
                    help="none, segnet-median-freq, median-freq or a comma-separated list")
     p.add_argument("--zoom", type=float, help="random zoom range (default: CamVid's, Dataset.zoom_range)")
     p.add_argument("--color-jitter", type=float, help="colour jitter strength (default: CamVid's)")
-    p.add_argument("--eval-every", type=int, default=5, help="validate every N epochs and after the last")
+    p.add_argument("--eval-every", type=int, default=10, help="validate every N epochs and after the last")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--out", default="benchmarks/results/segmentation", help="output folder")
     p.add_argument("--docs", action="store_true", help=f"write the table into the Segmentation section of {DOCS}")
     args = p.parse_args(argv)
     if args.epochs is None:
-        args.epochs = 1 if args.quick else 40
+        args.epochs = 1 if args.quick else 80
     if args.epochs < 1 or args.batch_size < 1 or args.eval_every < 1:
         p.error("--epochs, --batch-size and --eval-every must be positive")
     return args
