@@ -60,7 +60,7 @@ def color_jitter(x: torch.Tensor, contrast: torch.Tensor, gain: torch.Tensor) ->
                          f"({x.shape[0]},) and {tuple(x.shape[:2])}")
     f = x.float()
     mean = f.mean(dim=(1, 2, 3), keepdim=True)
-    kappa, g = contrast.to(f.device).view(-1, 1, 1, 1), gain.to(f.device)[:, :, None, None]
+    kappa, g = contrast.to(f).view(-1, 1, 1, 1), gain.to(f)[:, :, None, None]  # f's device and dtype
     return (g * (mean + kappa * (f - mean))).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -205,7 +205,7 @@ class Augmentation:
         if masks is not None and (self.padding or self.zoom) and mask_fill is None:
             raise ValueError("padding or zooming masks needs a fill label (the ignore index); pass mask_fill")
         if self.jitter:
-            images = color_jitter(images, params.contrast.float(), params.gain.float())
+            images = color_jitter(images, params.contrast, params.gain)
         if self.zoom:
             images = zoom(images, params.zoom)
             masks = None if masks is None else zoom(masks, params.zoom, mask_fill)

@@ -449,7 +449,7 @@ def test_augmentation_with_zoom_and_jitter():
     again, masks_again = full(images, values, torch.Generator().manual_seed(3), mask_fill=255)
     assert torch.equal(out, again) and torch.equal(masks, masks_again) and out.shape == images.shape
     # the geometry is the crop of the zoomed batch, for images (after jitter) and masks alike
-    jittered = color_jitter(images, b.contrast.float(), b.gain.float())
+    jittered = color_jitter(images, b.contrast, b.gain)
     expected_images = plain.apply(zoom(jittered, b.zoom), a)[0]
     expected_masks = plain.apply(images, a, zoom(values, b.zoom, 255), mask_fill=255)[1]
     assert torch.equal(out, expected_images) and torch.equal(masks, expected_masks)
