@@ -1,12 +1,18 @@
 """The lean operator of LeanConvNets: ``K = P + S``, a 1x1 channel coupling plus a per-channel stencil.
 
 Speed is the point of this operator, so the forward and backward passes are written by hand
-(``_LeanConvFunction``): on CPU in float32 with oneDNN, the input is taken in channels-last layout, the 1x1
-coupling writes the output and the depthwise stencil is added into it by one oneDNN convolution with a
-"sum" post-op (two kernels, one new tensor, no separate addition pass). The backward pass reuses the same
-two kernels for the input gradient. Everywhere else (float64, CUDA, oneDNN disabled, inside ``torch.func``
-transforms) the same mathematics runs through plain ``F.conv2d`` calls. Both paths are checked against the
-dense reference ``conv_same(x, equivalent_dense_weight())`` in the tests.
+(``_LeanConvFunction``). On CPU in float32 the input is taken in channels-last layout and, in order of
+preference:
+
+1. the compiled kernels of ``operators.native`` compute ``P x + S x`` in one pass over ``x`` and ``y`` (the
+   1x1 coupling and the stencil taps accumulate in registers before one store), and both weight gradients
+   in one pass over the output gradient and ``x``;
+2. without them, two oneDNN kernels: the 1x1 convolution writes the output and the depthwise stencil is added
+   into it by a convolution with a "sum" post-op;
+3. everywhere else (float64, CUDA, oneDNN disabled, inside ``torch.func`` transforms) plain ``F.conv2d``.
+
+The input gradient reuses the forward (``P^T g + S^T g``). All paths are checked against the dense
+reference ``conv_same(x, equivalent_dense_weight())`` in the tests.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .base import ConvOperator, check_positive_int
 from .functional import adjoint_weight, conv_same, kernel_symbol, pad_same
 from .spectral import batched_lapack, half_spectrum, max_hermitian_eigenvalue
@@ -61,25 +68,33 @@ def _use_fused(t: torch.Tensor) -> bool:
             and _onednn_works())
 
 
+def _fast_device(t: torch.Tensor) -> bool:
+    """Float32 CPU tensors, where the compiled kernels or the oneDNN pair run."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and (native.available() or _use_fused(t))
+
+
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last layout where the fused path will run (a no-op if it already is); unchanged
+    """``x`` in channels-last layout where a fast path will run (a no-op if it already is); unchanged
     elsewhere and inside ``torch.func`` transforms (``vmap`` has no memory formats)."""
-    if _use_fused(x) and not torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if _fast_device(x) and not torch._C._functorch.is_functorch_wrapped_tensor(x):
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
 
 def lean_apply(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, boundary: str,
-               groups: int) -> torch.Tensor:
+               groups: int, taps: torch.Tensor) -> torch.Tensor:
     """``P x + S x`` without autograd bookkeeping of its own.
 
     ``pointwise`` is the 1x1 kernel ``(c_out, c_in/g, 1, 1)``, ``stencil`` the depthwise kernel
-    ``(m, 1, k, k)`` acting on channels ``j < m``: ``(S x)_j = s_j ⋆ x_j``. With channels-last float32 CPU
-    input and ``m = c_out`` it runs as two oneDNN kernels, the 1x1 convolution into a new channels-last
-    tensor and the stencil added into it by a depthwise convolution with a "sum" post-op (measured here:
-    the post-op costs the memory-bound stencil about 25%, the compute-bound 1x1 kernel about 60%, so this
-    order); otherwise it runs plain ``F.conv2d`` calls.
+    ``(m, 1, k, k)`` acting on channels ``j < m``: ``(S x)_j = s_j ⋆ x_j``, nonzero only at the flat indices
+    ``taps`` of the ``k x k`` square. With channels-last float32 CPU input it runs the compiled kernel of
+    ``operators.native``; without it, and if ``m = c_out``, two oneDNN kernels, the 1x1 convolution into a
+    new channels-last tensor and the stencil added into it by a depthwise convolution with a "sum" post-op
+    (the post-op costs the memory-bound stencil about 25%, the compute-bound 1x1 kernel about 60%, so this
+    order); otherwise plain ``F.conv2d`` calls.
     """
+    if native.applies(x, pointwise.shape[0], groups):
+        return native.lean_forward(x, pointwise, stencil, taps, boundary == "circular", groups)
     m, r = stencil.shape[0], stencil.shape[-1] // 2
     head = x if m == x.shape[1] else x[:, :m]
     if m == pointwise.shape[0] and x.is_contiguous(memory_format=torch.channels_last) and _use_fused(x):
@@ -107,75 +122,88 @@ def _conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
         [False, True, False])[1]
 
 
+def flipped_taps(taps: torch.Tensor, k: int) -> torch.Tensor:
+    """The support of the flipped ``k x k`` stencil (the adjoint's): index ``p k + q`` goes to
+    ``(k − 1 − p) k + (k − 1 − q) = k² − 1 − (p k + q)``."""
+    return k * k - 1 - taps
+
+
 class _LeanConvFunction(torch.autograd.Function):
     """``y = P x + S x`` with a hand-written backward and forward-mode derivative.
 
-    Backward: ``∂x = P^T g + S^T g`` (the same fused kernel with the transposed 1x1 and the flipped stencil),
-    ``∂P[o, i] = Σ g_o x_i``, ``∂s_j[p, q] = Σ g_j x_j(· + (p − r, q − r))``. The backward is built from
-    differentiable operations (the input gradient through this Function again), so double backward works.
+    Backward: ``∂x = P^T g + S^T g`` (the same kernel with the transposed 1x1 and the flipped stencil),
+    ``∂P[o, i] = Σ g_o x_i``, ``∂s_j[p, q] = Σ g_j x_j(· + (p − r, q − r))`` (on the stencil's support
+    ``taps``; the compiled kernel computes both in one pass). The input gradient goes through this Function
+    again, and under ``create_graph`` the weight gradients are differentiable convolutions, so double
+    backward works.
     """
 
     @staticmethod
-    def forward(x, pointwise, stencil, boundary, groups):
-        return lean_apply(x, pointwise, stencil, boundary, groups)
+    def forward(x, pointwise, stencil, boundary, groups, taps):
+        return lean_apply(x, pointwise, stencil, boundary, groups, taps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, pointwise, stencil, boundary, groups = inputs
-        ctx.save_for_backward(x, pointwise, stencil)
-        ctx.save_for_forward(x, pointwise, stencil)
+        x, pointwise, stencil, boundary, groups, taps = inputs
+        ctx.save_for_backward(x, pointwise, stencil, taps)
+        ctx.save_for_forward(x, pointwise, stencil, taps)
         ctx.boundary, ctx.groups = boundary, groups
 
     @staticmethod
     def backward(ctx, grad):
-        x, pointwise, stencil = ctx.saved_tensors
-        m = stencil.shape[0]
+        x, pointwise, stencil, taps = ctx.saved_tensors
+        m, k = stencil.shape[0], stencil.shape[-1]
         grad = _fast_layout(grad)
         gx = gp = gs = None
         if ctx.needs_input_grad[0]:
             gx = _LeanConvFunction.apply(grad, adjoint_weight(pointwise, ctx.groups), adjoint_weight(stencil, m),
-                                         ctx.boundary, ctx.groups)
-        if ctx.needs_input_grad[1]:
+                                         ctx.boundary, ctx.groups, flipped_taps(taps, k))
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return gx, None, None, None, None, None
+        if (not torch.is_grad_enabled() and native.applies(x, pointwise.shape[0], ctx.groups)
+                and grad.is_contiguous(memory_format=torch.channels_last)):
+            gp, gs = native.lean_weight_grads(grad, x, pointwise.shape, stencil.shape, taps,
+                                              ctx.boundary == "circular", ctx.groups)
+        else:
             gp = _conv_weight_grad(grad, x, pointwise, "zeros", ctx.groups)
-        if ctx.needs_input_grad[2]:
             gs = _conv_weight_grad(grad[:, :m], x[:, :m], stencil, ctx.boundary, m)
-        return gx, gp, gs, None, None
+        return gx, gp, gs, None, None, None
 
     @staticmethod
-    def jvp(ctx, tx, tp, ts, _boundary, _groups):
-        x, pointwise, stencil = ctx.saved_tensors
+    def jvp(ctx, tx, tp, ts, _boundary, _groups, _taps):
+        x, pointwise, stencil, taps = ctx.saved_tensors
         tx = torch.zeros_like(x) if tx is None else tx
         tp = torch.zeros_like(pointwise) if tp is None else tp
         ts = torch.zeros_like(stencil) if ts is None else ts
-        return (lean_apply(tx, pointwise, stencil, ctx.boundary, ctx.groups)
-                + lean_apply(x, tp, ts, ctx.boundary, ctx.groups))
+        return (lean_apply(tx, pointwise, stencil, ctx.boundary, ctx.groups, taps)
+                + lean_apply(x, tp, ts, ctx.boundary, ctx.groups, taps))
 
     @staticmethod
-    def vmap(info, in_dims, x, pointwise, stencil, boundary, groups):
+    def vmap(info, in_dims, x, pointwise, stencil, boundary, groups, taps):
         """``torch.func.vmap``: a mapped input alone joins the batch axis (one call); mapped weights are
         applied one slice at a time."""
         x_dim, p_dim, s_dim = in_dims[:3]
         if p_dim is None and s_dim is None:
             x = x.movedim(x_dim, 0)
-            y = _LeanConvFunction.apply(x.flatten(0, 1), pointwise, stencil, boundary, groups)
+            y = _LeanConvFunction.apply(x.flatten(0, 1), pointwise, stencil, boundary, groups, taps)
             return y.unflatten(0, x.shape[:2]), 0
 
         def slice_(t, dim, i):
             return t if dim is None else t.select(dim, i)
 
         return torch.stack([_LeanConvFunction.apply(slice_(x, x_dim, i), slice_(pointwise, p_dim, i),
-                                                    slice_(stencil, s_dim, i), boundary, groups)
+                                                    slice_(stencil, s_dim, i), boundary, groups, taps)
                             for i in range(info.batch_size)]), 0
 
 
-def _lean(x, pointwise, stencil, boundary: str, groups: int) -> torch.Tensor:
+def _lean(x, pointwise, stencil, boundary: str, groups: int, taps: torch.Tensor) -> torch.Tensor:
     """``P x + S x``: through ``_LeanConvFunction`` where autograd (reverse or forward mode) or ``torch.func``
     may differentiate it, directly otherwise (inference: the Function's bookkeeping is a large share of a
     batch-1 call)."""
     if (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
             or torch._C._functorch.is_functorch_wrapped_tensor(x)):
-        return _LeanConvFunction.apply(x, pointwise, stencil, boundary, groups)
-    return lean_apply(x, pointwise, stencil, boundary, groups)
+        return _LeanConvFunction.apply(x, pointwise, stencil, boundary, groups, taps)
+    return lean_apply(x, pointwise, stencil, boundary, groups, taps)
 
 
 # ---------------------------------------------------------------------------------------- the operator
@@ -197,9 +225,11 @@ class LeanConv(ConvOperator):
     Symbol: ``K̂(ω) = P + diag(ŝ_j(ω))`` (``P`` block-diagonal for groups), with ``ŝ_j`` the scalar symbol
     of channel ``j``'s stencil; ``K^T = P^T + S^T`` with the stencils flipped.
 
-    Multiply-adds per pixel: ``c_out c_in/g + k² m``; the stencil runs as a ``k x k`` depthwise kernel (the
-    cross with zero corners), so that is what executes. On CPU in float32 both kernels are direct oneDNN
-    calls that PyTorch's FLOP counter does not see; ``uncounted_flops`` reports them.
+    Multiply-adds per pixel: ``c_out c_in/g + k² m``; PyTorch's convolutions run the stencil as a ``k x k``
+    depthwise kernel (the cross with zero corners), so that is what they execute and what is counted (the
+    compiled kernel skips the zero taps: ``c_out c_in/g + points · m``). On CPU in float32 the compiled
+    kernel and the oneDNN pair are calls that PyTorch's FLOP counter does not see; ``uncounted_flops``
+    reports them.
 
     Memory format: on CPU in float32 the input is converted to channels-last (free if it already is) and
     the output is channels-last, as ``nn.Conv2d`` returns with a channels-last weight; a network that keeps
@@ -271,7 +301,8 @@ class LeanConv(ConvOperator):
         x = _fast_layout(x)
         if self.stencil is None:
             return F.conv2d(x, self.pointwise_kernel(), groups=self.groups)
-        return _lean(x, self.pointwise_kernel(), self.stencil_kernel(), self.boundary, self.groups)
+        return _lean(x, self.pointwise_kernel(), self.stencil_kernel(), self.boundary, self.groups,
+                     self.stencil_index)
 
     def _adjoint(self, y):
         y = _fast_layout(y)
@@ -279,7 +310,8 @@ class LeanConv(ConvOperator):
         if self.stencil is None:
             return F.conv2d(y, pt, groups=self.groups)
         s = self.stencil_kernel()
-        return _lean(y, pt, adjoint_weight(s, s.shape[0]), self.boundary, self.groups)
+        return _lean(y, pt, adjoint_weight(s, s.shape[0]), self.boundary, self.groups,
+                     flipped_taps(self.stencil_index, self.kernel_size))
 
     def _symbol(self, n1, n2):
         p = self.pointwise_matrix()
@@ -351,9 +383,14 @@ class LeanConv(ConvOperator):
 
     def uncounted_flops(self, input_shape) -> int:
         """FLOPs of ``forward`` that PyTorch's FLOP counter does not see: all of them when the forward runs
-        as direct oneDNN calls (CPU, float32, a stencil on every output channel), else 0."""
+        the compiled kernel or the direct oneDNN calls (CPU, float32; for oneDNN a stencil on every output
+        channel), else 0."""
         p, s = self.pointwise, self.stencil
-        return self.flops(input_shape) if s is not None and len(s) == self.out_channels and _use_fused(p) else 0
+        if s is None:
+            return 0
+        if native.supports(p, self.out_channels, self.groups):
+            return self.flops(input_shape)
+        return self.flops(input_shape) if len(s) == self.out_channels and _use_fused(p) else 0
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stencil={self.stencil_type!r}, groups={self.groups}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from operators import count_flops
+from operators import count_flops, native
 from operators.functional import conv_same, conv_same_adjoint, kernel_symbol
 from operators.lean import LeanConv, _onednn_works, _LeanConvFunction
 
@@ -60,15 +60,21 @@ def test_fused_path_is_taken_and_returns_channels_last(fmt):
 
 @needs_fused
 @pytest.mark.parametrize("stencil", ["cross", "full"])
-def test_fused_and_plain_paths_agree(stencil):
-    op = make(16, 16, 1, stencil, "circular")
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_compiled_onednn_and_plain_paths_agree(stencil, boundary):
+    """The three float32 paths (compiled kernels, the oneDNN pair, plain ``F.conv2d``) give the same output
+    and gradients; each is made to run by switching the ones before it off."""
+    op = make(16, 16, 1, stencil, boundary)
     x = torch.randn(4, 16, 9, 8).contiguous(memory_format=CL)
     g = torch.randn(4, 16, 9, 8)
-    fast = grads(op, x, g, op)
-    with torch.backends.mkldnn.flags(enabled=False):
-        plain = grads(op, x, g, op)
-    for a, b in zip(fast, plain):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    results = [grads(op, x, g, op)]
+    with native.disabled():
+        results.append(grads(op, x, g, op))
+        with torch.backends.mkldnn.flags(enabled=False):
+            results.append(grads(op, x, g, op))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("boundary", BOUNDARIES)
@@ -81,7 +87,7 @@ def test_function_gradcheck_double_backward_and_forward_ad(boundary, channels):
     s = op.stencil_kernel().detach().requires_grad_()
 
     def fn(x, p, s):
-        return _LeanConvFunction.apply(x, p, s, boundary, groups)
+        return _LeanConvFunction.apply(x, p, s, boundary, groups, op.stencil_index)
 
     assert torch.autograd.gradcheck(fn, (x, p, s), check_forward_ad=True, fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, (x, p, s), fast_mode=True)

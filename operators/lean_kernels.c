@@ -1,0 +1,272 @@
+/* The lean operator's CPU kernels, float32, channels-last: y = P x + S x in one pass over x and y, and the
+   weight gradients of P and S in one pass over the output gradient and x.
+
+   Layout: x (B, H, W, ci) and y (B, H, W, co) with the channels contiguous (PyTorch's channels-last);
+   pixels are numbered p = (b H + h) W + w. P couples the channels in `groups` groups: output channel j of
+   group G = j / (co/groups) reads input channels G cig + c, c < cig = ci/groups. Its weights are passed
+   transposed, pt[c co + j] = P[j, c] (shape (cig, co)), so that a row of pt is contiguous in j. The stencil
+   S acts on the channels j < m (m <= ci, co): (S x)_j(p) = sum_t s[t, j] x_j(p + (dy_t, dx_t)), with the
+   taps t given by their index taps[t] = (dy_t + r) k + (dx_t + r) in the k x k square (r = k / 2), and its
+   weights as wt[t m + j] (shape (ntaps, m)). Outside the grid x is zero (circular = 0) or periodic.
+
+   Both kernels work on tiles of TILE consecutive pixels, split over OpenMP threads (the same OpenMP runtime
+   as PyTorch's, libgomp). Inside a tile a register block of MR pixels x NR channels accumulates the GEMM and
+   the stencil taps before a single store, so x is read and y written once. The taps one image row down are
+   prefetched one block ahead: they are the first touch of that row and would otherwise stall the block. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float vec __attribute__((vector_size(VW * 4)));
+typedef float vecu __attribute__((vector_size(VW * 4), aligned(4), may_alias)); /* unaligned access */
+#define MR 6        /* pixels (forward) or output channels (weight gradient) per register block */
+#define NR (2 * VW) /* channels per register block */
+#define TILE 96     /* pixels per tile, a multiple of MR */
+
+static inline vec vload(const float *p) { return *(const vecu *)p; }
+static inline void vstore(float *p, vec v) { *(vecu *)p = v; }
+static inline vec vsplat(float a) { return a - (vec){0}; }
+
+typedef struct {
+  int64_t B, H, W, ci, co, m, k, groups, cig, cog;
+  int circular, ntaps;
+  int64_t dy[81], dx[81];
+} geometry;
+
+static int make_geometry(geometry *g, const int32_t *taps, int ntaps, int64_t B, int64_t H, int64_t W, int64_t ci,
+                         int64_t co, int64_t m, int64_t k, int64_t groups, int circular) {
+  if (ntaps < 0 || ntaps > 81 || k < 1 || k > 9 || groups < 1 || ci % groups || co % groups || m > ci || m > co)
+    return 0;
+  *g = (geometry){B, H, W, ci, co, m, k, groups, ci / groups, co / groups, circular, ntaps, {0}, {0}};
+  for (int t = 0; t < ntaps; ++t) {
+    if (taps[t] < 0 || taps[t] >= k * k) return 0;
+    g->dy[t] = taps[t] / k - k / 2;
+    g->dx[t] = taps[t] % k - k / 2;
+  }
+  return 1;
+}
+
+/* src[t TILE + i]: the pixel (pitch ci) that tap t reads for pixel p0 + i, or `zero` off a zero-padded grid */
+static void tile_sources(const geometry *g, const float *x, const float *zero, int64_t p0, int64_t n,
+                         const float **src) {
+  const int64_t W = g->W, H = g->H, ci = g->ci;
+  int64_t w = p0 % W, h = (p0 / W) % H;
+  for (int64_t i = 0; i < n; ++i) {
+    const float *centre = x + (p0 + i) * ci;
+    for (int t = 0; t < g->ntaps; ++t) {
+      const int64_t hh = h + g->dy[t], ww = w + g->dx[t];
+      if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
+        src[t * TILE + i] = centre + (g->dy[t] * W + g->dx[t]) * ci;
+      } else if (g->circular) {
+        const int64_t hw = ((hh % H) + H) % H, wr = ((ww % W) + W) % W;
+        src[t * TILE + i] = centre + ((hw - h) * W + (wr - w)) * ci;
+      } else {
+        src[t * TILE + i] = zero;
+      }
+    }
+    if (++w == W) {
+      w = 0;
+      if (++h == H) h = 0;
+    }
+  }
+}
+
+/* The pixels one block ahead and r rows down: the lowest taps of the next block. */
+static inline void prefetch_ahead(const geometry *g, const float *x, int64_t p, int64_t pixels) {
+  const int64_t q0 = p + MR + (g->k / 2) * g->W, q1 = q0 + MR < pixels ? q0 + MR : pixels;
+  for (int64_t q = q0; q < q1; ++q)
+    for (int64_t c = 0; c < g->ci; c += 64 / sizeof(float)) __builtin_prefetch(x + q * g->ci + c);
+}
+
+/* ------------------------------------------------------------------------------------------- forward */
+/* y[i, j0 : j0 + NR] = sum_c a[i, c] pt[c, j0 : j0 + NR] + sum_{t < ntaps} wt[t, j0 :] src[t][i][j0 :] for
+   the pixels i < mr; `a` points at input channel G cig of the block's first pixel. */
+static inline void forward_block(const geometry *g, const float *a, const float *pt, const float *wt, int ntaps,
+                                 const float *const *src, int64_t j0, float *y, int mr) {
+  vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
+  vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
+  const int64_t ci = g->ci, co = g->co;
+  /* pixels past mr repeat pixel 0: computed, never stored */
+  const float *a0 = a, *a1 = a + (mr > 1) * ci, *a2 = a + (mr > 2) * 2 * ci, *a3 = a + (mr > 3) * 3 * ci;
+  const float *a4 = a + (mr > 4) * 4 * ci, *a5 = a + (mr > 5) * 5 * ci;
+  const float *b = pt + j0;
+  for (int64_t c = 0; c < g->cig; ++c, b += co) {
+    const vec b0 = vload(b), b1 = vload(b + VW);
+    vec s;
+    s = vsplat(a0[c]); c00 += s * b0; c01 += s * b1;
+    s = vsplat(a1[c]); c10 += s * b0; c11 += s * b1;
+    s = vsplat(a2[c]); c20 += s * b0; c21 += s * b1;
+    s = vsplat(a3[c]); c30 += s * b0; c31 += s * b1;
+    s = vsplat(a4[c]); c40 += s * b0; c41 += s * b1;
+    s = vsplat(a5[c]); c50 += s * b0; c51 += s * b1;
+  }
+  for (int t = 0; t < ntaps; ++t) {
+    const vec w0 = vload(wt + t * g->m + j0), w1 = vload(wt + t * g->m + j0 + VW);
+    const float *const *st = src + t * TILE;
+    const float *s0 = st[0] + j0, *s1 = st[mr > 1] + j0, *s2 = st[(mr > 2) * 2] + j0;
+    const float *s3 = st[(mr > 3) * 3] + j0, *s4 = st[(mr > 4) * 4] + j0, *s5 = st[(mr > 5) * 5] + j0;
+    c00 += w0 * vload(s0); c01 += w1 * vload(s0 + VW);
+    c10 += w0 * vload(s1); c11 += w1 * vload(s1 + VW);
+    c20 += w0 * vload(s2); c21 += w1 * vload(s2 + VW);
+    c30 += w0 * vload(s3); c31 += w1 * vload(s3 + VW);
+    c40 += w0 * vload(s4); c41 += w1 * vload(s4 + VW);
+    c50 += w0 * vload(s5); c51 += w1 * vload(s5 + VW);
+  }
+  y += j0;
+  vstore(y, c00); vstore(y + VW, c01);
+  if (mr > 1) { vstore(y + co, c10); vstore(y + co + VW, c11); }
+  if (mr > 2) { vstore(y + 2 * co, c20); vstore(y + 2 * co + VW, c21); }
+  if (mr > 3) { vstore(y + 3 * co, c30); vstore(y + 3 * co + VW, c31); }
+  if (mr > 4) { vstore(y + 4 * co, c40); vstore(y + 4 * co + VW, c41); }
+  if (mr > 5) { vstore(y + 5 * co, c50); vstore(y + 5 * co + VW, c51); }
+}
+
+/* The same for the output channels j0 <= j < j1 one at a time (blocks cut by co, m or a group boundary). */
+static void forward_scalar(const geometry *g, const float *x_pixel, const float *pt, const float *wt,
+                           const float *const *src, int64_t j0, int64_t j1, float *y, int mr) {
+  for (int i = 0; i < mr; ++i)
+    for (int64_t j = j0; j < j1; ++j) {
+      const float *a = x_pixel + i * g->ci + (j / g->cog) * g->cig;
+      float acc = 0.f;
+      for (int64_t c = 0; c < g->cig; ++c) acc += a[c] * pt[c * g->co + j];
+      if (j < g->m)
+        for (int t = 0; t < g->ntaps; ++t) acc += wt[t * g->m + j] * src[t * TILE + i][j];
+      y[i * g->co + j] = acc;
+    }
+}
+
+/* y = P x + S x; returns 0 (and writes nothing) for arguments outside the kernel's range. */
+int lean_forward(const float *x, const float *pt, const float *wt, const int32_t *taps, int ntaps, float *y,
+                 int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups,
+                 int circular, int nthreads) {
+  geometry g;
+  if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)) return 0;
+  const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE;
+#pragma omp parallel num_threads(nthreads)
+  {
+    float *zero = calloc((size_t)(co + NR), sizeof(float));
+    const float **src = malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
+      tile_sources(&g, x, zero, p0, n, src);
+      for (int64_t i = 0; i < n; i += MR) {
+        const int mr = (int)(n - i < MR ? n - i : MR);
+        const float *x_pixel = x + (p0 + i) * ci;
+        float *y_pixel = y + (p0 + i) * co;
+        prefetch_ahead(&g, x, p0 + i, pixels);
+        for (int64_t j0 = 0; j0 < co; j0 += NR) {
+          const int64_t j1 = j0 + NR <= co ? j0 + NR : co;
+          const int64_t group = j0 / g.cog;
+          if (j1 < j0 + NR || (j0 < m && m < j1) || (j1 - 1) / g.cog != group)
+            forward_scalar(&g, x_pixel, pt, wt, src + i, j0, j1, y_pixel, mr);
+          else
+            forward_block(&g, x_pixel + group * g.cig, pt, wt, j0 < m ? ntaps : 0, src + i, j0, y_pixel, mr);
+        }
+      }
+    }
+    free(src);
+    free(zero);
+  }
+  return 1;
+}
+
+/* --------------------------------------------------------------------------------- weight gradients */
+/* gp[j0 + r, c0 : c0 + NR] += sum_{i < n} d[i, j0 + r] a[i, c0 : c0 + NR] for r < mr, where d points at the
+   output gradient of the tile's first pixel and a at input channel G cig of the same pixel. */
+static inline void pointwise_grad_block(const geometry *g, const float *d, const float *a, int64_t n, int64_t j0,
+                                        int64_t c0, float *gp, int mr) {
+  vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
+  vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
+  const int64_t ci = g->ci, co = g->co, cig = g->cig;
+  const int64_t r1 = j0 + (mr > 1), r2 = j0 + (mr > 2) * 2, r3 = j0 + (mr > 3) * 3, r4 = j0 + (mr > 4) * 4;
+  const int64_t r5 = j0 + (mr > 5) * 5;
+  for (int64_t i = 0; i < n; ++i, d += co, a += ci) {
+    const vec b0 = vload(a + c0), b1 = vload(a + c0 + VW);
+    vec s;
+    s = vsplat(d[j0]); c00 += s * b0; c01 += s * b1;
+    s = vsplat(d[r1]); c10 += s * b0; c11 += s * b1;
+    s = vsplat(d[r2]); c20 += s * b0; c21 += s * b1;
+    s = vsplat(d[r3]); c30 += s * b0; c31 += s * b1;
+    s = vsplat(d[r4]); c40 += s * b0; c41 += s * b1;
+    s = vsplat(d[r5]); c50 += s * b0; c51 += s * b1;
+  }
+  float *o = gp + j0 * cig + c0;
+  vstore(o, vload(o) + c00); vstore(o + VW, vload(o + VW) + c01);
+  if (mr > 1) { o += cig; vstore(o, vload(o) + c10); vstore(o + VW, vload(o + VW) + c11); }
+  if (mr > 2) { o += cig; vstore(o, vload(o) + c20); vstore(o + VW, vload(o + VW) + c21); }
+  if (mr > 3) { o += cig; vstore(o, vload(o) + c30); vstore(o + VW, vload(o + VW) + c31); }
+  if (mr > 4) { o += cig; vstore(o, vload(o) + c40); vstore(o + VW, vload(o + VW) + c41); }
+  if (mr > 5) { o += cig; vstore(o, vload(o) + c50); vstore(o + VW, vload(o + VW) + c51); }
+}
+
+/* gp[j, c] = sum_p d[p, j] x[p, G(j) cig + c] (shape (co, cig), the layout of P) and gs[t, j] =
+   sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape (ntaps, m)), for the output gradient d (B, H, W, co). Returns 0
+   (and writes nothing) for arguments outside the kernel's range. */
+int lean_weight_grads(const float *d, const float *x, const int32_t *taps, int ntaps, float *gp, float *gs,
+                      int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups,
+                      int circular, int nthreads) {
+  geometry g;
+  if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)) return 0;
+  const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE, cig = g.cig, cog = g.cog;
+  const size_t np = (size_t)(co * cig), ns = (size_t)(ntaps * m);
+  memset(gp, 0, np * sizeof(float));
+  memset(gs, 0, ns * sizeof(float));
+#pragma omp parallel num_threads(nthreads)
+  {
+    float *zero = calloc((size_t)(ci + NR), sizeof(float));
+    float *gp_local = calloc(np + NR, sizeof(float)), *gs_local = calloc(ns + NR, sizeof(float));
+    const float **src = malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
+      const float *d_tile = d + p0 * co, *x_tile = x + p0 * ci;
+      tile_sources(&g, x, zero, p0, n, src);
+      /* the stencil: gs[t, j] += sum_i d[i, j] src[t][i][j] */
+      for (int64_t i = 0; i < n; ++i) {
+        if (i % MR == 0) prefetch_ahead(&g, x, p0 + i, pixels);
+        const float *di = d_tile + i * co;
+        for (int t = 0; t < ntaps; ++t) {
+          const float *s = src[t * TILE + i];
+          float *o = gs_local + t * m;
+          int64_t j = 0;
+          for (; j + VW <= m; j += VW) vstore(o + j, vload(o + j) + vload(di + j) * vload(s + j));
+          for (; j < m; ++j) o[j] += di[j] * s[j];
+        }
+      }
+      /* the coupling: gp[j, c] += sum_i d[i, j] x[i, G cig + c], output channels in blocks of MR inside a group */
+      for (int64_t G = 0; G < groups; ++G) {
+        const float *a = x_tile + G * cig;
+        for (int64_t j0 = G * cog; j0 < (G + 1) * cog; j0 += MR) {
+          const int mr = (int)((G + 1) * cog - j0 < MR ? (G + 1) * cog - j0 : MR);
+          int64_t c0 = 0;
+          for (; c0 + NR <= cig; c0 += NR) pointwise_grad_block(&g, d_tile, a, n, j0, c0, gp_local, mr);
+          for (int r = 0; r < mr; ++r)
+            for (int64_t c = c0; c < cig; ++c) {
+              float acc = 0.f;
+              for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + j0 + r] * a[i * ci + c];
+              gp_local[(j0 + r) * cig + c] += acc;
+            }
+        }
+      }
+    }
+#pragma omp critical
+    {
+      for (size_t q = 0; q < np; ++q) gp[q] += gp_local[q];
+      for (size_t q = 0; q < ns; ++q) gs[q] += gs_local[q];
+    }
+    free(src);
+    free(gs_local);
+    free(gp_local);
+    free(zero);
+  }
+  return 1;
+}
+
+/* The register block's channel width, for the caller's choice of path. */
+int lean_block_channels(void) { return NR; }

@@ -1,0 +1,236 @@
+"""The lean operator's compiled CPU kernels (``lean_kernels.c``), built on first use with the C compiler.
+
+``y = P x + S x`` in one pass over ``x`` and ``y``, and the weight gradients of ``P`` and ``S`` in one pass
+over the output gradient and ``x``, for float32 channels-last tensors on the CPU (see the C file for the
+mathematics and the layout). The library is compiled once per machine with ``cc -O3 -march=native
+-fopenmp`` (``$CC`` overrides the compiler) into ``$PDENET_CACHE_DIR`` (default ``~/.cache/pdenet``), named by
+a hash of the source, the flags and the processor, and checked against ``F.conv2d`` on a small problem
+before its first use. Without a compiler, or with ``PDENET_NATIVE=0``, ``available()`` is false,
+``status()`` says why, and the lean operator runs on PyTorch's convolutions instead. The kernels use the
+OpenMP runtime PyTorch already loaded and ``torch.get_num_threads()`` threads.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("lean_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+# lean_forward and lean_weight_grads share the trailing geometry arguments
+_GEOMETRY = [_I64] * 8 + [_INT, _INT]
+
+_lock = threading.Lock()
+_state: dict = {"lib": None, "status": "not loaded yet", "tried": False}
+_disabled = threading.local()
+
+
+def cache_dir() -> Path:
+    """Where the compiled library lives: ``$PDENET_CACHE_DIR``, else ``$XDG_CACHE_HOME/pdenet``, else
+    ``~/.cache/pdenet``."""
+    if os.environ.get("PDENET_CACHE_DIR"):
+        return Path(os.environ["PDENET_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdenet"
+
+
+def _processor() -> str:
+    """The processor model (``-march=native`` makes the library specific to it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """Compile ``SOURCE`` (once per source, flags and processor) and return the library's path."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     platform.machine().encode(), _processor().encode()])).hexdigest()[:16]
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        directory = Path(tempfile.gettempdir()) / "pdenet"
+        directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"lean_kernels-{key}.so"
+    if target.exists():
+        return target
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(partial, target)  # atomic: a concurrent build writes the same file
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def _load() -> None:
+    if os.environ.get("PDENET_NATIVE", "1") == "0":
+        _state["status"] = "disabled by PDENET_NATIVE=0"
+        return
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        _state["status"] = "no C compiler found (set CC)"
+        return
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _state["status"] = f"build failed: {err}"
+        return
+    lib.lean_forward.argtypes = [_PTR] * 4 + [_INT, _PTR] + _GEOMETRY
+    lib.lean_weight_grads.argtypes = [_PTR] * 3 + [_INT, _PTR, _PTR] + _GEOMETRY
+    lib.lean_forward.restype = lib.lean_weight_grads.restype = lib.lean_block_channels.restype = _INT
+    _state["lib"], _state["status"] = lib, f"compiled kernels loaded from {path}"
+    mismatch = _self_check()
+    if mismatch:
+        _state["lib"], _state["status"] = None, f"self-check failed: {mismatch}"
+
+
+def _library():
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _load()
+                _state["tried"] = True
+                if _state["lib"] is None and not _state["status"].startswith("disabled"):
+                    warnings.warn(f"pdenet: the compiled lean kernels are unavailable ({_state['status']}); "
+                                  "the lean operator runs on PyTorch's convolutions", RuntimeWarning, stacklevel=3)
+    return None if getattr(_disabled, "on", False) else _state["lib"]
+
+
+def available() -> bool:
+    """Whether the compiled kernels are built, loaded, self-checked and not disabled."""
+    return _library() is not None
+
+
+def status() -> str:
+    """One line: where the kernels were loaded from, or why they are not in use."""
+    _library()
+    return "disabled in this thread by native.disabled()" if getattr(_disabled, "on", False) else _state["status"]
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block (this thread), ``available()`` is false: the PyTorch paths run instead."""
+    before = getattr(_disabled, "on", False)
+    _disabled.on = True
+    try:
+        yield
+    finally:
+        _disabled.on = before
+
+
+def block_channels() -> int:
+    """Channels per register block of the kernels (16 with AVX2, 32 with AVX-512)."""
+    return _library().lean_block_channels()
+
+
+def supports(t: torch.Tensor, c_out: int, groups: int) -> bool:
+    """Whether the kernels run for tensors like ``t`` (float32, CPU) with ``c_out`` outputs in ``groups``
+    groups: ``groups == 1`` or whole register blocks per group (other group widths would run the kernels'
+    scalar path, slower than oneDNN)."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and available()
+            and (groups == 1 or (c_out // groups) % block_channels() == 0))
+
+
+def applies(x: torch.Tensor, c_out: int, groups: int) -> bool:
+    """Whether the kernels take the input ``x``: ``supports`` it and it is 4-D channels-last."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and supports(x, c_out, groups))
+
+
+def _geometry(x: torch.Tensor, c_out: int, m: int, k: int, groups: int, circular: bool) -> list:
+    b, c_in, n1, n2 = x.shape
+    return [b, n1, n2, c_in, c_out, m, k, groups, int(circular), torch.get_num_threads()]
+
+
+def _taps(stencil: torch.Tensor, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tap indices as int32 and the stencil's weights on them, ``(ntaps, m)`` contiguous."""
+    m, k = stencil.shape[0], stencil.shape[-1]
+    weights = stencil.detach().reshape(m, k * k).index_select(1, taps).t().contiguous()
+    return taps.to(torch.int32).contiguous(), weights
+
+
+def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, taps: torch.Tensor,
+                 circular: bool, groups: int) -> torch.Tensor:
+    """``P x + S x`` for channels-last float32 ``x`` (B, c_in, n1, n2); ``pointwise`` (c_out, c_in/g, 1, 1),
+    ``stencil`` (m, 1, k, k) with its support at the flat indices ``taps`` of the ``k x k`` square. Returns
+    (B, c_out, n1, n2) in channels-last layout. Not differentiable itself (the caller's autograd Function
+    is)."""
+    c_out, m, k = pointwise.shape[0], stencil.shape[0], stencil.shape[-1]
+    pt = pointwise.detach().reshape(c_out, -1).t().contiguous()
+    taps32, wt = _taps(stencil, taps)
+    y = torch.empty((x.shape[0], c_out, *x.shape[2:]), dtype=x.dtype, memory_format=torch.channels_last)
+    ok = _state["lib"].lean_forward(x.data_ptr(), pt.data_ptr(), wt.data_ptr(), taps32.data_ptr(), len(taps32),
+                                 y.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
+    if not ok:
+        raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, pointwise "
+                         f"{tuple(pointwise.shape)}, stencil {tuple(stencil.shape)}, groups {groups})")
+    return y
+
+
+def lean_weight_grads(grad: torch.Tensor, x: torch.Tensor, pointwise_shape, stencil_shape, taps: torch.Tensor,
+                      circular: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``<grad, P x + S x>`` with respect to the 1x1 kernel (``pointwise_shape``,
+    ``(c_out, c_in/g, 1, 1)``) and the depthwise kernel (``stencil_shape``, ``(m, 1, k, k)``, zero off
+    ``taps``): ``∂P[o, i] = Σ_n g_o(n) x_{G(o) c_in/g + i}(n)``, ``∂s_j[t] = Σ_n g_j(n) x_j(n + t)``. Both
+    tensors channels-last float32."""
+    c_out, m, k = pointwise_shape[0], stencil_shape[0], stencil_shape[-1]
+    taps32 = taps.to(torch.int32).contiguous()
+    gp = torch.empty(pointwise_shape, dtype=x.dtype)
+    gs_taps = torch.empty(len(taps32), m, dtype=x.dtype)
+    ok = _state["lib"].lean_weight_grads(grad.data_ptr(), x.data_ptr(), taps32.data_ptr(), len(taps32),
+                                      gp.data_ptr(), gs_taps.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
+    if not ok:
+        raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, groups {groups})")
+    gs = x.new_zeros(m, k * k).index_copy_(1, taps, gs_taps.t())
+    return gp, gs.view(stencil_shape)
+
+
+def _self_check() -> str:
+    """Compare both kernels with ``F.conv2d`` and autograd on small problems (odd sizes, channel mismatch,
+    groups, both boundaries); the first mismatch as text, or ``""``."""
+    gen = torch.Generator().manual_seed(0)
+    nr = _state["lib"].lean_block_channels()
+    cases = [(5, 7, 1, True), (nr + 3, nr + 1, 1, False), (2 * nr, 2 * nr, 2, True), (3, 2, 1, False)]
+    for c_in, c_out, groups, circular in cases:
+        m, k = min(c_in, c_out), 3
+        x = torch.randn(2, c_in, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(2, c_out, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+        p = torch.randn(c_out, c_in // groups, 1, 1, generator=gen).requires_grad_()
+        taps = torch.tensor([1, 3, 4, 5, 7])
+        s = torch.zeros(m, 1, k, k).view(m, k * k).index_copy(1, taps, torch.randn(m, 5, generator=gen))
+        s = s.view(m, 1, k, k).requires_grad_()
+        head = F.pad(x[:, :m], (1,) * 4, mode="circular" if circular else "constant")
+        ref = F.conv2d(x, p, groups=groups)
+        ref = torch.cat([ref[:, :m] + F.conv2d(head, s, groups=m), ref[:, m:]], 1)
+        ref_p, ref_s = torch.autograd.grad(ref, [p, s], g)
+        ref_s = torch.zeros_like(ref_s).view(m, k * k).index_copy(1, taps, ref_s.view(m, k * k)[:, taps])
+        y = lean_forward(x, p, s, taps, circular, groups)
+        gp, gs = lean_weight_grads(g, x, p.shape, s.shape, taps, circular, groups)
+        for name, a, b in (("forward", y, ref), ("pointwise gradient", gp, ref_p),
+                           ("stencil gradient", gs, ref_s.view_as(gs))):
+            if not torch.allclose(a, b.detach(), rtol=1e-4, atol=1e-4):
+                return f"{name} differs from F.conv2d for c_in={c_in}, c_out={c_out}, groups={groups}"
+    return ""

@@ -1,0 +1,158 @@
+"""The compiled lean kernels (``operators.native``) against ``F.conv2d`` and autograd, over the shapes that
+exercise every branch: register blocks and scalar tails in the channels, short rows and partial tiles in the
+pixels, channel mismatch, groups, both boundaries, 5x5 stencils."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from operators import LeanConv, native
+
+CL = torch.channels_last
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"compiled kernels: {native.status()}")
+
+
+def reference(x, p, s, groups, circular):
+    """``P x + S x`` with ``S`` on the channels ``j < m`` by PyTorch's convolutions."""
+    m, r = s.shape[0], s.shape[-1] // 2
+    y = F.conv2d(x, p, groups=groups)
+    head = F.pad(x[:, :m], (r,) * 4, mode="circular" if circular else "constant")
+    return torch.cat([y[:, :m] + F.conv2d(head, s, groups=m), y[:, m:]], 1)
+
+
+def problem(c_in, c_out, groups, k, taps, shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = min(c_in, c_out)
+    x = torch.randn(shape[0], c_in, *shape[1:], generator=gen).contiguous(memory_format=CL)
+    g = torch.randn(shape[0], c_out, *shape[1:], generator=gen).contiguous(memory_format=CL)
+    p = torch.randn(c_out, c_in // groups, 1, 1, generator=gen)
+    s = torch.zeros(m, k * k).index_copy(1, taps, torch.randn(m, len(taps), generator=gen)).view(m, 1, k, k)
+    return x, g, p, s
+
+
+def cross(k):
+    r = k // 2
+    return torch.tensor([t for t in range(k * k) if t // k == r or t % k == r])
+
+
+NR = native.block_channels() if native.available() else 16
+CHANNELS = [(1, 1, 1), (3, 5, 1), (7, 2, 1), (NR, NR, 1), (NR + 3, NR + 1, 1), (2 * NR + 5, 2 * NR, 1),
+            (NR, 3 * NR, 1), (2 * NR, 2 * NR, 2), (4 * NR, 2 * NR, 2)]
+SHAPES = [(2, 5, 7), (1, 1, 1), (3, 2, 1), (1, 13, 17), (2, 1, 9)]
+
+
+@pytest.mark.parametrize("channels", CHANNELS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("circular", [False, True], ids=["zeros", "circular"])
+def test_forward_and_weight_gradients_match_conv2d(channels, shape, circular):
+    c_in, c_out, groups = channels
+    for k, taps in ((3, cross(3)), (3, torch.arange(9))):
+        x, g, p, s = problem(c_in, c_out, groups, k, taps, shape, seed=c_in + c_out + shape[1])
+        p.requires_grad_(), s.requires_grad_()
+        ref = reference(x, p, s, groups, circular)
+        ref_p, ref_s = torch.autograd.grad(ref, [p, s], g)
+        mask = torch.zeros(s.shape[0], k * k).index_fill(1, taps, 1).view_as(s)
+        y = native.lean_forward(x, p, s, taps, circular, groups)
+        gp, gs = native.lean_weight_grads(g, x, p.shape, s.shape, taps, circular, groups)
+        assert y.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gp, ref_p, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gs, ref_s * mask, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("circular", [False, True], ids=["zeros", "circular"])
+def test_five_by_five_stencil_and_many_tiles(circular):
+    """A 5x5 cross (taps two pixels away) on a grid of several 96-pixel tiles with a partial last tile."""
+    taps = cross(5)
+    x, g, p, s = problem(NR + 2, NR + 2, 1, 5, taps, (3, 11, 10), seed=1)
+    p.requires_grad_(), s.requires_grad_()
+    ref = reference(x, p, s, 1, circular)
+    ref_p, ref_s = torch.autograd.grad(ref, [p, s], g)
+    torch.testing.assert_close(native.lean_forward(x, p, s, taps, circular, 1), ref.detach(), rtol=1e-4, atol=1e-4)
+    gp, gs = native.lean_weight_grads(g, x, p.shape, s.shape, taps, circular, 1)
+    mask = torch.zeros(s.shape[0], 25).index_fill(1, taps, 1).view_as(s)
+    torch.testing.assert_close(gp, ref_p, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gs, ref_s * mask, rtol=1e-4, atol=1e-4)
+
+
+def test_lean_operator_takes_the_compiled_path(monkeypatch):
+    """A float32 channels-last forward and backward of ``LeanConv`` call the kernels (and nothing else
+    computes the result: with the kernels replaced by zeros, the output is zero)."""
+    calls = []
+    for name in ("lean_forward", "lean_weight_grads"):
+        real = getattr(native, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(native, name, spy)
+    op = LeanConv(NR, NR, stencil="cross")
+    x = torch.randn(2, NR, 6, 6, requires_grad=True)
+    op(x).sum().backward()
+    assert calls.count("lean_forward") == 2  # forward and the input gradient
+    assert calls.count("lean_weight_grads") == 1
+    with native.disabled():
+        assert not native.available() and "disabled" in native.status()
+        calls.clear()
+        op(x)
+        assert calls == []
+    assert native.available()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_results_do_not_depend_on_the_thread_count(threads):
+    x, g, p, s = problem(NR, NR, 1, 3, cross(3), (4, 9, 9), seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = native.lean_forward(x, p, s, cross(3), False, 1)
+        gp, _ = native.lean_weight_grads(g, x, p.shape, s.shape, cross(3), False, 1)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, reference(x, p, s, 1, False), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gp, torch.einsum("bonm,binm->oi", g, x)[..., None, None], rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_arguments_raise_a_clear_error():
+    x, _, p, _ = problem(4, 4, 1, 3, cross(3), (1, 3, 3), seed=0)
+    too_many = torch.zeros(5, 1, 3, 3)  # a stencil on more channels than x has
+    with pytest.raises(ValueError, match="unsupported arguments"):
+        native.lean_forward(x, p, too_many, cross(3), False, 1)
+
+
+def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):
+    """The library is built once per cache key; a broken compiler gives a status naming the failure."""
+    monkeypatch.setenv("PDENET_CACHE_DIR", str(tmp_path))
+    path = native._build("cc")
+    assert path.parent == tmp_path and path.exists()
+    stamp = path.stat().st_mtime_ns
+    assert native._build("cc") == path and path.stat().st_mtime_ns == stamp
+    with pytest.raises(RuntimeError, match="false failed"):
+        native._build("false")  # a "compiler" that exits with an error, under a new cache key
+    assert [f.name for f in tmp_path.iterdir()] == [path.name]  # no partial file left behind
+
+
+@pytest.mark.parametrize("combo", list(itertools.product([False, True], [1, 2])))
+def test_operator_gradients_in_float32_match_float64_reference(combo):
+    """End to end through ``LeanConv``: the compiled path's gradients against the float64 plain path."""
+    circular, groups = combo
+    torch.manual_seed(0)
+    op = LeanConv(2 * NR, 2 * NR, stencil="full", groups=groups, boundary="circular" if circular else "zeros")
+    x = torch.randn(3, 2 * NR, 7, 5)
+    g = torch.randn(3, 2 * NR, 7, 5)
+    x32 = x.clone().requires_grad_()
+    out = op(x32)
+    out.backward(g)
+    grads32 = [x32.grad] + [q.grad for q in op.parameters()]
+    op64 = op.double()
+    for q in op64.parameters():
+        q.grad = None
+    x64 = x.double().requires_grad_()
+    out64 = op64(x64)
+    out64.backward(g.double())
+    grads64 = [x64.grad] + [q.grad for q in op64.parameters()]
+    torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads32, grads64):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
