@@ -156,3 +156,14 @@ def test_operator_gradients_in_float32_match_float64_reference(combo):
     torch.testing.assert_close(out.double(), out64, rtol=1e-4, atol=1e-4)
     for a, b in zip(grads32, grads64):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+    assert native._self_check() == ""
+
+    class DoesNothing:  # "succeeds" without writing its outputs
+        lean_block_channels = staticmethod(lambda: NR)
+        lean_forward = lean_weight_grads = staticmethod(lambda *args: 1)
+
+    monkeypatch.setitem(native._state, "lib", DoesNothing())
+    assert native._self_check().startswith("forward differs from numpy")
