@@ -54,19 +54,25 @@ static int make_geometry(geometry *g, const int32_t *taps, int ntaps, int64_t B,
 /* src[t TILE + i]: the pixel (pitch ci) that tap t reads for pixel p0 + i, or `zero` off a zero-padded grid */
 static void tile_sources(const geometry *g, const float *x, const float *zero, int64_t p0, int64_t n,
                          const float **src) {
-  const int64_t W = g->W, H = g->H, ci = g->ci;
+  const int64_t W = g->W, H = g->H, ci = g->ci, r = g->k / 2;
+  int64_t off[81];
+  for (int t = 0; t < g->ntaps; ++t) off[t] = (g->dy[t] * W + g->dx[t]) * ci;
   int64_t w = p0 % W, h = (p0 / W) % H;
   for (int64_t i = 0; i < n; ++i) {
     const float *centre = x + (p0 + i) * ci;
-    for (int t = 0; t < g->ntaps; ++t) {
-      const int64_t hh = h + g->dy[t], ww = w + g->dx[t];
-      if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
-        src[t * TILE + i] = centre + (g->dy[t] * W + g->dx[t]) * ci;
-      } else if (g->circular) {
-        const int64_t hw = ((hh % H) + H) % H, wr = ((ww % W) + W) % W;
-        src[t * TILE + i] = centre + ((hw - h) * W + (wr - w)) * ci;
-      } else {
-        src[t * TILE + i] = zero;
+    if (h >= r && h < H - r && w >= r && w < W - r) { /* interior: every tap inside the grid */
+      for (int t = 0; t < g->ntaps; ++t) src[t * TILE + i] = centre + off[t];
+    } else {
+      for (int t = 0; t < g->ntaps; ++t) {
+        const int64_t hh = h + g->dy[t], ww = w + g->dx[t];
+        if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
+          src[t * TILE + i] = centre + off[t];
+        } else if (g->circular) {
+          const int64_t hw = ((hh % H) + H) % H, wr = ((ww % W) + W) % W;
+          src[t * TILE + i] = centre + ((hw - h) * W + (wr - w)) * ci;
+        } else {
+          src[t * TILE + i] = zero;
+        }
       }
     }
     if (++w == W) {
@@ -227,16 +233,26 @@ int lean_weight_grads(const float *d, const float *x, const int32_t *taps, int n
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
       const float *d_tile = d + p0 * co, *x_tile = x + p0 * ci;
       tile_sources(&g, x, zero, p0, n, src);
-      /* the stencil: gs[t, j] += sum_i d[i, j] src[t][i][j] */
-      for (int64_t i = 0; i < n; ++i) {
-        if (i % MR == 0) prefetch_ahead(&g, x, p0 + i, pixels);
-        const float *di = d_tile + i * co;
-        for (int t = 0; t < ntaps; ++t) {
-          const float *s = src[t * TILE + i];
-          float *o = gs_local + t * m;
-          int64_t j = 0;
-          for (; j + VW <= m; j += VW) vstore(o + j, vload(o + j) + vload(di + j) * vload(s + j));
-          for (; j < m; ++j) o[j] += di[j] * s[j];
+      /* the stencil: gs[t, j] += sum_i d[i, j] src[t][i][j], channels in register blocks over the tile */
+      for (int64_t i = 0; i < n; i += MR) prefetch_ahead(&g, x, p0 + i, pixels);
+      for (int t = 0; t < ntaps; ++t) {
+        const float *const *st = src + t * TILE;
+        float *o = gs_local + t * m;
+        int64_t j = 0;
+        for (; j + NR <= m; j += NR) {
+          vec a0 = {0}, a1 = {0};
+          for (int64_t i = 0; i < n; ++i) {
+            const float *di = d_tile + i * co + j, *s = st[i] + j;
+            a0 += vload(di) * vload(s);
+            a1 += vload(di + VW) * vload(s + VW);
+          }
+          vstore(o + j, vload(o + j) + a0);
+          vstore(o + j + VW, vload(o + j + VW) + a1);
+        }
+        for (; j < m; ++j) {
+          float acc = 0.f;
+          for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + j] * st[i][j];
+          o[j] += acc;
         }
       }
       /* the coupling: gp[j, c] += sum_i d[i, j] x[i, G cig + c], output channels in blocks of MR inside a group */

@@ -141,9 +141,17 @@ def disabled():
         _disabled.on = before
 
 
+def _kernels():
+    """The loaded library; a clear error if it is unavailable."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the compiled lean kernels are unavailable: {status()}")
+    return lib
+
+
 def block_channels() -> int:
     """Channels per register block of the kernels (16 with AVX2, 32 with AVX-512)."""
-    return _library().lean_block_channels()
+    return _kernels().lean_block_channels()
 
 
 def supports(t: torch.Tensor, c_out: int, groups: int) -> bool:
@@ -182,7 +190,7 @@ def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor
     pt = pointwise.detach().reshape(c_out, -1).t().contiguous()
     taps32, wt = _taps(stencil, taps)
     y = torch.empty((x.shape[0], c_out, *x.shape[2:]), dtype=x.dtype, memory_format=torch.channels_last)
-    ok = _state["lib"].lean_forward(x.data_ptr(), pt.data_ptr(), wt.data_ptr(), taps32.data_ptr(), len(taps32),
+    ok = _kernels().lean_forward(x.data_ptr(), pt.data_ptr(), wt.data_ptr(), taps32.data_ptr(), len(taps32),
                                  y.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
     if not ok:
         raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, pointwise "
@@ -200,7 +208,7 @@ def lean_weight_grads(grad: torch.Tensor, x: torch.Tensor, pointwise_shape, sten
     taps32 = taps.to(torch.int32).contiguous()
     gp = torch.empty(pointwise_shape, dtype=x.dtype)
     gs_taps = torch.empty(len(taps32), m, dtype=x.dtype)
-    ok = _state["lib"].lean_weight_grads(grad.data_ptr(), x.data_ptr(), taps32.data_ptr(), len(taps32),
+    ok = _kernels().lean_weight_grads(grad.data_ptr(), x.data_ptr(), taps32.data_ptr(), len(taps32),
                                       gp.data_ptr(), gs_taps.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
     if not ok:
         raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, groups {groups})")
