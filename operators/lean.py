@@ -81,31 +81,39 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def lean_apply(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, boundary: str,
-               groups: int, taps: torch.Tensor) -> torch.Tensor:
+def stencil_as_kernel(stencil: torch.Tensor, taps: torch.Tensor, k: int) -> torch.Tensor:
+    """The depthwise ``(m, 1, k, k)`` kernel of the stencil weights ``(m, ntaps)`` on the flat indices
+    ``taps`` of the ``k x k`` square (zeros elsewhere)."""
+    m = stencil.shape[0]
+    return stencil.new_zeros(m, k * k).index_copy(1, taps, stencil).view(m, 1, k, k)
+
+
+def lean_apply(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, taps: torch.Tensor, k: int,
+               boundary: str, groups: int) -> torch.Tensor:
     """``P x + S x`` without autograd bookkeeping of its own.
 
-    ``pointwise`` is the 1x1 kernel ``(c_out, c_in/g, 1, 1)``, ``stencil`` the depthwise kernel
-    ``(m, 1, k, k)`` acting on channels ``j < m``: ``(S x)_j = s_j ⋆ x_j``, nonzero only at the flat indices
-    ``taps`` of the ``k x k`` square. With channels-last float32 CPU input it runs the compiled kernel of
+    ``pointwise`` is the 1x1 kernel ``(c_out, c_in/g, 1, 1)``; ``stencil`` ``(m, ntaps)`` holds the weights
+    of the ``k x k`` stencil at the flat indices ``taps``, acting on channels ``j < m``:
+    ``(S x)_j = s_j ⋆ x_j``. With channels-last float32 CPU input it runs the compiled kernel of
     ``operators.native``; without it, and if ``m = c_out``, two oneDNN kernels, the 1x1 convolution into a
     new channels-last tensor and the stencil added into it by a depthwise convolution with a "sum" post-op
     (the post-op costs the memory-bound stencil about 25%, the compute-bound 1x1 kernel about 60%, so this
     order); otherwise plain ``F.conv2d`` calls.
     """
     if native.applies(x, pointwise.shape[0], groups):
-        return native.lean_forward(x, pointwise, stencil, taps, boundary == "circular", groups)
-    m, r = stencil.shape[0], stencil.shape[-1] // 2
+        return native.lean_forward(x, pointwise, stencil, taps, k, boundary == "circular", groups)
+    m, r = stencil.shape[0], k // 2
+    kernel = stencil_as_kernel(stencil, taps, k)
     head = x if m == x.shape[1] else x[:, :m]
     if m == pointwise.shape[0] and x.is_contiguous(memory_format=torch.channels_last) and _use_fused(x):
         out = _onednn_conv(x, pointwise, 0, groups)
         if boundary == "circular":
             head, r = pad_same(head, r, boundary).contiguous(memory_format=torch.channels_last), 0
-        return _onednn_conv_add_(out, head, stencil, r, m)
+        return _onednn_conv_add_(out, head, kernel, r, m)
     out = F.conv2d(x, pointwise, groups=groups)
     if m == out.shape[1]:
-        return out + conv_same(head, stencil, boundary, groups=m)
-    out.narrow(1, 0, m).add_(conv_same(head, stencil, boundary, groups=m))
+        return out + conv_same(head, kernel, boundary, groups=m)
+    out.narrow(1, 0, m).add_(conv_same(head, kernel, boundary, groups=m))
     return out
 
 
@@ -129,81 +137,85 @@ def flipped_taps(taps: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class _LeanConvFunction(torch.autograd.Function):
-    """``y = P x + S x`` with a hand-written backward and forward-mode derivative.
+    """``y = P x + S x`` with a hand-written backward and forward-mode derivative; the stencil enters as
+    its weights ``(m, ntaps)`` on the flat indices ``taps`` of the ``k x k`` square.
 
-    Backward: ``∂x = P^T g + S^T g`` (the same kernel with the transposed 1x1 and the flipped stencil),
-    ``∂P[o, i] = Σ g_o x_i``, ``∂s_j[p, q] = Σ g_j x_j(· + (p − r, q − r))`` (on the stencil's support
-    ``taps``; the compiled kernel computes both in one pass). The input gradient goes through this Function
-    again, and under ``create_graph`` the weight gradients are differentiable convolutions, so double
-    backward works.
+    Backward: ``∂x = P^T g + S^T g`` (the same kernel with the transposed 1x1 and the same stencil weights
+    on the flipped taps), ``∂P[o, i] = Σ g_o x_i``, ``∂s_j[t] = Σ g_j x_j(· + t)`` (the compiled kernel
+    computes both in one pass). The input gradient goes through this Function again, and under
+    ``create_graph`` the weight gradients are differentiable convolutions, so double backward works.
     """
 
     @staticmethod
-    def forward(x, pointwise, stencil, boundary, groups, taps):
-        return lean_apply(x, pointwise, stencil, boundary, groups, taps)
+    def forward(x, pointwise, stencil, taps, k, boundary, groups):
+        return lean_apply(x, pointwise, stencil, taps, k, boundary, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, pointwise, stencil, boundary, groups, taps = inputs
+        x, pointwise, stencil, taps, k, boundary, groups = inputs
         ctx.save_for_backward(x, pointwise, stencil, taps)
         ctx.save_for_forward(x, pointwise, stencil, taps)
-        ctx.boundary, ctx.groups = boundary, groups
+        ctx.k, ctx.boundary, ctx.groups = k, boundary, groups
 
     @staticmethod
     def backward(ctx, grad):
         x, pointwise, stencil, taps = ctx.saved_tensors
-        m, k = stencil.shape[0], stencil.shape[-1]
+        k, groups = ctx.k, ctx.groups
         grad = _fast_layout(grad)
         gx = gp = gs = None
         if ctx.needs_input_grad[0]:
-            gx = _LeanConvFunction.apply(grad, adjoint_weight(pointwise, ctx.groups), adjoint_weight(stencil, m),
-                                         ctx.boundary, ctx.groups, flipped_taps(taps, k))
+            gx = _LeanConvFunction.apply(grad, adjoint_weight(pointwise, groups), stencil, flipped_taps(taps, k),
+                                         k, ctx.boundary, groups)
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            return gx, None, None, None, None, None
-        if (not torch.is_grad_enabled() and native.applies(x, pointwise.shape[0], ctx.groups)
+            return gx, None, None, None, None, None, None
+        if (not torch.is_grad_enabled() and native.applies(x, pointwise.shape[0], groups)
                 and grad.is_contiguous(memory_format=torch.channels_last)):
-            gp, gs = native.lean_weight_grads(grad, x, pointwise.shape, stencil.shape, taps,
-                                              ctx.boundary == "circular", ctx.groups)
+            gp, gs = native.lean_weight_grads(grad, x, pointwise.shape, stencil.shape[0], taps, k,
+                                              ctx.boundary == "circular", groups)
         else:
-            gp = _conv_weight_grad(grad, x, pointwise, "zeros", ctx.groups)
-            gs = _conv_weight_grad(grad[:, :m], x[:, :m], stencil, ctx.boundary, m)
-        return gx, gp, gs, None, None, None
+            m = stencil.shape[0]
+            gp = _conv_weight_grad(grad, x, pointwise, "zeros", groups)
+            kernel_grad = _conv_weight_grad(grad[:, :m], x[:, :m], stencil_as_kernel(stencil, taps, k),
+                                            ctx.boundary, m)
+            gs = kernel_grad.view(m, k * k).index_select(1, taps)
+        return gx, gp, gs, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, tx, tp, ts, _boundary, _groups, _taps):
+    def jvp(ctx, tx, tp, ts, _taps, _k, _boundary, _groups):
         x, pointwise, stencil, taps = ctx.saved_tensors
         tx = torch.zeros_like(x) if tx is None else tx
         tp = torch.zeros_like(pointwise) if tp is None else tp
         ts = torch.zeros_like(stencil) if ts is None else ts
-        return (lean_apply(tx, pointwise, stencil, ctx.boundary, ctx.groups, taps)
-                + lean_apply(x, tp, ts, ctx.boundary, ctx.groups, taps))
+        args = (taps, ctx.k, ctx.boundary, ctx.groups)
+        return lean_apply(tx, pointwise, stencil, *args) + lean_apply(x, tp, ts, *args)
 
     @staticmethod
-    def vmap(info, in_dims, x, pointwise, stencil, boundary, groups, taps):
+    def vmap(info, in_dims, x, pointwise, stencil, taps, k, boundary, groups):
         """``torch.func.vmap``: a mapped input alone joins the batch axis (one call); mapped weights are
         applied one slice at a time."""
         x_dim, p_dim, s_dim = in_dims[:3]
+        rest = (taps, k, boundary, groups)
         if p_dim is None and s_dim is None:
             x = x.movedim(x_dim, 0)
-            y = _LeanConvFunction.apply(x.flatten(0, 1), pointwise, stencil, boundary, groups, taps)
+            y = _LeanConvFunction.apply(x.flatten(0, 1), pointwise, stencil, *rest)
             return y.unflatten(0, x.shape[:2]), 0
 
         def slice_(t, dim, i):
             return t if dim is None else t.select(dim, i)
 
         return torch.stack([_LeanConvFunction.apply(slice_(x, x_dim, i), slice_(pointwise, p_dim, i),
-                                                    slice_(stencil, s_dim, i), boundary, groups, taps)
+                                                    slice_(stencil, s_dim, i), *rest)
                             for i in range(info.batch_size)]), 0
 
 
-def _lean(x, pointwise, stencil, boundary: str, groups: int, taps: torch.Tensor) -> torch.Tensor:
+def _lean(x, pointwise, stencil, taps: torch.Tensor, k: int, boundary: str, groups: int) -> torch.Tensor:
     """``P x + S x``: through ``_LeanConvFunction`` where autograd (reverse or forward mode) or ``torch.func``
     may differentiate it, directly otherwise (inference: the Function's bookkeeping is a large share of a
     batch-1 call)."""
     if (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
             or torch._C._functorch.is_functorch_wrapped_tensor(x)):
-        return _LeanConvFunction.apply(x, pointwise, stencil, boundary, groups, taps)
-    return lean_apply(x, pointwise, stencil, boundary, groups, taps)
+        return _LeanConvFunction.apply(x, pointwise, stencil, taps, k, boundary, groups)
+    return lean_apply(x, pointwise, stencil, taps, k, boundary, groups)
 
 
 # ---------------------------------------------------------------------------------------- the operator
@@ -277,9 +289,7 @@ class LeanConv(ConvOperator):
         """The depthwise kernel ``(m, 1, k, k)`` of ``S`` (zeros off the stencil), or ``None``."""
         if self.stencil is None:
             return None
-        m, k = self.stencil.shape[0], self.kernel_size
-        flat = self.stencil.new_zeros(m, k * k).index_copy(1, self.stencil_index, self.stencil)
-        return flat.view(m, 1, k, k)
+        return stencil_as_kernel(self.stencil, self.stencil_index, self.kernel_size)
 
     def pointwise_matrix(self) -> torch.Tensor:
         """``P`` as a dense ``(c_out, c_in)`` matrix (block-diagonal over the groups)."""
@@ -301,17 +311,16 @@ class LeanConv(ConvOperator):
         x = _fast_layout(x)
         if self.stencil is None:
             return F.conv2d(x, self.pointwise_kernel(), groups=self.groups)
-        return _lean(x, self.pointwise_kernel(), self.stencil_kernel(), self.boundary, self.groups,
-                     self.stencil_index)
+        return _lean(x, self.pointwise_kernel(), self.stencil, self.stencil_index, self.kernel_size,
+                     self.boundary, self.groups)
 
     def _adjoint(self, y):
         y = _fast_layout(y)
         pt = adjoint_weight(self.pointwise_kernel(), self.groups)
         if self.stencil is None:
             return F.conv2d(y, pt, groups=self.groups)
-        s = self.stencil_kernel()
-        return _lean(y, pt, adjoint_weight(s, s.shape[0]), self.boundary, self.groups,
-                     flipped_taps(self.stencil_index, self.kernel_size))
+        taps = flipped_taps(self.stencil_index, self.kernel_size)
+        return _lean(y, pt, self.stencil, taps, self.kernel_size, self.boundary, self.groups)
 
     def _symbol(self, n1, n2):
         p = self.pointwise_matrix()

@@ -173,47 +173,40 @@ def _geometry(x: torch.Tensor, c_out: int, m: int, k: int, groups: int, circular
     return [b, n1, n2, c_in, c_out, m, k, groups, int(circular), torch.get_num_threads()]
 
 
-def _taps(stencil: torch.Tensor, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tap indices as int32 and the stencil's weights on them, ``(ntaps, m)`` contiguous."""
-    m, k = stencil.shape[0], stencil.shape[-1]
-    weights = stencil.detach().reshape(m, k * k).index_select(1, taps).t().contiguous()
-    return taps.to(torch.int32).contiguous(), weights
-
-
-def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, taps: torch.Tensor,
+def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, taps: torch.Tensor, k: int,
                  circular: bool, groups: int) -> torch.Tensor:
     """``P x + S x`` for channels-last float32 ``x`` (B, c_in, n1, n2); ``pointwise`` (c_out, c_in/g, 1, 1),
-    ``stencil`` (m, 1, k, k) with its support at the flat indices ``taps`` of the ``k x k`` square. Returns
+    ``stencil`` (m, ntaps): the weights of the ``k x k`` stencil at the flat indices ``taps``. Returns
     (B, c_out, n1, n2) in channels-last layout. Not differentiable itself (the caller's autograd Function
     is)."""
-    c_out, m, k = pointwise.shape[0], stencil.shape[0], stencil.shape[-1]
+    c_out, m = pointwise.shape[0], stencil.shape[0]
     pt = pointwise.detach().reshape(c_out, -1).t().contiguous()
-    taps32, wt = _taps(stencil, taps)
+    wt = stencil.detach().t().contiguous()
+    taps32 = taps.to(torch.int32)
     y = torch.empty((x.shape[0], c_out, *x.shape[2:]), dtype=x.dtype, memory_format=torch.channels_last)
     ok = _kernels().lean_forward(x.data_ptr(), pt.data_ptr(), wt.data_ptr(), taps32.data_ptr(), len(taps32),
                                  y.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
     if not ok:
         raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, pointwise "
-                         f"{tuple(pointwise.shape)}, stencil {tuple(stencil.shape)}, groups {groups})")
+                         f"{tuple(pointwise.shape)}, stencil {tuple(stencil.shape)}, k {k}, groups {groups})")
     return y
 
 
-def lean_weight_grads(grad: torch.Tensor, x: torch.Tensor, pointwise_shape, stencil_shape, taps: torch.Tensor,
+def lean_weight_grads(grad: torch.Tensor, x: torch.Tensor, pointwise_shape, m: int, taps: torch.Tensor, k: int,
                       circular: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of ``<grad, P x + S x>`` with respect to the 1x1 kernel (``pointwise_shape``,
-    ``(c_out, c_in/g, 1, 1)``) and the depthwise kernel (``stencil_shape``, ``(m, 1, k, k)``, zero off
-    ``taps``): ``∂P[o, i] = Σ_n g_o(n) x_{G(o) c_in/g + i}(n)``, ``∂s_j[t] = Σ_n g_j(n) x_j(n + t)``. Both
-    tensors channels-last float32."""
-    c_out, m, k = pointwise_shape[0], stencil_shape[0], stencil_shape[-1]
-    taps32 = taps.to(torch.int32).contiguous()
+    ``(c_out, c_in/g, 1, 1)``) and the stencil weights ``(m, ntaps)`` at ``taps``:
+    ``∂P[o, i] = Σ_n g_o(n) x_{G(o) c_in/g + i}(n)``, ``∂s_j[t] = Σ_n g_j(n) x_j(n + t)``. ``grad`` and ``x``
+    channels-last float32."""
+    c_out = pointwise_shape[0]
+    taps32 = taps.to(torch.int32)
     gp = torch.empty(pointwise_shape, dtype=x.dtype)
-    gs_taps = torch.empty(len(taps32), m, dtype=x.dtype)
+    gs = torch.empty(len(taps32), m, dtype=x.dtype)
     ok = _kernels().lean_weight_grads(grad.data_ptr(), x.data_ptr(), taps32.data_ptr(), len(taps32),
-                                      gp.data_ptr(), gs_taps.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
+                                      gp.data_ptr(), gs.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
     if not ok:
-        raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, groups {groups})")
-    gs = x.new_zeros(m, k * k).index_copy_(1, taps, gs_taps.t())
-    return gp, gs.view(stencil_shape)
+        raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, k {k}, groups {groups})")
+    return gp, gs.t()
 
 
 def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:

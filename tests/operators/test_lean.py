@@ -84,10 +84,10 @@ def test_function_gradcheck_double_backward_and_forward_ad(boundary, channels):
     op = make(c_in, c_out, groups, "cross", boundary, torch.float64)
     x = torch.randn(1, c_in, 4, 3, dtype=torch.float64, requires_grad=True)
     p = op.pointwise_kernel().detach().requires_grad_()
-    s = op.stencil_kernel().detach().requires_grad_()
+    s = op.stencil.detach().requires_grad_()
 
     def fn(x, p, s):
-        return _LeanConvFunction.apply(x, p, s, boundary, groups, op.stencil_index)
+        return _LeanConvFunction.apply(x, p, s, op.stencil_index, op.kernel_size, boundary, groups)
 
     assert torch.autograd.gradcheck(fn, (x, p, s), check_forward_ad=True, fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, (x, p, s), fast_mode=True)

@@ -8,17 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from operators import LeanConv, native
+from operators.lean import stencil_as_kernel
 
 CL = torch.channels_last
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"compiled kernels: {native.status()}")
 
 
-def reference(x, p, s, groups, circular):
-    """``P x + S x`` with ``S`` on the channels ``j < m`` by PyTorch's convolutions."""
-    m, r = s.shape[0], s.shape[-1] // 2
+def reference(x, p, s, taps, k, groups, circular):
+    """``P x + S x`` with ``S`` (weights ``s`` at ``taps``) on the channels ``j < m`` by PyTorch's
+    convolutions."""
+    m, r = s.shape[0], k // 2
     y = F.conv2d(x, p, groups=groups)
     head = F.pad(x[:, :m], (r,) * 4, mode="circular" if circular else "constant")
-    return torch.cat([y[:, :m] + F.conv2d(head, s, groups=m), y[:, m:]], 1)
+    return torch.cat([y[:, :m] + F.conv2d(head, stencil_as_kernel(s, taps, k), groups=m), y[:, m:]], 1)
 
 
 def problem(c_in, c_out, groups, k, taps, shape, seed):
@@ -27,7 +29,7 @@ def problem(c_in, c_out, groups, k, taps, shape, seed):
     x = torch.randn(shape[0], c_in, *shape[1:], generator=gen).contiguous(memory_format=CL)
     g = torch.randn(shape[0], c_out, *shape[1:], generator=gen).contiguous(memory_format=CL)
     p = torch.randn(c_out, c_in // groups, 1, 1, generator=gen)
-    s = torch.zeros(m, k * k).index_copy(1, taps, torch.randn(m, len(taps), generator=gen)).view(m, 1, k, k)
+    s = torch.randn(m, len(taps), generator=gen)
     return x, g, p, s
 
 
@@ -50,15 +52,14 @@ def test_forward_and_weight_gradients_match_conv2d(channels, shape, circular):
     for k, taps in ((3, cross(3)), (3, torch.arange(9))):
         x, g, p, s = problem(c_in, c_out, groups, k, taps, shape, seed=c_in + c_out + shape[1])
         p.requires_grad_(), s.requires_grad_()
-        ref = reference(x, p, s, groups, circular)
+        ref = reference(x, p, s, taps, k, groups, circular)
         ref_p, ref_s = torch.autograd.grad(ref, [p, s], g)
-        mask = torch.zeros(s.shape[0], k * k).index_fill(1, taps, 1).view_as(s)
-        y = native.lean_forward(x, p, s, taps, circular, groups)
-        gp, gs = native.lean_weight_grads(g, x, p.shape, s.shape, taps, circular, groups)
+        y = native.lean_forward(x, p, s, taps, k, circular, groups)
+        gp, gs = native.lean_weight_grads(g, x, p.shape, s.shape[0], taps, k, circular, groups)
         assert y.is_contiguous(memory_format=CL)
         torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(gp, ref_p, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(gs, ref_s * mask, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gs, ref_s, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("circular", [False, True], ids=["zeros", "circular"])
@@ -67,13 +68,13 @@ def test_five_by_five_stencil_and_many_tiles(circular):
     taps = cross(5)
     x, g, p, s = problem(NR + 2, NR + 2, 1, 5, taps, (3, 11, 10), seed=1)
     p.requires_grad_(), s.requires_grad_()
-    ref = reference(x, p, s, 1, circular)
+    ref = reference(x, p, s, taps, 5, 1, circular)
     ref_p, ref_s = torch.autograd.grad(ref, [p, s], g)
-    torch.testing.assert_close(native.lean_forward(x, p, s, taps, circular, 1), ref.detach(), rtol=1e-4, atol=1e-4)
-    gp, gs = native.lean_weight_grads(g, x, p.shape, s.shape, taps, circular, 1)
-    mask = torch.zeros(s.shape[0], 25).index_fill(1, taps, 1).view_as(s)
+    y = native.lean_forward(x, p, s, taps, 5, circular, 1)
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-4)
+    gp, gs = native.lean_weight_grads(g, x, p.shape, s.shape[0], taps, 5, circular, 1)
     torch.testing.assert_close(gp, ref_p, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gs, ref_s * mask, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gs, ref_s, rtol=1e-4, atol=1e-4)
 
 
 def test_lean_operator_takes_the_compiled_path(monkeypatch):
@@ -107,19 +108,19 @@ def test_results_do_not_depend_on_the_thread_count(threads):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        y = native.lean_forward(x, p, s, cross(3), False, 1)
-        gp, _ = native.lean_weight_grads(g, x, p.shape, s.shape, cross(3), False, 1)
+        y = native.lean_forward(x, p, s, cross(3), 3, False, 1)
+        gp, _ = native.lean_weight_grads(g, x, p.shape, s.shape[0], cross(3), 3, False, 1)
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(y, reference(x, p, s, 1, False), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, reference(x, p, s, cross(3), 3, 1, False), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gp, torch.einsum("bonm,binm->oi", g, x)[..., None, None], rtol=1e-4, atol=1e-4)
 
 
 def test_unsupported_arguments_raise_a_clear_error():
     x, _, p, _ = problem(4, 4, 1, 3, cross(3), (1, 3, 3), seed=0)
-    too_many = torch.zeros(5, 1, 3, 3)  # a stencil on more channels than x has
+    too_many = torch.zeros(5, 5)  # a stencil on more channels than x has
     with pytest.raises(ValueError, match="unsupported arguments"):
-        native.lean_forward(x, p, too_many, cross(3), False, 1)
+        native.lean_forward(x, p, too_many, cross(3), 3, False, 1)
 
 
 def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):
