@@ -19,6 +19,7 @@ before and after. ``flop_ratio`` is the dense FLOPs over the operator's FLOPs, b
     python benchmarks/operators.py --quick            # (64, 128, 16) only, fewer repeats (< 1 minute)
     python benchmarks/operators.py --json ops.json    # also write the rows as JSON
     python benchmarks/operators.py --threads 1        # one torch thread (steadier on a busy machine)
+    python benchmarks/operators.py --shapes 128,16,28 128,32,14 128,64,7   # other (batch, channels, size)
 
 JSON rows: ``operator, batch, channels, size, fwd_ms, fwdbwd_ms, dense_fwd_ms, dense_fwdbwd_ms, flop_ratio``
 (medians, ms) and the same times as minima (``fwd_min_ms``, ...).
@@ -156,12 +157,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    """``"64,128,16"`` -> ``(64, 128, 16)``; anything else is an argparse error naming the value."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers B,C,N, got {text!r}")
+    return shape
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only (64, 128, 16), fewer repeats")
     p.add_argument("--repeats", type=int, help="timed repeats per operator (default 15; 5 with --quick)")
     p.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--shapes", nargs="+", type=_shape, metavar="B,C,N",
+                   help="(batch, channels, size) triples instead of the default four")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     args = p.parse_args(argv)
     if args.threads:
@@ -170,7 +184,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     started = time.perf_counter()
     rows = []
-    for shape in QUICK_SHAPES if args.quick else SHAPES:
+    for shape in args.shapes or (QUICK_SHAPES if args.quick else SHAPES):
         rows += benchmark_shape(*shape, repeats=repeats, warmup=args.warmup)
         print(format_table(rows[-len(OPERATORS) - 1:]), flush=True)
     rows.append(spectral_norm_row(1 if args.quick else 3))

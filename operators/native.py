@@ -4,7 +4,7 @@
 over the output gradient and ``x``, for float32 channels-last tensors on the CPU (see the C file for the
 mathematics and the layout). The library is compiled once per machine with ``cc -O3 -march=native
 -fopenmp`` (``$CC`` overrides the compiler) into ``$PDENET_CACHE_DIR`` (default ``~/.cache/pdenet``), named by
-a hash of the source, the flags and the processor, and checked against ``F.conv2d`` on a small problem
+a hash of the source, the flags and the processor, and checked against a numpy reference on small problems
 before its first use. Without a compiler, or with ``PDENET_NATIVE=0``, ``available()`` is false,
 ``status()`` says why, and the lean operator runs on PyTorch's convolutions instead. The kernels use the
 OpenMP runtime PyTorch already loaded and ``torch.get_num_threads()`` threads.
@@ -46,14 +46,13 @@ def cache_dir() -> Path:
 
 
 def _processor() -> str:
-    """The processor model (``-march=native`` makes the library specific to it)."""
+    """The processor model and its instruction-set flags (``-march=native`` makes the library specific to
+    them)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
 def _build(compiler: str) -> Path:
