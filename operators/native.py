@@ -101,6 +101,7 @@ def _load() -> None:
     lib.lean_weight_grads.argtypes = [_PTR] * 3 + [_INT, _PTR, _PTR] + _GEOMETRY
     lib.lean_forward.restype = lib.lean_weight_grads.restype = lib.lean_block_channels.restype = _INT
     _state["lib"], _state["status"] = lib, f"compiled kernels loaded from {path}"
+    _state["block_channels"] = lib.lean_block_channels()
     mismatch = _self_check()
     if mismatch:
         _state["lib"], _state["status"] = None, f"self-check failed: {mismatch}"
@@ -150,7 +151,8 @@ def _kernels():
 
 def block_channels() -> int:
     """Channels per register block of the kernels (16 with AVX2, 32 with AVX-512)."""
-    return _kernels().lean_block_channels()
+    _kernels()
+    return _state["block_channels"]
 
 
 def supports(t: torch.Tensor, c_out: int, groups: int) -> bool:
