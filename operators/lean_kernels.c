@@ -10,8 +10,9 @@
    weights as wt[t m + j] (shape (ntaps, m)). Outside the grid x is zero (circular = 0) or periodic.
 
    Both kernels work on tiles of TILE consecutive pixels, split over OpenMP threads (the same OpenMP runtime
-   as PyTorch's, libgomp). Inside a tile a register block of MR pixels x NR channels accumulates the GEMM and
-   the stencil taps before a single store, so x is read and y written once. The taps one image row down are
+   as PyTorch's, libgomp). Inside a tile a register block of MR pixels x nv VW channels (nv = 2 vectors, or 1
+   for a remainder of VW channels: 16-channel layers with AVX-512) accumulates the GEMM and the stencil taps
+   before a single store, so x is read and y written once; narrower remainders run a scalar loop. The taps one image row down are
    prefetched one block ahead: they are the first touch of that row and would otherwise stall the block. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,7 +26,7 @@
 typedef float vec __attribute__((vector_size(VW * 4)));
 typedef float vecu __attribute__((vector_size(VW * 4), aligned(4), may_alias)); /* unaligned access */
 #define MR 6        /* pixels (forward) or output channels (weight gradient) per register block */
-#define NR (2 * VW) /* channels per register block */
+#define NR (2 * VW) /* channels per full register block (nv = 2 vectors) */
 #define TILE 96     /* pixels per tile, a multiple of MR */
 
 static inline vec vload(const float *p) { return *(const vecu *)p; }
@@ -89,11 +90,19 @@ static inline void prefetch_ahead(const geometry *g, const float *x, int64_t p, 
     for (int64_t c = 0; c < g->ci; c += 64 / sizeof(float)) __builtin_prefetch(x + q * g->ci + c);
 }
 
+/* o[0 : nv VW] += (v0, v1), the second vector only when nv = 2 */
+static inline void accumulate(float *o, vec v0, vec v1, const int nv) {
+  vstore(o, vload(o) + v0);
+  if (nv > 1) vstore(o + VW, vload(o + VW) + v1);
+}
+
 /* ------------------------------------------------------------------------------------------- forward */
-/* y[i, j0 : j0 + NR] = sum_c a[i, c] pt[c, j0 : j0 + NR] + sum_{t < ntaps} wt[t, j0 :] src[t][i][j0 :] for
-   the pixels i < mr; `a` points at input channel G cig of the block's first pixel. */
-static inline void forward_block(const geometry *g, const float *a, const float *pt, const float *wt, int ntaps,
-                                 const float *const *src, int64_t j0, float *y, int mr) {
+/* y[i, j0 : j0 + nv VW] = sum_c a[i, c] pt[c, j0 :] + sum_{t < ntaps} wt[t, j0 :] src[t][i][j0 :] for the
+   pixels i < mr; `a` points at input channel G cig of the block's first pixel. nv (1 or 2) is a constant at
+   every call, so each width compiles to its own code. */
+static inline __attribute__((always_inline)) void forward_block(const geometry *g, const float *a, const float *pt,
+                                                                const float *wt, int ntaps, const float *const *src,
+                                                                int64_t j0, float *y, int mr, const int nv) {
   vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
   vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
   const int64_t ci = g->ci, co = g->co;
@@ -102,34 +111,34 @@ static inline void forward_block(const geometry *g, const float *a, const float 
   const float *a4 = a + (mr > 4) * 4 * ci, *a5 = a + (mr > 5) * 5 * ci;
   const float *b = pt + j0;
   for (int64_t c = 0; c < g->cig; ++c, b += co) {
-    const vec b0 = vload(b), b1 = vload(b + VW);
+    const vec b0 = vload(b), b1 = nv > 1 ? vload(b + VW) : b0;
     vec s;
-    s = vsplat(a0[c]); c00 += s * b0; c01 += s * b1;
-    s = vsplat(a1[c]); c10 += s * b0; c11 += s * b1;
-    s = vsplat(a2[c]); c20 += s * b0; c21 += s * b1;
-    s = vsplat(a3[c]); c30 += s * b0; c31 += s * b1;
-    s = vsplat(a4[c]); c40 += s * b0; c41 += s * b1;
-    s = vsplat(a5[c]); c50 += s * b0; c51 += s * b1;
+    s = vsplat(a0[c]); c00 += s * b0; if (nv > 1) c01 += s * b1;
+    s = vsplat(a1[c]); c10 += s * b0; if (nv > 1) c11 += s * b1;
+    s = vsplat(a2[c]); c20 += s * b0; if (nv > 1) c21 += s * b1;
+    s = vsplat(a3[c]); c30 += s * b0; if (nv > 1) c31 += s * b1;
+    s = vsplat(a4[c]); c40 += s * b0; if (nv > 1) c41 += s * b1;
+    s = vsplat(a5[c]); c50 += s * b0; if (nv > 1) c51 += s * b1;
   }
   for (int t = 0; t < ntaps; ++t) {
-    const vec w0 = vload(wt + t * g->m + j0), w1 = vload(wt + t * g->m + j0 + VW);
+    const vec w0 = vload(wt + t * g->m + j0), w1 = nv > 1 ? vload(wt + t * g->m + j0 + VW) : w0;
     const float *const *st = src + t * TILE;
     const float *s0 = st[0] + j0, *s1 = st[mr > 1] + j0, *s2 = st[(mr > 2) * 2] + j0;
     const float *s3 = st[(mr > 3) * 3] + j0, *s4 = st[(mr > 4) * 4] + j0, *s5 = st[(mr > 5) * 5] + j0;
-    c00 += w0 * vload(s0); c01 += w1 * vload(s0 + VW);
-    c10 += w0 * vload(s1); c11 += w1 * vload(s1 + VW);
-    c20 += w0 * vload(s2); c21 += w1 * vload(s2 + VW);
-    c30 += w0 * vload(s3); c31 += w1 * vload(s3 + VW);
-    c40 += w0 * vload(s4); c41 += w1 * vload(s4 + VW);
-    c50 += w0 * vload(s5); c51 += w1 * vload(s5 + VW);
+    c00 += w0 * vload(s0); if (nv > 1) c01 += w1 * vload(s0 + VW);
+    c10 += w0 * vload(s1); if (nv > 1) c11 += w1 * vload(s1 + VW);
+    c20 += w0 * vload(s2); if (nv > 1) c21 += w1 * vload(s2 + VW);
+    c30 += w0 * vload(s3); if (nv > 1) c31 += w1 * vload(s3 + VW);
+    c40 += w0 * vload(s4); if (nv > 1) c41 += w1 * vload(s4 + VW);
+    c50 += w0 * vload(s5); if (nv > 1) c51 += w1 * vload(s5 + VW);
   }
   y += j0;
-  vstore(y, c00); vstore(y + VW, c01);
-  if (mr > 1) { vstore(y + co, c10); vstore(y + co + VW, c11); }
-  if (mr > 2) { vstore(y + 2 * co, c20); vstore(y + 2 * co + VW, c21); }
-  if (mr > 3) { vstore(y + 3 * co, c30); vstore(y + 3 * co + VW, c31); }
-  if (mr > 4) { vstore(y + 4 * co, c40); vstore(y + 4 * co + VW, c41); }
-  if (mr > 5) { vstore(y + 5 * co, c50); vstore(y + 5 * co + VW, c51); }
+  vstore(y, c00); if (nv > 1) vstore(y + VW, c01);
+  if (mr > 1) { vstore(y + co, c10); if (nv > 1) vstore(y + co + VW, c11); }
+  if (mr > 2) { vstore(y + 2 * co, c20); if (nv > 1) vstore(y + 2 * co + VW, c21); }
+  if (mr > 3) { vstore(y + 3 * co, c30); if (nv > 1) vstore(y + 3 * co + VW, c31); }
+  if (mr > 4) { vstore(y + 4 * co, c40); if (nv > 1) vstore(y + 4 * co + VW, c41); }
+  if (mr > 5) { vstore(y + 5 * co, c50); if (nv > 1) vstore(y + 5 * co + VW, c51); }
 }
 
 /* The same for the output channels j0 <= j < j1 one at a time (blocks cut by co, m or a group boundary). */
@@ -144,6 +153,20 @@ static void forward_scalar(const geometry *g, const float *x_pixel, const float 
         for (int t = 0; t < g->ntaps; ++t) acc += wt[t * g->m + j] * src[t * TILE + i][j];
       y[i * g->co + j] = acc;
     }
+}
+
+/* Whether output channels j0 .. j0 + width - 1 form a register block: inside co and inside one group, and
+   either all stencil channels (< m) or none. */
+static inline int block_fits(const geometry *g, int64_t j0, int64_t width) {
+  const int64_t j1 = j0 + width;
+  return j1 <= g->co && (j1 - 1) / g->cog == j0 / g->cog && !(j0 < g->m && g->m < j1);
+}
+
+/* The first channel after j0 where a block may start again: the next of co, m and a group boundary. */
+static inline int64_t next_boundary(const geometry *g, int64_t j0) {
+  int64_t j1 = (j0 / g->cog + 1) * g->cog;
+  if (j0 < g->m && g->m < j1) j1 = g->m;
+  return j1 < g->co ? j1 : g->co;
 }
 
 /* y = P x + S x; returns 0 (and writes nothing) for arguments outside the kernel's range. */
@@ -166,13 +189,20 @@ int lean_forward(const float *x, const float *pt, const float *wt, const int32_t
         const float *x_pixel = x + (p0 + i) * ci;
         float *y_pixel = y + (p0 + i) * co;
         prefetch_ahead(&g, x, p0 + i, pixels);
-        for (int64_t j0 = 0; j0 < co; j0 += NR) {
-          const int64_t j1 = j0 + NR <= co ? j0 + NR : co;
-          const int64_t group = j0 / g.cog;
-          if (j1 < j0 + NR || (j0 < m && m < j1) || (j1 - 1) / g.cog != group)
+        for (int64_t j0 = 0; j0 < co;) {
+          const int64_t group = j0 / g.cog, taps_j0 = j0 < m ? ntaps : 0;
+          const float *a = x_pixel + group * g.cig;
+          if (block_fits(&g, j0, NR)) {
+            forward_block(&g, a, pt, wt, taps_j0, src + i, j0, y_pixel, mr, 2);
+            j0 += NR;
+          } else if (block_fits(&g, j0, VW)) {
+            forward_block(&g, a, pt, wt, taps_j0, src + i, j0, y_pixel, mr, 1);
+            j0 += VW;
+          } else {
+            const int64_t j1 = next_boundary(&g, j0);
             forward_scalar(&g, x_pixel, pt, wt, src + i, j0, j1, y_pixel, mr);
-          else
-            forward_block(&g, x_pixel + group * g.cig, pt, wt, j0 < m ? ntaps : 0, src + i, j0, y_pixel, mr);
+            j0 = j1;
+          }
         }
       }
     }
@@ -183,32 +213,34 @@ int lean_forward(const float *x, const float *pt, const float *wt, const int32_t
 }
 
 /* --------------------------------------------------------------------------------- weight gradients */
-/* gp[j0 + r, c0 : c0 + NR] += sum_{i < n} d[i, j0 + r] a[i, c0 : c0 + NR] for r < mr, where d points at the
-   output gradient of the tile's first pixel and a at input channel G cig of the same pixel. */
-static inline void pointwise_grad_block(const geometry *g, const float *d, const float *a, int64_t n, int64_t j0,
-                                        int64_t c0, float *gp, int mr) {
+/* gp[j0 + r, c0 : c0 + nv VW] += sum_{i < n} d[i, j0 + r] a[i, c0 :] for r < mr, where d points at the output
+   gradient of the tile's first pixel and a at input channel G cig of the same pixel; nv (1 or 2) as in
+   forward_block. */
+static inline __attribute__((always_inline)) void pointwise_grad_block(const geometry *g, const float *d,
+                                                                       const float *a, int64_t n, int64_t j0,
+                                                                       int64_t c0, float *gp, int mr, const int nv) {
   vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
   vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
   const int64_t ci = g->ci, co = g->co, cig = g->cig;
   const int64_t r1 = j0 + (mr > 1), r2 = j0 + (mr > 2) * 2, r3 = j0 + (mr > 3) * 3, r4 = j0 + (mr > 4) * 4;
   const int64_t r5 = j0 + (mr > 5) * 5;
   for (int64_t i = 0; i < n; ++i, d += co, a += ci) {
-    const vec b0 = vload(a + c0), b1 = vload(a + c0 + VW);
+    const vec b0 = vload(a + c0), b1 = nv > 1 ? vload(a + c0 + VW) : b0;
     vec s;
-    s = vsplat(d[j0]); c00 += s * b0; c01 += s * b1;
-    s = vsplat(d[r1]); c10 += s * b0; c11 += s * b1;
-    s = vsplat(d[r2]); c20 += s * b0; c21 += s * b1;
-    s = vsplat(d[r3]); c30 += s * b0; c31 += s * b1;
-    s = vsplat(d[r4]); c40 += s * b0; c41 += s * b1;
-    s = vsplat(d[r5]); c50 += s * b0; c51 += s * b1;
+    s = vsplat(d[j0]); c00 += s * b0; if (nv > 1) c01 += s * b1;
+    s = vsplat(d[r1]); c10 += s * b0; if (nv > 1) c11 += s * b1;
+    s = vsplat(d[r2]); c20 += s * b0; if (nv > 1) c21 += s * b1;
+    s = vsplat(d[r3]); c30 += s * b0; if (nv > 1) c31 += s * b1;
+    s = vsplat(d[r4]); c40 += s * b0; if (nv > 1) c41 += s * b1;
+    s = vsplat(d[r5]); c50 += s * b0; if (nv > 1) c51 += s * b1;
   }
   float *o = gp + j0 * cig + c0;
-  vstore(o, vload(o) + c00); vstore(o + VW, vload(o + VW) + c01);
-  if (mr > 1) { o += cig; vstore(o, vload(o) + c10); vstore(o + VW, vload(o + VW) + c11); }
-  if (mr > 2) { o += cig; vstore(o, vload(o) + c20); vstore(o + VW, vload(o + VW) + c21); }
-  if (mr > 3) { o += cig; vstore(o, vload(o) + c30); vstore(o + VW, vload(o + VW) + c31); }
-  if (mr > 4) { o += cig; vstore(o, vload(o) + c40); vstore(o + VW, vload(o + VW) + c41); }
-  if (mr > 5) { o += cig; vstore(o, vload(o) + c50); vstore(o + VW, vload(o + VW) + c51); }
+  accumulate(o, c00, c01, nv);
+  if (mr > 1) accumulate(o += cig, c10, c11, nv);
+  if (mr > 2) accumulate(o += cig, c20, c21, nv);
+  if (mr > 3) accumulate(o += cig, c30, c31, nv);
+  if (mr > 4) accumulate(o += cig, c40, c41, nv);
+  if (mr > 5) accumulate(o += cig, c50, c51, nv);
 }
 
 /* gp[j, c] = sum_p d[p, j] x[p, G(j) cig + c] (shape (co, cig), the layout of P) and gs[t, j] =
@@ -246,8 +278,12 @@ int lean_weight_grads(const float *d, const float *x, const int32_t *taps, int n
             a0 += vload(di) * vload(s);
             a1 += vload(di + VW) * vload(s + VW);
           }
-          vstore(o + j, vload(o + j) + a0);
-          vstore(o + j + VW, vload(o + j + VW) + a1);
+          accumulate(o + j, a0, a1, 2);
+        }
+        for (; j + VW <= m; j += VW) {
+          vec a0 = {0};
+          for (int64_t i = 0; i < n; ++i) a0 += vload(d_tile + i * co + j) * vload(st[i] + j);
+          accumulate(o + j, a0, a0, 1);
         }
         for (; j < m; ++j) {
           float acc = 0.f;
@@ -261,7 +297,8 @@ int lean_weight_grads(const float *d, const float *x, const int32_t *taps, int n
         for (int64_t j0 = G * cog; j0 < (G + 1) * cog; j0 += MR) {
           const int mr = (int)((G + 1) * cog - j0 < MR ? (G + 1) * cog - j0 : MR);
           int64_t c0 = 0;
-          for (; c0 + NR <= cig; c0 += NR) pointwise_grad_block(&g, d_tile, a, n, j0, c0, gp_local, mr);
+          for (; c0 + NR <= cig; c0 += NR) pointwise_grad_block(&g, d_tile, a, n, j0, c0, gp_local, mr, 2);
+          for (; c0 + VW <= cig; c0 += VW) pointwise_grad_block(&g, d_tile, a, n, j0, c0, gp_local, mr, 1);
           for (int r = 0; r < mr; ++r)
             for (int64_t c = c0; c < cig; ++c) {
               float acc = 0.f;
@@ -284,5 +321,6 @@ int lean_weight_grads(const float *d, const float *x, const int32_t *taps, int n
   return 1;
 }
 
-/* The register block's channel width, for the caller's choice of path. */
-int lean_block_channels(void) { return NR; }
+/* The narrowest register block's channel width (VW), for the caller's choice of path: channel counts that are
+   not a multiple of it leave a remainder for the scalar loops. */
+int lean_block_channels(void) { return VW; }

@@ -150,7 +150,8 @@ def _kernels():
 
 
 def block_channels() -> int:
-    """Channels per register block of the kernels (16 with AVX2, 32 with AVX-512)."""
+    """Channels of the kernels' narrowest register block, one vector (8 with AVX2, 16 with AVX-512); the
+    full block is two vectors wide."""
     _kernels()
     return _state["block_channels"]
 
@@ -230,7 +231,7 @@ def _self_check() -> str:
     rng = np.random.default_rng(0)
     taps = np.array([1, 3, 4, 5, 7], dtype=np.int32)  # the 3x3 cross
     for c_in, c_out, groups, circular in [(5, 7, 1, True), (nr + 3, nr + 1, 1, False), (2 * nr, 2 * nr, 2, True),
-                                          (3, 2, 1, False)]:
+                                          (3 * nr + 1, 3 * nr + 1, 1, False), (3, 2, 1, False)]:
         m, cig, cog = min(c_in, c_out), c_in // groups, c_out // groups
         x = rng.standard_normal((2, 5, 7, c_in), dtype=np.float32)
         d = rng.standard_normal((2, 5, 7, c_out), dtype=np.float32)

@@ -40,7 +40,7 @@ def cross(k):
 
 NR = native.block_channels() if native.available() else 16
 CHANNELS = [(1, 1, 1), (3, 5, 1), (7, 2, 1), (NR, NR, 1), (NR + 3, NR + 1, 1), (2 * NR + 5, 2 * NR, 1),
-            (NR, 3 * NR, 1), (2 * NR, 2 * NR, 2), (4 * NR, 2 * NR, 2)]
+            (NR, 3 * NR, 1), (3 * NR + 2, 3 * NR + 2, 1), (2 * NR, 2 * NR, 2), (4 * NR, 2 * NR, 2)]
 SHAPES = [(2, 5, 7), (1, 1, 1), (3, 2, 1), (1, 13, 17), (2, 1, 9)]
 
 
