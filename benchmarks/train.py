@@ -25,6 +25,7 @@ import torch
 
 # benchmarks/operators.py shares its name with the operators package: keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from pdenet.allocator import keep_freed_memory  # noqa: E402
 from pdenet.commands.train import format_row  # noqa: E402
 from pdenet.configs import build_model  # noqa: E402
 from pdenet.costs import measure_costs, measure_train_step  # noqa: E402
@@ -171,6 +172,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # as the pdenet commands do
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from .allocator import keep_freed_memory
+
 COMMANDS = ("train", "evaluate", "cost", "stability")
 
 
@@ -24,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -8,12 +8,13 @@ from the run's checkpoint; only the run-time options (``RUNTIME``) may then be g
 The output directory receives ``settings.json``, ``checkpoint.pt`` (atomically rewritten after every
 epoch), ``metrics.json`` and ``metrics.csv`` (one row per epoch) and ``report.json`` (the final report).
 
-Defaults (measured on the project's 2-core CPU machine, seed 0). ``pdenet train`` trains the lean ResNet-20
-on Fashion-MNIST for 10 epochs: SGD with Nesterov momentum 0.9, learning rate 0.1 on a cosine schedule,
-weight decay 5e-4, batch 128, random crops (padding 2) and flips, channels-last layout (about 2,000 training
-images/s with 2 threads against 1,900 in NCHW). Without ``--threads`` the thread count is the fastest of 1,
-half and all cores in a one-second probe, repeated when the throughput changes (see ``ThreadTuner``). It
-reaches 92.6% test accuracy in about 6 minutes on 2 idle cores; 30 epochs (``--epochs 30``) reach 93.6%.
+Defaults (measured on the project's 2-core CPU machines, seed 0). ``pdenet train`` trains the lean ResNet-20
+on Fashion-MNIST for 7 epochs: SGD with Nesterov momentum 0.9, learning rate 0.1 on a cosine schedule,
+weight decay 5e-4, batch 128, random crops (padding 2) and flips, channels-last layout (the compiled lean
+kernel's layout). Without ``--threads`` the thread count is the fastest of 1, half and all cores in a
+one-second probe, repeated when the throughput changes (see ``ThreadTuner``). 7 epochs reached 91.97% test
+accuracy on 2 AVX-512 cores at about 40 s per idle epoch (1,400 training images/s); the AVX2-only machine of
+2026-12-02 ran 61-82 s per epoch. 10 epochs reached 92.05-92.60%, 30 epochs (``--epochs 30``) 93.57%.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ DEFAULTS = {
     "data_dir": None,
     "task": None,            # None: the data set's own task (class labels -> classification)
     "eval_split": None,      # None: the data set's evaluation split (pdenet.data.registry.eval_split)
-    "epochs": 10,
+    "epochs": 7,             # fits the README's 10-minute budget on the slowest 2-core machine seen
     "batch_size": 128,
     "optimizer": "sgd",
     "lr": None,              # per optimizer, see TrainConfig
