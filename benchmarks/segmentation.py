@@ -172,8 +172,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_set = load_dataset("camvid", "train", args.data_dir)
-    val_set = load_dataset("camvid", "val", args.data_dir)
+    try:
+        train_set = load_dataset("camvid", "train", args.data_dir)
+        val_set = load_dataset("camvid", "val", args.data_dir)
+    except (ValueError, OSError) as exc:  # missing or corrupt files: the reader's message
+        print(f"benchmarks/segmentation.py: {exc}", file=sys.stderr)
+        return 2
     if args.quick:
         train_set, val_set = train_set.subset(slice(0, 8)), val_set.subset(slice(0, 4))
     augment = Augmentation.for_dataset(train_set, zoom=args.zoom, jitter=args.color_jitter)

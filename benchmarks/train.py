@@ -179,8 +179,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results, report = {}, []
     for data in args.data:
-        train_set = load_dataset(data, "train", args.data_dir)
-        test_set = load_dataset(data, "test", args.data_dir)
+        try:
+            train_set = load_dataset(data, "train", args.data_dir)
+            test_set = load_dataset(data, "test", args.data_dir)
+        except (ValueError, OSError) as exc:  # unknown name, missing or corrupt files: the reader's message
+            print(f"benchmarks/train.py: {exc}", file=sys.stderr)
+            return 2
         if args.quick:
             train_set, test_set = train_set.subset(slice(0, 2000)), test_set.subset(slice(0, 1000))
         widths = matched_widths(train_set, args.models)

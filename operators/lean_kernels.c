@@ -12,8 +12,9 @@
    Both kernels work on tiles of TILE consecutive pixels, split over OpenMP threads (the same OpenMP runtime
    as PyTorch's, libgomp). Inside a tile a register block of MR pixels x nv VW channels (nv = 2 vectors, or 1
    for a remainder of VW channels: 16-channel layers with AVX-512) accumulates the GEMM and the stencil taps
-   before a single store, so x is read and y written once; narrower remainders run a scalar loop. The taps one image row down are
-   prefetched one block ahead: they are the first touch of that row and would otherwise stall the block. */
+   before a single store, so x is read and y written once; narrower remainders run a scalar loop. The taps
+   one image row down are prefetched one block ahead: they are the first touch of that row and would
+   otherwise stall the block. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
