@@ -3,11 +3,13 @@
 
    Layout: x (B, H, W, ci) and y (B, H, W, co) with the channels contiguous (PyTorch's channels-last);
    pixels are numbered p = (b H + h) W + w. P couples the channels in `groups` groups: output channel j of
-   group G = j / (co/groups) reads input channels G cig + c, c < cig = ci/groups. Its weights are passed
-   transposed, pt[c co + j] = P[j, c] (shape (cig, co)), so that a row of pt is contiguous in j. The stencil
-   S acts on the channels j < m (m <= ci, co): (S x)_j(p) = sum_t s[t, j] x_j(p + (dy_t, dx_t)), with the
-   taps t given by their index taps[t] = (dy_t + r) k + (dx_t + r) in the k x k square (r = k / 2), and its
-   weights as wt[t m + j] (shape (ntaps, m)). Outside the grid x is zero (circular = 0) or periodic.
+   group G = j / (co/groups) reads input channels G cig + c, c < cig = ci/groups. Its weights arrive in
+   PyTorch's layout, p[j cig + c] = P[j, c] (shape (co, cig)), and the forward transposes them once per call
+   to pt[c co + j] (shape (cig, co)), so that a row of pt is contiguous in j. The stencil S acts on the
+   channels j < m (m <= ci, co): (S x)_j(p) = sum_t s[j, t] x_j(p + (dy_t, dx_t)), with the taps t given by
+   their index taps[t] = (dy_t + r) k + (dx_t + r) in the k x k square (r = k / 2); its weights arrive as
+   s[j ntaps + t] (shape (m, ntaps)) and are transposed to wt[t m + j]. Outside the grid x is zero
+   (circular = 0) or periodic.
 
    Both kernels work on tiles of TILE consecutive pixels, split over OpenMP threads (the same OpenMP runtime
    as PyTorch's, libgomp). Inside a tile a register block of MR pixels x nv VW channels (nv = 2 vectors, or 1
@@ -40,7 +42,7 @@ typedef struct {
   int64_t dy[81], dx[81];
 } geometry;
 
-static int make_geometry(geometry *g, const int32_t *taps, int ntaps, int64_t B, int64_t H, int64_t W, int64_t ci,
+static int make_geometry(geometry *g, const int64_t *taps, int ntaps, int64_t B, int64_t H, int64_t W, int64_t ci,
                          int64_t co, int64_t m, int64_t k, int64_t groups, int circular) {
   if (ntaps < 0 || ntaps > 81 || k < 1 || k > 9 || groups < 1 || ci % groups || co % groups || m > ci || m > co)
     return 0;
@@ -171,12 +173,17 @@ static inline int64_t next_boundary(const geometry *g, int64_t j0) {
 }
 
 /* y = P x + S x; returns 0 (and writes nothing) for arguments outside the kernel's range. */
-int lean_forward(const float *x, const float *pt, const float *wt, const int32_t *taps, int ntaps, float *y,
+int lean_forward(const float *x, const float *p, const float *s, const int64_t *taps, int ntaps, float *y,
                  int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups,
                  int circular, int nthreads) {
   geometry g;
   if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)) return 0;
   const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE;
+  float *pt = malloc(sizeof(float) * (size_t)(g.cig * co)), *wt = malloc(sizeof(float) * (size_t)(ntaps * m + 1));
+  for (int64_t j = 0; j < co; ++j)
+    for (int64_t c = 0; c < g.cig; ++c) pt[c * co + j] = p[j * g.cig + c];
+  for (int64_t j = 0; j < m; ++j)
+    for (int t = 0; t < ntaps; ++t) wt[t * m + j] = s[j * ntaps + t];
 #pragma omp parallel num_threads(nthreads)
   {
     float *zero = calloc((size_t)(co + NR), sizeof(float));
@@ -210,6 +217,8 @@ int lean_forward(const float *x, const float *pt, const float *wt, const int32_t
     free(src);
     free(zero);
   }
+  free(wt);
+  free(pt);
   return 1;
 }
 
@@ -244,10 +253,10 @@ static inline __attribute__((always_inline)) void pointwise_grad_block(const geo
   if (mr > 5) accumulate(o += cig, c50, c51, nv);
 }
 
-/* gp[j, c] = sum_p d[p, j] x[p, G(j) cig + c] (shape (co, cig), the layout of P) and gs[t, j] =
-   sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape (ntaps, m)), for the output gradient d (B, H, W, co). Returns 0
-   (and writes nothing) for arguments outside the kernel's range. */
-int lean_weight_grads(const float *d, const float *x, const int32_t *taps, int ntaps, float *gp, float *gs,
+/* gp[j, c] = sum_p d[p, j] x[p, G(j) cig + c] (shape (co, cig), the layout of P) and gs[j, t] =
+   sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape (m, ntaps), the layout of s), for the output gradient d
+   (B, H, W, co). Returns 0 (and writes nothing) for arguments outside the kernel's range. */
+int lean_weight_grads(const float *d, const float *x, const int64_t *taps, int ntaps, float *gp, float *gs,
                       int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups,
                       int circular, int nthreads) {
   geometry g;
@@ -312,7 +321,8 @@ int lean_weight_grads(const float *d, const float *x, const int32_t *taps, int n
 #pragma omp critical
     {
       for (size_t q = 0; q < np; ++q) gp[q] += gp_local[q];
-      for (size_t q = 0; q < ns; ++q) gs[q] += gs_local[q];
+      for (int64_t j = 0; j < m; ++j) /* gs_local is (ntaps, m): contiguous in j for the register blocks */
+        for (int t = 0; t < ntaps; ++t) gs[j * ntaps + t] += gs_local[t * m + j];
     }
     free(src);
     free(gs_local);

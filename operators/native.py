@@ -182,11 +182,9 @@ def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor
     (B, c_out, n1, n2) in channels-last layout. Not differentiable itself (the caller's autograd Function
     is)."""
     c_out, m = pointwise.shape[0], stencil.shape[0]
-    pt = pointwise.detach().reshape(c_out, -1).t().contiguous()
-    wt = stencil.detach().t().contiguous()
-    taps32 = taps.to(torch.int32)
+    p, s, taps = pointwise.contiguous(), stencil.contiguous(), taps.to(torch.int64).contiguous()
     y = torch.empty((x.shape[0], c_out, *x.shape[2:]), dtype=x.dtype, memory_format=torch.channels_last)
-    ok = _kernels().lean_forward(x.data_ptr(), pt.data_ptr(), wt.data_ptr(), taps32.data_ptr(), len(taps32),
+    ok = _kernels().lean_forward(x.data_ptr(), p.data_ptr(), s.data_ptr(), taps.data_ptr(), len(taps),
                                  y.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
     if not ok:
         raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, pointwise "
@@ -201,14 +199,14 @@ def lean_weight_grads(grad: torch.Tensor, x: torch.Tensor, pointwise_shape, m: i
     ``∂P[o, i] = Σ_n g_o(n) x_{G(o) c_in/g + i}(n)``, ``∂s_j[t] = Σ_n g_j(n) x_j(n + t)``. ``grad`` and ``x``
     channels-last float32."""
     c_out = pointwise_shape[0]
-    taps32 = taps.to(torch.int32)
+    taps = taps.to(torch.int64).contiguous()
     gp = torch.empty(pointwise_shape, dtype=x.dtype)
-    gs = torch.empty(len(taps32), m, dtype=x.dtype)
-    ok = _kernels().lean_weight_grads(grad.data_ptr(), x.data_ptr(), taps32.data_ptr(), len(taps32),
+    gs = torch.empty(m, len(taps), dtype=x.dtype)
+    ok = _kernels().lean_weight_grads(grad.data_ptr(), x.data_ptr(), taps.data_ptr(), len(taps),
                                       gp.data_ptr(), gs.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
     if not ok:
         raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, k {k}, groups {groups})")
-    return gp, gs.t()
+    return gp, gs
 
 
 def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:
@@ -229,23 +227,23 @@ def _self_check() -> str:
     lib = _state["lib"]
     nr = lib.lean_block_channels()
     rng = np.random.default_rng(0)
-    taps = np.array([1, 3, 4, 5, 7], dtype=np.int32)  # the 3x3 cross
+    taps = np.array([1, 3, 4, 5, 7], dtype=np.int64)  # the 3x3 cross
     for c_in, c_out, groups, circular in [(5, 7, 1, True), (nr + 3, nr + 1, 1, False), (2 * nr, 2 * nr, 2, True),
                                           (3 * nr + 1, 3 * nr + 1, 1, False), (3, 2, 1, False)]:
         m, cig, cog = min(c_in, c_out), c_in // groups, c_out // groups
         x = rng.standard_normal((2, 5, 7, c_in), dtype=np.float32)
         d = rng.standard_normal((2, 5, 7, c_out), dtype=np.float32)
-        pt = rng.standard_normal((cig, c_out), dtype=np.float32)
-        wt = rng.standard_normal((len(taps), m), dtype=np.float32)
+        p = rng.standard_normal((c_out, cig), dtype=np.float32)  # P and s in PyTorch's layouts
+        s = rng.standard_normal((m, len(taps)), dtype=np.float32)
         shifted = [_shifted(x[..., :m], t // 3 - 1, t % 3 - 1, circular) for t in taps]
-        ref = np.concatenate([x[..., G * cig:(G + 1) * cig] @ pt[:, G * cog:(G + 1) * cog] for G in range(groups)], -1)
-        ref[..., :m] += sum(w * sx for w, sx in zip(wt, shifted))
+        ref = np.concatenate([x[..., G * cig:(G + 1) * cig] @ p[G * cog:(G + 1) * cog].T for G in range(groups)], -1)
+        ref[..., :m] += sum(w * sx for w, sx in zip(s.T, shifted))
         ref_p = np.concatenate([np.einsum("bhwj,bhwc->jc", d[..., G * cog:(G + 1) * cog], x[..., G * cig:(G + 1) * cig])
                                 for G in range(groups)])
-        ref_s = np.stack([np.einsum("bhwj,bhwj->j", d[..., :m], sx) for sx in shifted])
-        y, gp, gs = np.empty_like(d), np.empty((c_out, cig), np.float32), np.empty_like(wt)
+        ref_s = np.stack([np.einsum("bhwj,bhwj->j", d[..., :m], sx) for sx in shifted], axis=1)
+        y, gp, gs = np.empty_like(d), np.empty_like(p), np.empty_like(s)
         geometry = [2, 5, 7, c_in, c_out, m, 3, groups, int(circular), 1]
-        ok = (lib.lean_forward(x.ctypes.data, pt.ctypes.data, wt.ctypes.data, taps.ctypes.data, len(taps),
+        ok = (lib.lean_forward(x.ctypes.data, p.ctypes.data, s.ctypes.data, taps.ctypes.data, len(taps),
                                y.ctypes.data, *geometry)
               and lib.lean_weight_grads(d.ctypes.data, x.ctypes.data, taps.ctypes.data, len(taps), gp.ctypes.data,
                                         gs.ctypes.data, *geometry))
