@@ -33,10 +33,11 @@ import torch
 # benchmarks/operators.py shares its name with the operators package: keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from pdenet.allocator import keep_freed_memory  # noqa: E402
+from pdenet.commands._common import CommandError, load_split  # noqa: E402
 from pdenet.commands.train import format_row  # noqa: E402
 from pdenet.configs import build_model  # noqa: E402
 from pdenet.costs import measure_costs  # noqa: E402
-from pdenet.data import Augmentation, BatchLoader, load_dataset  # noqa: E402
+from pdenet.data import Augmentation, BatchLoader  # noqa: E402
 from pdenet.segmentation import SegmentationTask, save_prediction_grid  # noqa: E402
 from pdenet.training import TrainConfig, Trainer, seed_everything  # noqa: E402
 
@@ -173,9 +174,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        train_set = load_dataset("camvid", "train", args.data_dir)
-        val_set = load_dataset("camvid", "val", args.data_dir)
-    except (ValueError, OSError) as exc:  # missing or corrupt files: the reader's message
+        train_set = load_split("camvid", "train", args.data_dir)
+        val_set = load_split("camvid", "val", args.data_dir)
+    except CommandError as exc:  # missing or corrupt files: the reader's message
         print(f"benchmarks/segmentation.py: {exc}", file=sys.stderr)
         return 2
     if args.quick:

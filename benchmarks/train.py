@@ -26,10 +26,11 @@ import torch
 # benchmarks/operators.py shares its name with the operators package: keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from pdenet.allocator import keep_freed_memory  # noqa: E402
+from pdenet.commands._common import CommandError, load_split  # noqa: E402
 from pdenet.commands.train import format_row  # noqa: E402
 from pdenet.configs import build_model  # noqa: E402
 from pdenet.costs import measure_costs, measure_train_step  # noqa: E402
-from pdenet.data import BatchLoader, load_dataset  # noqa: E402
+from pdenet.data import BatchLoader  # noqa: E402
 from pdenet.networks import match_width  # noqa: E402
 from pdenet.training import ClassificationTask, TrainConfig, Trainer, seed_everything  # noqa: E402
 
@@ -180,9 +181,9 @@ def main(argv=None) -> int:
     results, report = {}, []
     for data in args.data:
         try:
-            train_set = load_dataset(data, "train", args.data_dir)
-            test_set = load_dataset(data, "test", args.data_dir)
-        except (ValueError, OSError) as exc:  # unknown name, missing or corrupt files: the reader's message
+            train_set = load_split(data, "train", args.data_dir)
+            test_set = load_split(data, "test", args.data_dir)
+        except CommandError as exc:  # unknown name, missing or corrupt files: the reader's message
             print(f"benchmarks/train.py: {exc}", file=sys.stderr)
             return 2
         if args.quick:

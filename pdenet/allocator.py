@@ -4,8 +4,8 @@ glibc's ``malloc`` serves every block above its mmap threshold (128 KiB, growing
 a fresh ``mmap`` and returns it to the kernel on ``free``; it also trims the top of the heap back to the
 kernel. A training or evaluation step allocates and frees the same activation sizes again and again, so
 each step then page-faults its activations in anew: one minor fault per 4 KiB page (about 1.6 µs each on
-the project's CPU machine, 1.6 million faults per evaluation of 10,000 Fashion-MNIST images at batch
-1000, which halved its throughput). ``keep_freed_memory()`` raises both thresholds with ``mallopt``, so
+the project's CPU machines, 1.6-2.4 million faults per evaluation of 10,000 Fashion-MNIST images at
+batch 1000, which cost that evaluation half to two thirds of its throughput). ``keep_freed_memory()`` raises both thresholds with ``mallopt``, so
 freed blocks stay in the heap and the next step finds its pages mapped. The cost is resident memory: the
 process keeps its peak working set until it exits.
 
