@@ -16,7 +16,9 @@
    for a remainder of VW channels: 16-channel layers with AVX-512) accumulates the GEMM and the stencil taps
    before a single store, so x is read and y written once; narrower remainders run a scalar loop. The taps
    one image row down are prefetched one block ahead: they are the first touch of that row and would
-   otherwise stall the block. */
+   otherwise stall the block. The weight gradients sum over a tile's pixels in registers: the coupling's,
+   transposed to (cig, co) so that its rows are contiguous like d, in blocks of MR input channels x nv VW
+   output channels; the stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +30,7 @@
 #endif
 typedef float vec __attribute__((vector_size(VW * 4)));
 typedef float vecu __attribute__((vector_size(VW * 4), aligned(4), may_alias)); /* unaligned access */
-#define MR 6        /* pixels (forward) or output channels (weight gradient) per register block */
+#define MR 6        /* pixels (forward) or input channels (weight gradient) per register block */
 #define NR (2 * VW) /* channels per full register block (nv = 2 vectors) */
 #define TILE 96     /* pixels per tile, a multiple of MR */
 
@@ -233,34 +235,83 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
 }
 
 /* --------------------------------------------------------------------------------- weight gradients */
-/* gp[j0 + r, c0 : c0 + nv VW] += sum_{i < n} d[i, j0 + r] a[i, c0 :] for r < mr, where d points at the output
-   gradient of the tile's first pixel and a at input channel G cig of the same pixel; nv (1 or 2) as in
-   forward_block. */
+/* gq[c0 + u, j0 : j0 + nv VW] += sum_{i < n} a[i, c0 + u] d[i, j0 :] for u < nc: the coupling's gradient
+   transposed (gq[c, j] = gp[j, c], shape (cig, co), contiguous in j like d), where d points at the output
+   gradient of the tile's first pixel and a at input channel G cig of the same pixel. The nc broadcasts come
+   from one pixel at fixed offsets; nc (<= MR) and nv (1 or 2) are constants at every call. */
 static inline __attribute__((always_inline)) void pointwise_grad_block(const geometry *g, const float *d,
                                                                        const float *a, int64_t n, int64_t j0,
-                                                                       int64_t c0, float *gp, int mr, const int nv) {
-  vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
-  vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
-  const int64_t ci = g->ci, co = g->co, cig = g->cig;
-  const int64_t r1 = j0 + (mr > 1), r2 = j0 + (mr > 2) * 2, r3 = j0 + (mr > 3) * 3, r4 = j0 + (mr > 4) * 4;
-  const int64_t r5 = j0 + (mr > 5) * 5;
+                                                                       int64_t c0, float *gq, const int nc,
+                                                                       const int nv) {
+  vec acc[MR][2];
+  for (int u = 0; u < nc; ++u) acc[u][0] = acc[u][1] = (vec){0};
+  const int64_t ci = g->ci, co = g->co;
+  d += j0;
+  a += c0;
   for (int64_t i = 0; i < n; ++i, d += co, a += ci) {
-    const vec b0 = vload(a + c0), b1 = nv > 1 ? vload(a + c0 + VW) : b0;
-    vec s;
-    s = vsplat(d[j0]); c00 += s * b0; if (nv > 1) c01 += s * b1;
-    s = vsplat(d[r1]); c10 += s * b0; if (nv > 1) c11 += s * b1;
-    s = vsplat(d[r2]); c20 += s * b0; if (nv > 1) c21 += s * b1;
-    s = vsplat(d[r3]); c30 += s * b0; if (nv > 1) c31 += s * b1;
-    s = vsplat(d[r4]); c40 += s * b0; if (nv > 1) c41 += s * b1;
-    s = vsplat(d[r5]); c50 += s * b0; if (nv > 1) c51 += s * b1;
+    const vec d0 = vload(d), d1 = nv > 1 ? vload(d + VW) : d0;
+    for (int u = 0; u < nc; ++u) {
+      const vec s = vsplat(a[u]);
+      acc[u][0] += s * d0;
+      if (nv > 1) acc[u][1] += s * d1;
+    }
   }
-  float *o = gp + j0 * cig + c0;
-  accumulate(o, c00, c01, nv);
-  if (mr > 1) accumulate(o += cig, c10, c11, nv);
-  if (mr > 2) accumulate(o += cig, c20, c21, nv);
-  if (mr > 3) accumulate(o += cig, c30, c31, nv);
-  if (mr > 4) accumulate(o += cig, c40, c41, nv);
-  if (mr > 5) accumulate(o += cig, c50, c51, nv);
+  for (int u = 0; u < nc; ++u) accumulate(gq + (c0 + u) * co + j0, acc[u][0], acc[u][1], nv);
+}
+
+/* pointwise_grad_block for the input channels c0 .. c0 + nc - 1 of group G, any nc <= MR. */
+static inline __attribute__((always_inline)) void pointwise_grad_channels(const geometry *g, const float *d,
+                                                                          const float *a, int64_t n, int64_t j0,
+                                                                          int64_t c0, float *gq, int nc,
+                                                                          const int nv) {
+  switch (nc) {
+    case 6: pointwise_grad_block(g, d, a, n, j0, c0, gq, 6, nv); break;
+    case 5: pointwise_grad_block(g, d, a, n, j0, c0, gq, 5, nv); break;
+    case 4: pointwise_grad_block(g, d, a, n, j0, c0, gq, 4, nv); break;
+    case 3: pointwise_grad_block(g, d, a, n, j0, c0, gq, 3, nv); break;
+    case 2: pointwise_grad_block(g, d, a, n, j0, c0, gq, 2, nv); break;
+    default: pointwise_grad_block(g, d, a, n, j0, c0, gq, 1, nv); break;
+  }
+}
+
+/* gs[t0 + u, j0 : j0 + nv VW] += sum_{i < n} d[i, j0 :] src[t0 + u][i][j0 :] for u < tn (tn <= TAPS_PER_PASS
+   taps at once: independent accumulators, d loaded once per pixel); nv and tn are constants at every call. */
+#define TAPS_PER_PASS 5
+#define PREFETCH_PIXELS 16
+static inline __attribute__((always_inline)) void stencil_grad_taps(const geometry *g, const float *d,
+                                                                    const float *const *src, int64_t n, int64_t j0,
+                                                                    int t0, float *gs, const int tn, const int nv) {
+  vec acc[TAPS_PER_PASS][2];
+  for (int u = 0; u < tn; ++u) acc[u][0] = acc[u][1] = (vec){0};
+  const float *const *st = src + t0 * TILE;
+  for (int64_t i = 0; i < n; ++i, d += g->co) {
+    __builtin_prefetch(d + PREFETCH_PIXELS * g->co + j0); /* the first touch of d in the tile */
+    if (nv > 1) __builtin_prefetch(d + PREFETCH_PIXELS * g->co + j0 + VW);
+    const vec d0 = vload(d + j0), d1 = nv > 1 ? vload(d + j0 + VW) : d0;
+    for (int u = 0; u < tn; ++u) {
+      const float *s = st[u * TILE + i] + j0;
+      acc[u][0] += d0 * vload(s);
+      if (nv > 1) acc[u][1] += d1 * vload(s + VW);
+    }
+  }
+  for (int u = 0; u < tn; ++u) accumulate(gs + (t0 + u) * g->m + j0, acc[u][0], acc[u][1], nv);
+}
+
+/* All taps of the stencil gradient for the channels j0 .. j0 + nv VW - 1, TAPS_PER_PASS taps per pass over the
+   tile's pixels. */
+static inline __attribute__((always_inline)) void stencil_grad_channels(const geometry *g, const float *d,
+                                                                        const float *const *src, int64_t n,
+                                                                        int64_t j0, float *gs, const int nv) {
+  int t = 0;
+  for (; t + TAPS_PER_PASS <= g->ntaps; t += TAPS_PER_PASS)
+    stencil_grad_taps(g, d, src, n, j0, t, gs, TAPS_PER_PASS, nv);
+  switch (g->ntaps - t) {
+    case 4: stencil_grad_taps(g, d, src, n, j0, t, gs, 4, nv); break;
+    case 3: stencil_grad_taps(g, d, src, n, j0, t, gs, 3, nv); break;
+    case 2: stencil_grad_taps(g, d, src, n, j0, t, gs, 2, nv); break;
+    case 1: stencil_grad_taps(g, d, src, n, j0, t, gs, 1, nv); break;
+    default: break;
+  }
 }
 
 /* gp[j, c] = sum_p d[p, j] x[p, G(j) cig + c] (shape (co, cig), the layout of P) and gs[j, t] =
@@ -278,7 +329,7 @@ int lean_weight_grads(const float *d, const float *x, const int64_t *taps, int n
 #pragma omp parallel num_threads(nthreads)
   {
     float *zero = calloc((size_t)(ci + NR), sizeof(float));
-    float *gp_local = calloc(np + NR, sizeof(float)), *gs_local = calloc(ns + NR, sizeof(float));
+    float *gq_local = calloc(np + NR, sizeof(float)), *gs_local = calloc(ns + NR, sizeof(float));
     const float **src = malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -287,56 +338,48 @@ int lean_weight_grads(const float *d, const float *x, const int64_t *taps, int n
       tile_sources(&g, x, zero, p0, n, src);
       /* the stencil: gs[t, j] += sum_i d[i, j] src[t][i][j], channels in register blocks over the tile */
       for (int64_t i = 0; i < n; i += MR) prefetch_ahead(&g, x, p0 + i, pixels);
-      for (int t = 0; t < ntaps; ++t) {
-        const float *const *st = src + t * TILE;
-        float *o = gs_local + t * m;
-        int64_t j = 0;
-        for (; j + NR <= m; j += NR) {
-          vec a0 = {0}, a1 = {0};
-          for (int64_t i = 0; i < n; ++i) {
-            const float *di = d_tile + i * co + j, *s = st[i] + j;
-            a0 += vload(di) * vload(s);
-            a1 += vload(di + VW) * vload(s + VW);
-          }
-          accumulate(o + j, a0, a1, 2);
-        }
-        for (; j + VW <= m; j += VW) {
-          vec a0 = {0};
-          for (int64_t i = 0; i < n; ++i) a0 += vload(d_tile + i * co + j) * vload(st[i] + j);
-          accumulate(o + j, a0, a0, 1);
-        }
-        for (; j < m; ++j) {
+      int64_t js = 0;
+      for (; js + NR <= m; js += NR) stencil_grad_channels(&g, d_tile, src, n, js, gs_local, 2);
+      for (; js + VW <= m; js += VW) stencil_grad_channels(&g, d_tile, src, n, js, gs_local, 1);
+      for (; js < m; ++js)
+        for (int t = 0; t < ntaps; ++t) {
           float acc = 0.f;
-          for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + j] * st[i][j];
-          o[j] += acc;
+          for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + js] * src[t * TILE + i][js];
+          gs_local[t * m + js] += acc;
         }
-      }
-      /* the coupling: gp[j, c] += sum_i d[i, j] x[i, G cig + c], output channels in blocks of MR inside a group */
+      /* the coupling, transposed: gq[c, j] += sum_i x[i, G cig + c] d[i, j], output channels in register
+         blocks inside a group, input channels MR at a time */
       for (int64_t G = 0; G < groups; ++G) {
         const float *a = x_tile + G * cig;
-        for (int64_t j0 = G * cog; j0 < (G + 1) * cog; j0 += MR) {
-          const int mr = (int)((G + 1) * cog - j0 < MR ? (G + 1) * cog - j0 : MR);
-          int64_t c0 = 0;
-          for (; c0 + NR <= cig; c0 += NR) pointwise_grad_block(&g, d_tile, a, n, j0, c0, gp_local, mr, 2);
-          for (; c0 + VW <= cig; c0 += VW) pointwise_grad_block(&g, d_tile, a, n, j0, c0, gp_local, mr, 1);
-          for (int r = 0; r < mr; ++r)
-            for (int64_t c = c0; c < cig; ++c) {
-              float acc = 0.f;
-              for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + j0 + r] * a[i * ci + c];
-              gp_local[(j0 + r) * cig + c] += acc;
-            }
+        const int64_t end = (G + 1) * cog;
+        for (int64_t j0 = G * cog; j0 < end;) {
+          const int nv = j0 + NR <= end ? 2 : j0 + VW <= end ? 1 : 0;
+          for (int64_t c0 = 0; c0 < cig; c0 += MR) {
+            const int nc = (int)(cig - c0 < MR ? cig - c0 : MR);
+            if (nv == 2) pointwise_grad_channels(&g, d_tile, a, n, j0, c0, gq_local, nc, 2);
+            else if (nv == 1) pointwise_grad_channels(&g, d_tile, a, n, j0, c0, gq_local, nc, 1);
+            else
+              for (int u = 0; u < nc; ++u)
+                for (int64_t j = j0; j < end; ++j) {
+                  float acc = 0.f;
+                  for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + j] * a[i * ci + c0 + u];
+                  gq_local[(c0 + u) * co + j] += acc;
+                }
+          }
+          j0 = nv ? j0 + nv * VW : end;
         }
       }
     }
 #pragma omp critical
     {
-      for (size_t q = 0; q < np; ++q) gp[q] += gp_local[q];
+      for (int64_t j = 0; j < co; ++j) /* gq_local is (cig, co), gp (co, cig) */
+        for (int64_t c = 0; c < cig; ++c) gp[j * cig + c] += gq_local[c * co + j];
       for (int64_t j = 0; j < m; ++j) /* gs_local is (ntaps, m): contiguous in j for the register blocks */
         for (int t = 0; t < ntaps; ++t) gs[j * ntaps + t] += gs_local[t * m + j];
     }
     free(src);
     free(gs_local);
-    free(gp_local);
+    free(gq_local);
     free(zero);
   }
   return 1;

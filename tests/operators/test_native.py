@@ -1,6 +1,6 @@
 """The compiled lean kernels (``operators.native``) against ``F.conv2d`` and autograd, over the shapes that
 exercise every branch: register blocks and scalar tails in the channels, short rows and partial tiles in the
-pixels, channel mismatch, groups, both boundaries, 5x5 stencils."""
+pixels, channel mismatch, groups, both boundaries, stencils up to 7x7 with any number of taps."""
 import itertools
 
 import pytest
@@ -62,17 +62,23 @@ def test_forward_and_weight_gradients_match_conv2d(channels, shape, circular):
         torch.testing.assert_close(gs, ref_s, rtol=1e-4, atol=1e-4)
 
 
+# tap counts 9, 25, 13, 6 and 7: the stencil gradient takes five taps per pass and every remainder 0-4
+STENCILS = [(5, cross(5)), (5, torch.arange(25)), (7, cross(7)), (3, torch.arange(6)), (3, torch.arange(7))]
+
+
+@pytest.mark.parametrize("stencil", STENCILS, ids=lambda st: f"k{st[0]}-{len(st[1])}taps")
 @pytest.mark.parametrize("circular", [False, True], ids=["zeros", "circular"])
-def test_five_by_five_stencil_and_many_tiles(circular):
-    """A 5x5 cross (taps two pixels away) on a grid of several 96-pixel tiles with a partial last tile."""
-    taps = cross(5)
-    x, g, p, s = problem(NR + 2, NR + 2, 1, 5, taps, (3, 11, 10), seed=1)
+def test_larger_stencils_and_many_tiles(stencil, circular):
+    """Stencils up to 7x7 (taps three pixels away), any number of taps, on a grid of several 96-pixel tiles
+    with a partial last tile."""
+    k, taps = stencil
+    x, g, p, s = problem(NR + 2, NR + 2, 1, k, taps, (3, 11, 10), seed=1)
     p.requires_grad_(), s.requires_grad_()
-    ref = reference(x, p, s, taps, 5, 1, circular)
+    ref = reference(x, p, s, taps, k, 1, circular)
     ref_p, ref_s = torch.autograd.grad(ref, [p, s], g)
-    y = native.lean_forward(x, p, s, taps, 5, circular, 1)
+    y = native.lean_forward(x, p, s, taps, k, circular, 1)
     torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-4)
-    gp, gs = native.lean_weight_grads(g, x, p.shape, s.shape[0], taps, 5, circular, 1)
+    gp, gs = native.lean_weight_grads(g, x, p.shape, s.shape[0], taps, k, circular, 1)
     torch.testing.assert_close(gp, ref_p, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gs, ref_s, rtol=1e-4, atol=1e-4)
 
