@@ -7,7 +7,8 @@ mathematics and the layout). The library is compiled once per machine with ``cc 
 a hash of the source, the flags and the processor, and checked against a numpy reference on small problems
 before its first use. Without a compiler, or with ``PDENET_NATIVE=0``, ``available()`` is false,
 ``status()`` says why, and the lean operator runs on PyTorch's convolutions instead. The kernels use the
-OpenMP runtime PyTorch already loaded and ``torch.get_num_threads()`` threads.
+OpenMP runtime PyTorch already loaded and ``torch.get_num_threads()`` threads. ``compile_library`` builds and
+loads another C file of kernels the same way; their users take ``available()`` as the switch for all of them.
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def _processor() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
-def _build(compiler: str) -> Path:
-    """Compile ``SOURCE`` (once per source, flags and processor) and return the library's path."""
-    source = SOURCE.read_bytes()
+def _build(compiler: str, source_file: Path = SOURCE) -> Path:
+    """Compile ``source_file`` (once per source, flags and processor) and return the library's path."""
+    source = source_file.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
                                      platform.machine().encode(), _processor().encode()])).hexdigest()[:16]
     directory = cache_dir()
@@ -66,13 +67,13 @@ def _build(compiler: str) -> Path:
     except OSError:
         directory = Path(tempfile.gettempdir()) / "pdenet"
         directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"lean_kernels-{key}.so"
+    target = directory / f"{source_file.stem}-{key}.so"
     if target.exists():
         return target
     fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(source_file)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
@@ -83,19 +84,27 @@ def _build(compiler: str) -> Path:
     return target
 
 
-def _load() -> None:
+def compile_library(source_file: Path) -> tuple[ctypes.CDLL, Path]:
+    """Build the C file ``source_file`` with ``FLAGS`` into ``cache_dir()`` (once per source, flags and
+    processor; ``$CC`` overrides the compiler) and load it. Raises ``RuntimeError`` naming why not: disabled
+    by ``PDENET_NATIVE=0``, no compiler, or the failed build."""
     if os.environ.get("PDENET_NATIVE", "1") == "0":
-        _state["status"] = "disabled by PDENET_NATIVE=0"
-        return
+        raise RuntimeError("disabled by PDENET_NATIVE=0")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        _state["status"] = "no C compiler found (set CC)"
-        return
+        raise RuntimeError("no C compiler found (set CC)")
     try:
-        path = _build(compiler)
-        lib = ctypes.CDLL(str(path))
+        path = _build(compiler, source_file)
+        return ctypes.CDLL(str(path)), path
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        _state["status"] = f"build failed: {err}"
+        raise RuntimeError(f"build failed: {err}") from err
+
+
+def _load() -> None:
+    try:
+        lib, path = compile_library(SOURCE)
+    except RuntimeError as err:
+        _state["status"] = str(err)
         return
     lib.lean_forward.argtypes = [_PTR] * 4 + [_INT, _PTR] + _GEOMETRY
     lib.lean_weight_grads.argtypes = [_PTR] * 3 + [_INT, _PTR, _PTR] + _GEOMETRY
@@ -132,7 +141,8 @@ def status() -> str:
 
 @contextlib.contextmanager
 def disabled():
-    """Within this block (this thread), ``available()`` is false: the PyTorch paths run instead."""
+    """Within this block (this thread), ``available()`` is false: the PyTorch paths run instead (of every
+    compiled kernel whose user checks ``available()``)."""
     before = getattr(_disabled, "on", False)
     _disabled.on = True
     try:

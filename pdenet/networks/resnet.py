@@ -30,6 +30,7 @@ from torch import nn
 from operators.base import as_grid, check_positive_int
 from operators.stability import max_stable_step
 
+from ..batch_norm_relu import batch_norm_relu
 from ..blocks import StepStability
 from .layers import ClassifierHead, check_operator_kwargs, downsample2x, make_stem
 
@@ -121,13 +122,12 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:
             x = downsample2x(x)
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
+        out = batch_norm_relu(self.bn1, self.conv1(x))
         if self.projection is not None:
             x = self.projection(x)
         elif self.pad_channels:
             x = F.pad(x, (0, 0, 0, 0, 0, self.pad_channels))
-        return F.relu(out + x, inplace=True)
+        return batch_norm_relu(self.bn2, self.conv2(out), residual=x)
 
 
 class ResNet(nn.Module):

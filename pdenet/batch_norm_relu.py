@@ -1,0 +1,199 @@
+"""``ReLU(BN(z) + r)``: batch norm in training mode, an optional residual ``r`` and ReLU in two passes each way.
+
+``batch_norm_relu(bn, z, residual)`` computes ``max(0, γ (z − μ)/√(σ² + ε) + β + r)`` with the batch's
+per-channel mean ``μ`` and biased variance ``σ²``, and updates ``bn``'s running statistics exactly as
+``nn.BatchNorm2d`` does (``momentum``, or the cumulative average when it is ``None``; the unbiased variance). On
+the CPU in float32 channels-last, in training mode and with the compiled kernels available
+(``operators.native``), it runs ``batch_norm_relu.c``: the forward is one reduction and one elementwise pass,
+the backward one reduction (the ReLU mask, ``Σ g``, ``Σ g (z − μ)``) and one elementwise pass. Separately,
+PyTorch's batch norm, addition and ReLU take five passes forward and four backward. Elsewhere (evaluation, other
+devices and dtypes, ``torch.func`` transforms, forward-mode AD, a ``bn`` with hooks or its own ``forward`` such as
+the distributed ``GlobalBatchNorm2d``) it is that composition, through ``bn`` itself.
+Under ``create_graph`` the backward is PyTorch's, so double backward works.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from operators import native
+
+SOURCE = Path(__file__).with_name("batch_norm_relu.c")
+_lock = threading.Lock()
+_state: dict = {"lib": None, "status": "not loaded yet", "tried": False}
+
+
+def _load() -> None:
+    import ctypes
+
+    try:
+        lib, path = native.compile_library(SOURCE)
+    except RuntimeError as err:
+        _state["status"] = str(err)
+        return
+    p, i64, c_int, c_double = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    lib.bn_relu_forward.argtypes = [p] * 6 + [c_double, c_double] + [p] * 3 + [i64, i64, c_int]
+    lib.bn_relu_backward.argtypes = [p] * 11 + [i64, i64, c_int]
+    lib.bn_relu_forward.restype = lib.bn_relu_backward.restype = c_int
+    _state["lib"], _state["status"] = lib, f"compiled kernels loaded from {path}"
+    mismatch = _self_check(lib)
+    if mismatch:
+        _state["lib"], _state["status"] = None, f"self-check failed: {mismatch}"
+
+
+def _library():
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _load()
+                _state["tried"] = True
+                if _state["lib"] is None and not _state["status"].startswith("disabled"):
+                    warnings.warn(f"pdenet: the fused batch norm kernels are unavailable ({_state['status']}); "
+                                  "batch norm and ReLU run on PyTorch's kernels", RuntimeWarning, stacklevel=3)
+    return _state["lib"]
+
+
+def status() -> str:
+    """One line: where the kernels were loaded from, or why they are not in use."""
+    if not native.available():
+        return f"not in use: the compiled lean kernels are not ({native.status()})"
+    _library()
+    return _state["status"]
+
+
+def _reference(x, r, gamma, beta, eps, g):
+    """numpy in float64: ``y = max(0, γ x̂ + β + r)`` over (P, C) and its gradients ``(dx, dr, dγ, dβ)``."""
+    mean, var = x.mean(0), x.var(0)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    y = np.maximum(gamma * xhat + beta + r, 0)
+    gm = g * (y > 0)
+    dbeta, dgamma = gm.sum(0), (gm * xhat).sum(0)
+    dx = gamma / np.sqrt(var + eps) * (gm - dbeta / len(x) - xhat * dgamma / len(x))
+    return y, dx, gm, dgamma, dbeta
+
+
+def _self_check(lib) -> str:
+    """Both kernels against numpy on a small problem (odd channel count, with and without a residual, running
+    statistics); the first mismatch as text, or ``""``. Numpy, not torch, as in ``operators.native``."""
+    rng = np.random.default_rng(0)
+    P, C, eps, momentum = 70, 19, 1e-5, 0.1
+    x = (rng.standard_normal((P, C)) * 3 + 5).astype(np.float32)
+    g, residual = rng.standard_normal((P, C), dtype=np.float32), rng.standard_normal((P, C), dtype=np.float32)
+    gamma, beta = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.uniform(-1, 1, C).astype(np.float32)
+    for r in (None, residual):
+        rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+        y, mean, invstd = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
+        dx, dr, dgamma, dbeta = np.empty_like(x), np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
+        ptr = (lambda a: None if a is None else a.ctypes.data)
+        ok = (lib.bn_relu_forward(ptr(x), ptr(r), ptr(gamma), ptr(beta), ptr(rm), ptr(rv), momentum, eps, ptr(y),
+                                  ptr(mean), ptr(invstd), P, C, 2)
+              and lib.bn_relu_backward(ptr(g), ptr(x), None if r is None else ptr(y), ptr(gamma), ptr(beta),
+                                       ptr(mean), ptr(invstd), None if r is None else ptr(dr), ptr(dx),
+                                       ptr(dgamma), ptr(dbeta), P, C, 2))
+        if not ok:
+            return "the kernels refused a small problem"
+        ref = _reference(x.astype(np.float64), 0 if r is None else r, gamma, beta, eps, g)
+        checks = [("output", y, ref[0]), ("input gradient", dx, ref[1]), ("weight gradient", dgamma, ref[3]),
+                  ("bias gradient", dbeta, ref[4]), ("running mean", rm, momentum * x.mean(0)),
+                  ("running variance", rv, 1 - momentum + momentum * x.astype(np.float64).var(0, ddof=1))]
+        if r is not None:
+            checks.append(("residual gradient", dr, ref[2]))
+        for name, a, b in checks:
+            if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+                return f"{name} differs from numpy ({'with' if r is not None else 'without'} a residual)"
+    return ""
+
+
+def _composite(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    out = bn(z)
+    return F.relu(out if residual is None else out + residual)
+
+
+def _plain(bn: nn.BatchNorm2d) -> bool:
+    """Whether calling ``bn`` would run ``nn.BatchNorm2d.forward`` and nothing else: not a subclass with its
+    own forward (``GlobalBatchNorm2d``, ``SyncBatchNorm`` gather statistics over processes), and no hooks."""
+    from torch.nn.modules import module
+
+    return (type(bn).forward is nn.BatchNorm2d.forward and not (bn._forward_hooks or bn._forward_pre_hooks)
+            and not (module._global_forward_hooks or module._global_forward_pre_hooks))
+
+
+def _fast(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether the compiled kernels take this call."""
+    cl = torch.channels_last
+    return (bn.training and bn.affine and _plain(bn) and z.dim() == 4 and z.shape[1] == bn.num_features and z.numel() > 0
+            and z.device.type == "cpu" and z.dtype == torch.float32 and z.is_contiguous(memory_format=cl)
+            and (residual is None or (residual.dtype == z.dtype and residual.device == z.device))
+            and torch.autograd.forward_ad._current_level < 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(z)
+            and (residual is None or not torch._C._functorch.is_functorch_wrapped_tensor(residual))
+            and native.available() and _library() is not None)
+
+
+def _pixels(z: torch.Tensor) -> int:
+    return z.shape[0] * z.shape[2] * z.shape[3]
+
+
+class _BatchNormReLUFunction(torch.autograd.Function):
+    """``y = max(0, a z + b + r)`` with ``a = γ/√(σ² + ε)``, ``b = β − μ a`` from the batch; see the module
+    notes. Saves ``z``, the batch's ``μ`` and ``1/√(σ² + ε)``, and ``y`` when there is a residual (its mask)."""
+
+    @staticmethod
+    def forward(ctx, z, residual, weight, bias, running_mean, running_var, momentum, eps):
+        c = z.shape[1]
+        y = torch.empty_like(z, memory_format=torch.channels_last)
+        mean, invstd = z.new_empty(c), z.new_empty(c)
+        track = running_mean is not None
+        ok = _library().bn_relu_forward(
+            z.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+            running_mean.data_ptr() if track else None, running_var.data_ptr() if track else None, momentum, eps,
+            y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _pixels(z), c, torch.get_num_threads())
+        if not ok:
+            raise MemoryError(f"fused batch norm: out of memory for input {tuple(z.shape)}")
+        ctx.save_for_backward(z, weight, bias, mean, invstd, y if residual is not None else None)
+        ctx.eps, ctx.has_residual = eps, residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, weight, bias, mean, invstd, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: PyTorch's differentiable batch norm on the batch statistics
+            t = F.batch_norm(z, None, None, weight, bias, True, 0.0, ctx.eps)
+            masked = grad * ((t if y is None else y) > 0)
+            dz, dw, db = torch.autograd.grad(t, (z, weight, bias), masked, create_graph=True)
+            return dz, masked if ctx.has_residual else None, dw, db, None, None, None, None
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        dz = torch.empty_like(z, memory_format=torch.channels_last)
+        dr = torch.empty_like(z, memory_format=torch.channels_last) if ctx.has_residual else None
+        dw, db = torch.empty_like(weight), torch.empty_like(bias)
+        ok = _library().bn_relu_backward(
+            grad.data_ptr(), z.data_ptr(), None if y is None else y.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+            mean.data_ptr(), invstd.data_ptr(), None if dr is None else dr.data_ptr(), dz.data_ptr(), dw.data_ptr(),
+            db.data_ptr(), _pixels(z), z.shape[1], torch.get_num_threads())
+        if not ok:
+            raise MemoryError(f"fused batch norm: out of memory for input {tuple(z.shape)}")
+        return dz, dr, dw, db, None, None, None, None
+
+
+def batch_norm_relu(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``ReLU(bn(z) + residual)`` (``residual`` optional), ``(B, C, n1, n2) -> (B, C, n1, n2)``: the compiled
+    two-pass kernels where they apply (see the module notes), else ``bn`` itself, the addition and ReLU."""
+    if residual is not None and residual.shape != z.shape:
+        raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the input {tuple(z.shape)}")
+    if not _fast(bn, z, residual):
+        return _composite(bn, z, residual)
+    momentum = bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    return _BatchNormReLUFunction.apply(z, residual, bn.weight, bn.bias, *running, float(momentum or 0.0), bn.eps)

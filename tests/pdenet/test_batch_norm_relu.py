@@ -1,0 +1,173 @@
+"""``batch_norm_relu`` against ``nn.BatchNorm2d`` + addition + ReLU: outputs, every gradient, running statistics,
+double backward, the paths it must not take (evaluation, other dtypes, hooks, distributed batch norm)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from operators import native
+from pdenet import batch_norm_relu as bnr
+from pdenet.batch_norm_relu import batch_norm_relu
+from pdenet.distributed import GlobalBatchNorm2d
+
+CL = torch.channels_last
+# skipped without the lean kernels (no compiler); with them, the fused kernels must load and pass their self-check
+compiled = pytest.mark.skipif(not native.available(), reason=f"compiled kernels: {native.status()}")
+
+
+@compiled
+def test_kernels_are_loaded():
+    assert bnr._library() is not None, bnr.status()
+
+
+def problem(shape, seed=0, momentum=0.1, track=True):
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.randn(shape, generator=gen) * 3 + 2).contiguous(memory_format=CL).requires_grad_()
+    r = torch.randn(shape, generator=gen).contiguous(memory_format=CL).requires_grad_()
+    g = torch.randn(shape, generator=gen).contiguous(memory_format=CL)
+    bn = nn.BatchNorm2d(shape[1], momentum=momentum, track_running_stats=track)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.uniform_(-1, 1, generator=gen)
+    return z, r, g, bn
+
+
+def reference(bn, z, r):
+    out = bn(z)
+    return torch.relu(out if r is None else out + r)
+
+
+@compiled
+@pytest.mark.parametrize("shape", [(8, 16, 5, 7), (4, 19, 3, 3), (2, 64, 1, 1), (1, 3, 40, 40)], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_matches_batch_norm_add_relu(shape, with_residual, momentum):
+    """Two steps (the second with the running statistics of the first): output, the gradients of the input,
+    residual, weight and bias, running mean and variance, the batch counter."""
+    z, r, g, bn = problem(shape, momentum=momentum)
+    fused = copy.deepcopy(bn)
+    r = r if with_residual else None
+    for _ in range(2):
+        y_ref, y = reference(bn, z, r), batch_norm_relu(fused, z, r)
+        assert type(y.grad_fn).__name__ == "_BatchNormReLUFunctionBackward"  # the compiled path ran
+        assert y.is_contiguous(memory_format=CL)
+        inputs = [z] + ([r] if with_residual else [])
+        ref_grads = torch.autograd.grad(y_ref, inputs + [bn.weight, bn.bias], g)
+        grads = torch.autograd.grad(y, inputs + [fused.weight, fused.bias], g)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused.running_mean, bn.running_mean)
+        torch.testing.assert_close(fused.running_var, bn.running_var)
+        assert int(fused.num_batches_tracked) == int(bn.num_batches_tracked)
+
+
+@compiled
+def test_without_running_statistics():
+    z, r, g, bn = problem((4, 16, 6, 6), track=False)
+    fused = copy.deepcopy(bn)
+    y = batch_norm_relu(fused, z, r)
+    assert type(y.grad_fn).__name__ == "_BatchNormReLUFunctionBackward"
+    torch.testing.assert_close(y, reference(bn, z, r), rtol=1e-5, atol=1e-5)
+
+
+@compiled
+def test_large_mean_loses_no_precision():
+    """A mean 3000 times the spread: against float64, the shifted sums keep the statistics (a naive
+    E[x²] − E[x]² in float would lose the variance entirely); the output is as exact as the float32 input
+    allows (PyTorch's own float32 batch norm is off by 1e-3 here)."""
+    z, _, _, bn = problem((16, 16, 8, 8))
+    with torch.no_grad():
+        z.mul_(1e-3).add_(10.0)
+    fused, ref64 = copy.deepcopy(bn), copy.deepcopy(bn).double()
+    y = batch_norm_relu(fused, z)
+    expected = reference(ref64, z.double(), None)
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=5e-4)
+    torch.testing.assert_close(fused.running_var.double(), ref64.running_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(fused.running_mean.double(), ref64.running_mean, rtol=1e-6, atol=0)
+
+
+@compiled
+def test_float32_gradients_against_float64_reference():
+    """The compiled float32 backward against autograd through PyTorch's batch norm in float64."""
+    z, r, g, bn = problem((6, 16, 5, 5), seed=2)
+    y = batch_norm_relu(copy.deepcopy(bn), z, r)
+    grads = torch.autograd.grad(y, [z, r], g)
+    z64, r64 = z.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    y64 = reference(copy.deepcopy(bn).double(), z64, r64)
+    ref = torch.autograd.grad(y64, [z64, r64], g.double())
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@compiled
+def test_double_backward_under_create_graph():
+    """The gradient of ‖∂L/∂z‖² with respect to γ, through the compiled forward, equals PyTorch's."""
+    z, r, g, bn = problem((4, 16, 4, 4), seed=3)
+    fused = copy.deepcopy(bn)
+    results = []
+    for y, weight in ((reference(bn, z, r), bn.weight), (batch_norm_relu(fused, z, r), fused.weight)):
+        (dz,) = torch.autograd.grad(y, z, g, create_graph=True)
+        results.append(torch.autograd.grad(dz.square().sum(), weight)[0])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["eval", "float64", "contiguous", "hook", "global"])
+def test_other_cases_run_batch_norm_itself(case):
+    """Evaluation, float64, a contiguous (not channels-last) input, a module with a hook and the distributed
+    ``GlobalBatchNorm2d`` (its own forward) go through ``bn`` itself, with its result."""
+    z, r, _, bn = problem((4, 16, 5, 5), seed=4)
+    if case == "eval":
+        bn.eval()
+    elif case == "float64":
+        bn, z, r = bn.double(), z.double(), r.double()
+    elif case == "contiguous":
+        z = z.contiguous()
+    elif case == "global":
+        converted = GlobalBatchNorm2d(bn.num_features)
+        converted.load_state_dict(bn.state_dict())
+        bn = converted
+    expected = reference(copy.deepcopy(bn), z, r)
+    calls = []
+    if case == "hook":
+        bn.register_forward_hook(lambda *args: calls.append(1))
+    y = batch_norm_relu(bn, z, r)
+    assert calls == ([1] if case == "hook" else [])
+    assert type(y.grad_fn).__name__ != "_BatchNormReLUFunctionBackward"
+    torch.testing.assert_close(y, expected)
+
+
+def test_residual_of_another_shape_is_a_clear_error():
+    z, r, _, bn = problem((2, 16, 4, 4))
+    with pytest.raises(ValueError, match="residual of shape"):
+        batch_norm_relu(bn, z, r[:, :8])
+
+
+@compiled
+def test_self_check_detects_wrong_kernels():
+    """The numpy self-check passes for the real library and names the first wrong result of one that writes
+    nothing."""
+    assert bnr._self_check(bnr._library()) == ""
+
+    class WritesNothing:
+        def bn_relu_forward(self, *args):
+            return 1
+
+        bn_relu_backward = bn_relu_forward
+
+    assert bnr._self_check(WritesNothing()).startswith("output differs from numpy")
+
+
+def test_numpy_reference_matches_autograd():
+    """The self-check's reference itself, against autograd in float64."""
+    rng = np.random.default_rng(1)
+    x, r, g = (rng.standard_normal((30, 5)) for _ in range(3))
+    gamma, beta = rng.uniform(0.5, 1.5, 5), rng.uniform(-1, 1, 5)
+    y, dx, dr, dgamma, dbeta = bnr._reference(x, r, gamma, beta, 1e-5, g)  # dr: the masked g
+    tx, tr, tg, tb = (torch.tensor(a, requires_grad=True) for a in (x, r, gamma, beta))
+    ty = torch.relu((tx - tx.mean(0)) / torch.sqrt(tx.var(0, unbiased=False) + 1e-5) * tg + tb + tr)
+    grads = torch.autograd.grad(ty, [tx, tr, tg, tb], torch.tensor(g))
+    for a, b in zip((y, dx, dr, dgamma, dbeta), [ty] + list(grads)):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-10, atol=1e-10)
