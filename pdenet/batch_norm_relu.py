@@ -197,3 +197,21 @@ def batch_norm_relu(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor 
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
     return _BatchNormReLUFunction.apply(z, residual, bn.weight, bn.bias, *running, float(momentum or 0.0), bn.eps)
+
+
+class BatchNormReLUSequential(nn.Sequential):
+    """``nn.Sequential`` that runs each ``nn.BatchNorm2d`` directly followed by an ``nn.ReLU`` (without hooks) as
+    one ``batch_norm_relu`` call. The same modules, state-dict keys and results as ``nn.Sequential``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self)
+        i = 0
+        while i < len(modules):
+            module = modules[i]
+            following = modules[i + 1] if i + 1 < len(modules) else None
+            if (isinstance(module, nn.BatchNorm2d) and type(following) is nn.ReLU
+                    and not (following._forward_hooks or following._forward_pre_hooks)):
+                x, i = batch_norm_relu(module, x), i + 2
+            else:
+                x, i = module(x), i + 1
+        return x

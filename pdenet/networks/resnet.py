@@ -30,7 +30,7 @@ from torch import nn
 from operators.base import as_grid, check_positive_int
 from operators.stability import max_stable_step
 
-from ..batch_norm_relu import batch_norm_relu
+from ..batch_norm_relu import BatchNormReLUSequential, batch_norm_relu
 from ..blocks import StepStability
 from .layers import ClassifierHead, check_operator_kwargs, downsample2x, make_stem
 
@@ -162,7 +162,7 @@ class ResNet(nn.Module):
         if stem == "small":
             self.stem = make_stem(in_channels, widths[0], stem_operator, operator, kwargs)
         else:
-            self.stem = nn.Sequential(
+            self.stem = BatchNormReLUSequential(
                 nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False),
                 nn.BatchNorm2d(widths[0]),
                 nn.ReLU(inplace=True),

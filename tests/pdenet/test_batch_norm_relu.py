@@ -171,3 +171,51 @@ def test_numpy_reference_matches_autograd():
     grads = torch.autograd.grad(ty, [tx, tr, tg, tb], torch.tensor(g))
     for a, b in zip((y, dx, dr, dgamma, dbeta), [ty] + list(grads)):
         np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-10, atol=1e-10)
+
+
+def sequential_pair(seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    layers = [nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+              nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU()]
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.parameters():
+                p.uniform_(-1, 1, generator=gen)
+    plain = nn.Sequential(*layers).to(memory_format=CL)
+    x = torch.randn(4, 3, 9, 9, generator=gen).contiguous(memory_format=CL)
+    return plain, bnr.BatchNormReLUSequential(*copy.deepcopy(list(plain))), x
+
+
+@compiled
+def test_sequential_fuses_batch_norm_and_relu():
+    """Both (BatchNorm2d, ReLU) pairs run fused; output, parameter gradients and running statistics equal
+    ``nn.Sequential``'s; the state-dict keys are the same."""
+    plain, fused, x = sequential_pair()
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    calls = []
+    original = bnr._BatchNormReLUFunction.apply
+    bnr._BatchNormReLUFunction.apply = lambda *args: calls.append(1) or original(*args)
+    try:
+        y = fused(x)
+    finally:
+        bnr._BatchNormReLUFunction.apply = original
+    assert len(calls) == 2
+    y_ref = plain(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, list(fused.parameters()), g),
+                    torch.autograd.grad(y_ref, list(plain.parameters()), g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused.buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_sequential_keeps_a_hooked_relu():
+    """A ReLU with a hook is called as a module (its hook fires), in training and in evaluation."""
+    plain, fused, x = sequential_pair()
+    calls = []
+    fused[2].register_forward_hook(lambda *args: calls.append(1))
+    for training in (True, False):
+        plain.train(training), fused.train(training)
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1]
