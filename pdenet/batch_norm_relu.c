@@ -20,12 +20,6 @@
 
 #define BLOCK 64 /* pixels per float partial sum */
 
-/* a x + b, the same rounding in the forward and in the backward's recomputed mask */
-static inline float affine(float x, float a, float b) { return __builtin_fmaf(x, a, b); }
-
-/* max(0, v), NaN kept (as torch.relu) */
-static inline float relu(float v) { return v < 0.f ? 0.f : v; }
-
 /* out[c] = sum_p u(p, c), out[C + c] = sum_p v(p, c) over the P pixels, where `pass` adds one block's terms
    into the float sums (su, sv); per thread in double, then in thread order. */
 typedef void (*block_sums)(const void *args, int64_t p0, int64_t p1, float *su, float *sv);
@@ -64,47 +58,137 @@ typedef struct {
   int64_t C;
 } tensors;
 
-/* su += x - k, sv += (x - k)^2 with k = shift */
+/* Each pass runs over chunks of W channels held in one vector (GCC's vector extension; two halves without
+   AVX-512): a chunk's sums and coefficients stay in registers over the pixels of a block, where a loop over a
+   runtime channel count would add every pixel into memory, one dependent store-load chain per pixel. The
+   reductions keep two sums, for even and odd pixels. The chunk functions are always inlined, so with
+   width = W they are specialized; the last chunk, C mod W channels, is loaded into and stored from the low
+   lanes of a zeroed vector. */
+#define W 16
+typedef float vec __attribute__((vector_size(W * 4)));
+typedef float vecu __attribute__((vector_size(W * 4), aligned(4), may_alias)); /* unaligned access */
+typedef int32_t mask __attribute__((vector_size(W * 4)));
+#define CHUNK static inline __attribute__((always_inline))
+#define FOR_CHUNKS(call)                                                                                         \
+  do {                                                                                                           \
+    int64_t c0_ = 0;                                                                                             \
+    for (; c0_ + W <= C; c0_ += W) call(c0_, W);                                                                 \
+    if (c0_ < C) call(c0_, (int)(C - c0_));                                                                      \
+  } while (0)
+
+CHUNK vec load(const float *p, int width) {
+  if (width == W) return *(const vecu *)p;
+  vec v = {0};
+  memcpy(&v, p, sizeof(float) * (size_t)width);
+  return v;
+}
+
+CHUNK void store(float *p, vec v, int width) {
+  if (width == W)
+    *(vecu *)p = v;
+  else
+    memcpy(p, &v, sizeof(float) * (size_t)width);
+}
+
+/* v where keep, else 0 */
+CHUNK vec keep_where(mask keep, vec v) { return (vec)(keep & (mask)v); }
+
+/* a x + b, one expression for the forward and for the backward's recomputed mask, so that both round alike
+   (GCC contracts it to one FMA in both where the processor has FMA) */
+CHUNK vec affine(vec x, vec a, vec b) { return x * a + b; }
+
+/* max(0, v), NaN and -0 kept (as the scalar v < 0 ? 0 : v) */
+CHUNK vec relu(vec v) { return keep_where(~(v < 0), v); }
+
+/* su += x - k, sv += (x - k)^2 with k = shift, for the channels [c0, c0 + width) */
+CHUNK void moments_chunk(const tensors *t, int64_t p0, int64_t p1, int64_t c0, int width, float *su, float *sv) {
+  const int64_t C = t->C;
+  const float *x = t->x + c0;
+  const vec k = load(t->shift + c0, width);
+  vec u0 = {0}, v0 = {0}, u1 = {0}, v1 = {0};
+  int64_t p = p0;
+  for (; p + 2 <= p1; p += 2) {
+    const vec d0 = load(x + p * C, width) - k, d1 = load(x + (p + 1) * C, width) - k;
+    u0 += d0, v0 += d0 * d0, u1 += d1, v1 += d1 * d1;
+  }
+  if (p < p1) {
+    const vec d = load(x + p * C, width) - k;
+    u0 += d, v0 += d * d;
+  }
+  store(su + c0, load(su + c0, width) + u0 + u1, width);
+  store(sv + c0, load(sv + c0, width) + v0 + v1, width);
+}
+
 static void moments(const void *args, int64_t p0, int64_t p1, float *su, float *sv) {
   const tensors *t = args;
   const int64_t C = t->C;
-  for (int64_t p = p0; p < p1; ++p) {
-    const float *xp = t->x + p * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const float u = xp[c] - t->shift[c];
-      su[c] += u;
-      sv[c] += u * u;
-    }
-  }
+#define MOMENTS(c0, width) moments_chunk(t, p0, p1, c0, width, su, sv)
+  FOR_CHUNKS(MOMENTS);
+#undef MOMENTS
 }
 
-/* gm = g [mask]; su += gm, sv += gm (x - mean) with mean = shift; gm stored to gr when it is wanted (the
-   residual's gradient) */
+/* g [mask] at the element offset i: the mask y > 0 (from_y), or a x + b > 0 recomputed without a residual */
+CHUNK vec masked_at(const tensors *t, int64_t i, int width, vec a, vec b, int from_y) {
+  const vec g = load(t->g + i, width);
+  return from_y ? keep_where(load(t->y + i, width) > 0, g) : keep_where(affine(load(t->x + i, width), a, b) > 0, g);
+}
+
+/* gm = g [mask]; su += gm, sv += gm (x - mean) with mean = shift, for the channels [c0, c0 + width); gm is
+   stored to gr when `store_gm` (the residual's gradient). from_y and store_gm are constants where it is
+   called. */
+CHUNK void masked_chunk(const tensors *t, int64_t p0, int64_t p1, int64_t c0, int width, float *su, float *sv,
+                        const int from_y, const int store_gm) {
+  const int64_t C = t->C;
+  const vec k = load(t->shift + c0, width), a = load(t->a + c0, width), b = load(t->b + c0, width);
+  vec u0 = {0}, v0 = {0}, u1 = {0}, v1 = {0};
+  int64_t p = p0;
+  for (; p + 2 <= p1; p += 2) {
+    const int64_t i0 = p * C + c0, i1 = i0 + C;
+    const vec m0 = masked_at(t, i0, width, a, b, from_y), m1 = masked_at(t, i1, width, a, b, from_y);
+    if (store_gm) store(t->gr + i0, m0, width), store(t->gr + i1, m1, width);
+    u0 += m0, v0 += m0 * (load(t->x + i0, width) - k);
+    u1 += m1, v1 += m1 * (load(t->x + i1, width) - k);
+  }
+  if (p < p1) {
+    const int64_t i = p * C + c0;
+    const vec m = masked_at(t, i, width, a, b, from_y);
+    if (store_gm) store(t->gr + i, m, width);
+    u0 += m, v0 += m * (load(t->x + i, width) - k);
+  }
+  store(su + c0, load(su + c0, width) + u0 + u1, width);
+  store(sv + c0, load(sv + c0, width) + v0 + v1, width);
+}
+
 static void masked_sums(const void *args, int64_t p0, int64_t p1, float *su, float *sv) {
   const tensors *t = args;
   const int64_t C = t->C;
-  for (int64_t p = p0; p < p1; ++p) {
-    const float *xp = t->x + p * C, *gp = t->g + p * C;
-    if (t->y) {
-      const float *yp = t->y + p * C;
-      float *rp = t->gr ? t->gr + p * C : NULL;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float gm = yp[c] > 0.f ? gp[c] : 0.f;
-        if (rp) rp[c] = gm;
-        su[c] += gm;
-        sv[c] += gm * (xp[c] - t->shift[c]);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float gm = affine(xp[c], t->a[c], t->b[c]) > 0.f ? gp[c] : 0.f;
-        su[c] += gm;
-        sv[c] += gm * (xp[c] - t->shift[c]);
-      }
-    }
+  const int from_y = t->y != NULL, store_gm = t->gr != NULL;
+#define MASKED_SUMS(c0, width)                                                                                   \
+  (from_y && store_gm ? masked_chunk(t, p0, p1, c0, width, su, sv, 1, 1)                                         \
+   : from_y           ? masked_chunk(t, p0, p1, c0, width, su, sv, 1, 0)                                         \
+                      : masked_chunk(t, p0, p1, c0, width, su, sv, 0, store_gm))
+  FOR_CHUNKS(MASKED_SUMS);
+#undef MASKED_SUMS
+}
+
+/* y = max(0, a x + b [+ r]) over the pixels [p0, p1) and the channels [c0, c0 + width) */
+CHUNK void output_chunk(const float *x, const float *r, const float *coef_a, const float *coef_b, float *y,
+                        int64_t C, int64_t p0, int64_t p1, int64_t c0, int width, const int with_r) {
+  const vec a = load(coef_a + c0, width), b = load(coef_b + c0, width);
+  for (int64_t i = p0 * C + c0; i < p1 * C; i += C) {
+    const vec z = affine(load(x + i, width), a, b);
+    store(y + i, relu(with_r ? z + load(r + i, width) : z), width);
   }
+}
+
+/* dx = gm a + x e + f over the pixels [p0, p1) and the channels [c0, c0 + width); from_y as in masked_chunk */
+CHUNK void input_grad_chunk(const tensors *t, const float *coef_e, const float *coef_f, float *dx, int64_t p0,
+                            int64_t p1, int64_t c0, int width, const int from_y) {
+  const int64_t C = t->C;
+  const vec a = load(t->a + c0, width), b = load(t->b + c0, width);
+  const vec e = load(coef_e + c0, width), f = load(coef_f + c0, width);
+  for (int64_t i = p0 * C + c0; i < p1 * C; i += C)
+    store(dx + i, masked_at(t, i, width, a, b, from_y) * a + load(t->x + i, width) * e + f, width);
 }
 
 /* The batch's a and b from its mean and invstd. */
@@ -143,18 +227,10 @@ int bn_relu_forward(const float *x, const float *r, const float *gamma, const fl
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t p0 = 0; p0 < P; p0 += BLOCK) {
     const int64_t p1 = p0 + BLOCK < P ? p0 + BLOCK : P;
-    for (int64_t p = p0; p < p1; ++p) {
-      const float *xp = x + p * C;
-      float *yp = y + p * C;
-      if (r) {
-        const float *rp = r + p * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yp[c] = relu(affine(xp[c], a[c], b[c]) + rp[c]);
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yp[c] = relu(affine(xp[c], a[c], b[c]));
-      }
-    }
+#define OUTPUT(c0, width) \
+  (r ? output_chunk(x, r, a, b, y, C, p0, p1, c0, width, 1) : output_chunk(x, r, a, b, y, C, p0, p1, c0, width, 0))
+    FOR_CHUNKS(OUTPUT);
+#undef OUTPUT
   }
   free(sums);
   free(a);
@@ -193,19 +269,10 @@ int bn_relu_backward(const float *g, const float *x, const float *y, const float
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t p0 = 0; p0 < P; p0 += BLOCK) {
     const int64_t p1 = p0 + BLOCK < P ? p0 + BLOCK : P;
-    for (int64_t p = p0; p < p1; ++p) {
-      const float *xp = x + p * C, *gp = g + p * C;
-      float *dp = dx + p * C;
-      if (y) {
-        const float *yp = y + p * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) dp[c] = (yp[c] > 0.f ? gp[c] : 0.f) * a[c] + xp[c] * e[c] + f[c];
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          dp[c] = (affine(xp[c], a[c], b[c]) > 0.f ? gp[c] : 0.f) * a[c] + xp[c] * e[c] + f[c];
-      }
-    }
+#define INPUT_GRAD(c0, width)                                                                                    \
+  (y ? input_grad_chunk(&t, e, f, dx, p0, p1, c0, width, 1) : input_grad_chunk(&t, e, f, dx, p0, p1, c0, width, 0))
+    FOR_CHUNKS(INPUT_GRAD);
+#undef INPUT_GRAD
   }
   free(sums);
   free(coef);

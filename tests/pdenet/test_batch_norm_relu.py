@@ -65,6 +65,36 @@ def test_matches_batch_norm_add_relu(shape, with_residual, momentum):
 
 
 @compiled
+@pytest.mark.parametrize("channels", [1, 15, 16, 17, 33, 48])
+def test_every_channel_chunk_remainder(channels):
+    """The kernels run 16 channels at a time; full chunks, a partial last chunk and both together, with an odd
+    pixel count (the reductions pair pixels)."""
+    z, r, g, bn = problem((3, channels, 5, 3), seed=channels)
+    fused = copy.deepcopy(bn)
+    for residual in (None, r):
+        y_ref, y = reference(bn, z, residual), batch_norm_relu(fused, z, residual)
+        assert type(y.grad_fn).__name__ == "_BatchNormReLUFunctionBackward"
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        inputs = [z, bn.weight, bn.bias] + ([] if residual is None else [r])
+        fused_inputs = [z, fused.weight, fused.bias] + ([] if residual is None else [r])
+        for a, b in zip(torch.autograd.grad(y, fused_inputs, g), torch.autograd.grad(y_ref, inputs, g)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.running_var, bn.running_var)
+
+
+@compiled
+def test_nan_propagates_like_pytorch():
+    """A NaN in one channel makes that channel's output NaN (ReLU keeps NaN, as torch.relu) and leaves the
+    others as PyTorch computes them."""
+    z, r, _, bn = problem((2, 20, 3, 3), seed=7)
+    with torch.no_grad():
+        z[1, 17, 2, 0] = float("nan")
+    y, y_ref = batch_norm_relu(copy.deepcopy(bn), z, r), reference(bn, z, r)
+    assert torch.isnan(y[:, 17]).all()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@compiled
 def test_without_running_statistics():
     z, r, g, bn = problem((4, 16, 6, 6), track=False)
     fused = copy.deepcopy(bn)
