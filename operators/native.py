@@ -7,8 +7,9 @@ mathematics and the layout). The library is compiled once per machine with ``cc 
 a hash of the source, the flags and the processor, and checked against a numpy reference on small problems
 before its first use. Without a compiler, or with ``PDENET_NATIVE=0``, ``available()`` is false,
 ``status()`` says why, and the lean operator runs on PyTorch's convolutions instead. The kernels use the
-OpenMP runtime PyTorch already loaded and ``torch.get_num_threads()`` threads. ``compile_library`` builds and
-loads another C file of kernels the same way; their users take ``available()`` as the switch for all of them.
+OpenMP runtime PyTorch already loaded and ``torch.get_num_threads()`` threads. ``compile_library`` and
+``CompiledLibrary`` build, load and check another C file of kernels the same way; their users take
+``available()`` as the switch for all of them.
 """
 from __future__ import annotations
 
@@ -33,8 +34,6 @@ _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 # lean_forward and lean_weight_grads share the trailing geometry arguments
 _GEOMETRY = [_I64] * 8 + [_INT, _INT]
 
-_lock = threading.Lock()
-_state: dict = {"lib": None, "status": "not loaded yet", "tried": False}
 _disabled = threading.local()
 
 
@@ -100,32 +99,59 @@ def compile_library(source_file: Path) -> tuple[ctypes.CDLL, Path]:
         raise RuntimeError(f"build failed: {err}") from err
 
 
-def _load() -> None:
-    try:
-        lib, path = compile_library(SOURCE)
-    except RuntimeError as err:
-        _state["status"] = str(err)
-        return
+class CompiledLibrary:
+    """The C file ``source`` of kernels, built and loaded by ``compile_library`` on its first ``get()`` (once per
+    process, thread-safe). ``configure(lib)`` sets the functions' argument types and returns what the users read
+    once (``constants``); ``self_check(lib)`` then compares the kernels with a reference (the first mismatch as
+    text, or ``""``). ``get()`` returns the library, or ``None`` with ``status`` saying why; the first time it
+    cannot be used it warns, naming the ``kernels`` and what runs ``instead``."""
+
+    def __init__(self, source: Path, configure, self_check, kernels: str, instead: str):
+        self.source, self.kernels, self.instead = source, kernels, instead
+        self._configure, self._self_check = configure, self_check
+        self.lib, self.constants, self.status, self._tried = None, None, "not loaded yet", False
+        self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        try:
+            lib, path = compile_library(self.source)
+        except RuntimeError as err:
+            self.status = str(err)
+            return
+        self.constants = self._configure(lib)
+        mismatch = self._self_check(lib)
+        if mismatch:
+            self.status = f"self-check failed: {mismatch}"
+        else:
+            self.lib, self.status = lib, f"compiled kernels loaded from {path}"
+
+    def get(self):
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self._load()
+                    self._tried = True
+                    if self.lib is None and not self.status.startswith("disabled"):
+                        warnings.warn(f"pdenet: the {self.kernels} are unavailable ({self.status}); {self.instead}",
+                                      RuntimeWarning, stacklevel=4)
+        return self.lib
+
+
+def _configure(lib) -> int:
+    """Argument types of the lean kernels; returns the block width (``block_channels``)."""
     lib.lean_forward.argtypes = [_PTR] * 4 + [_INT, _PTR] + _GEOMETRY
     lib.lean_weight_grads.argtypes = [_PTR] * 3 + [_INT, _PTR, _PTR] + _GEOMETRY
     lib.lean_forward.restype = lib.lean_weight_grads.restype = lib.lean_block_channels.restype = _INT
-    _state["lib"], _state["status"] = lib, f"compiled kernels loaded from {path}"
-    _state["block_channels"] = lib.lean_block_channels()
-    mismatch = _self_check()
-    if mismatch:
-        _state["lib"], _state["status"] = None, f"self-check failed: {mismatch}"
+    return lib.lean_block_channels()
+
+
+LEAN_KERNELS = CompiledLibrary(SOURCE, _configure, lambda lib: _self_check(lib), "compiled lean kernels",
+                               "the lean operator runs on PyTorch's convolutions")
 
 
 def _library():
-    if not _state["tried"]:
-        with _lock:
-            if not _state["tried"]:
-                _load()
-                _state["tried"] = True
-                if _state["lib"] is None and not _state["status"].startswith("disabled"):
-                    warnings.warn(f"pdenet: the compiled lean kernels are unavailable ({_state['status']}); "
-                                  "the lean operator runs on PyTorch's convolutions", RuntimeWarning, stacklevel=3)
-    return None if getattr(_disabled, "on", False) else _state["lib"]
+    lib = LEAN_KERNELS.get()
+    return None if getattr(_disabled, "on", False) else lib
 
 
 def available() -> bool:
@@ -136,7 +162,7 @@ def available() -> bool:
 def status() -> str:
     """One line: where the kernels were loaded from, or why they are not in use."""
     _library()
-    return "disabled in this thread by native.disabled()" if getattr(_disabled, "on", False) else _state["status"]
+    return "disabled in this thread by native.disabled()" if getattr(_disabled, "on", False) else LEAN_KERNELS.status
 
 
 @contextlib.contextmanager
@@ -163,7 +189,7 @@ def block_channels() -> int:
     """Channels of the kernels' narrowest register block, one vector (8 with AVX2, 16 with AVX-512); the
     full block is two vectors wide."""
     _kernels()
-    return _state["block_channels"]
+    return LEAN_KERNELS.constants
 
 
 def supports(t: torch.Tensor, c_out: int, groups: int) -> bool:
@@ -230,11 +256,10 @@ def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:
     return out
 
 
-def _self_check() -> str:
-    """Both kernels against a numpy reference on small problems (odd sizes, channel mismatch, groups, both
-    boundaries); the first mismatch as text, or ``""``. Numpy, not torch: the check may run inside a
+def _self_check(lib) -> str:
+    """Both kernels of ``lib`` against a numpy reference on small problems (odd sizes, channel mismatch, groups,
+    both boundaries); the first mismatch as text, or ``""``. Numpy, not torch: the check may run inside a
     user's FLOP counter or inference mode, which must not see it."""
-    lib = _state["lib"]
     nr = lib.lean_block_channels()
     rng = np.random.default_rng(0)
     taps = np.array([1, 3, 4, 5, 7], dtype=np.int64)  # the 3x3 cross

@@ -13,8 +13,7 @@ Under ``create_graph`` the backward is PyTorch's, so double backward works.
 """
 from __future__ import annotations
 
-import threading
-import warnings
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -25,46 +24,25 @@ from torch import nn
 from operators import native
 
 SOURCE = Path(__file__).with_name("batch_norm_relu.c")
-_lock = threading.Lock()
-_state: dict = {"lib": None, "status": "not loaded yet", "tried": False}
 
 
-def _load() -> None:
-    import ctypes
-
-    try:
-        lib, path = native.compile_library(SOURCE)
-    except RuntimeError as err:
-        _state["status"] = str(err)
-        return
+def _configure(lib) -> None:
     p, i64, c_int, c_double = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.bn_relu_forward.argtypes = [p] * 6 + [c_double, c_double] + [p] * 3 + [i64, i64, c_int]
     lib.bn_relu_backward.argtypes = [p] * 11 + [i64, i64, c_int]
     lib.bn_relu_forward.restype = lib.bn_relu_backward.restype = c_int
-    _state["lib"], _state["status"] = lib, f"compiled kernels loaded from {path}"
-    mismatch = _self_check(lib)
-    if mismatch:
-        _state["lib"], _state["status"] = None, f"self-check failed: {mismatch}"
 
 
-def _library():
-    if not _state["tried"]:
-        with _lock:
-            if not _state["tried"]:
-                _load()
-                _state["tried"] = True
-                if _state["lib"] is None and not _state["status"].startswith("disabled"):
-                    warnings.warn(f"pdenet: the fused batch norm kernels are unavailable ({_state['status']}); "
-                                  "batch norm and ReLU run on PyTorch's kernels", RuntimeWarning, stacklevel=3)
-    return _state["lib"]
+KERNELS = native.CompiledLibrary(SOURCE, _configure, lambda lib: _self_check(lib), "fused batch norm kernels",
+                                 "batch norm and ReLU run on PyTorch's kernels")
 
 
 def status() -> str:
     """One line: where the kernels were loaded from, or why they are not in use."""
     if not native.available():
         return f"not in use: the compiled lean kernels are not ({native.status()})"
-    _library()
-    return _state["status"]
+    KERNELS.get()
+    return KERNELS.status
 
 
 def _reference(x, r, gamma, beta, eps, g):
@@ -127,13 +105,13 @@ def _plain(bn: nn.BatchNorm2d) -> bool:
 def _fast(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether the compiled kernels take this call."""
     cl = torch.channels_last
-    return (bn.training and bn.affine and _plain(bn) and z.dim() == 4 and z.shape[1] == bn.num_features and z.numel() > 0
-            and z.device.type == "cpu" and z.dtype == torch.float32 and z.is_contiguous(memory_format=cl)
+    return (bn.training and bn.affine and _plain(bn) and z.dim() == 4 and z.shape[1] == bn.num_features
+            and z.numel() > 0 and z.device.type == "cpu" and z.dtype == torch.float32 and z.is_contiguous(memory_format=cl)
             and (residual is None or (residual.dtype == z.dtype and residual.device == z.device))
             and torch.autograd.forward_ad._current_level < 0
             and not torch._C._functorch.is_functorch_wrapped_tensor(z)
             and (residual is None or not torch._C._functorch.is_functorch_wrapped_tensor(residual))
-            and native.available() and _library() is not None)
+            and native.available() and KERNELS.get() is not None)
 
 
 def _pixels(z: torch.Tensor) -> int:
@@ -150,7 +128,7 @@ class _BatchNormReLUFunction(torch.autograd.Function):
         y = torch.empty_like(z, memory_format=torch.channels_last)
         mean, invstd = z.new_empty(c), z.new_empty(c)
         track = running_mean is not None
-        ok = _library().bn_relu_forward(
+        ok = KERNELS.get().bn_relu_forward(
             z.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
             running_mean.data_ptr() if track else None, running_var.data_ptr() if track else None, momentum, eps,
             y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _pixels(z), c, torch.get_num_threads())
@@ -172,7 +150,7 @@ class _BatchNormReLUFunction(torch.autograd.Function):
         dz = torch.empty_like(z, memory_format=torch.channels_last)
         dr = torch.empty_like(z, memory_format=torch.channels_last) if ctx.has_residual else None
         dw, db = torch.empty_like(weight), torch.empty_like(bias)
-        ok = _library().bn_relu_backward(
+        ok = KERNELS.get().bn_relu_backward(
             grad.data_ptr(), z.data_ptr(), None if y is None else y.data_ptr(), weight.data_ptr(), bias.data_ptr(),
             mean.data_ptr(), invstd.data_ptr(), None if dr is None else dr.data_ptr(), dz.data_ptr(), dw.data_ptr(),
             db.data_ptr(), _pixels(z), z.shape[1], torch.get_num_threads())

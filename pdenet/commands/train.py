@@ -12,9 +12,10 @@ Defaults (measured on the project's 2-core CPU machines, seed 0). ``pdenet train
 on Fashion-MNIST for 7 epochs: SGD with Nesterov momentum 0.9, learning rate 0.1 on a cosine schedule,
 weight decay 5e-4, batch 128, random crops (padding 2) and flips, channels-last layout (the compiled lean
 kernel's layout). Without ``--threads`` the thread count is the fastest of 1, half and all cores in a
-one-second probe, repeated when the throughput changes (see ``ThreadTuner``). 7 epochs reached 91.97% test
-accuracy on 2 AVX-512 cores at about 40 s per idle epoch (1,400 training images/s); the AVX2-only machine of
-2026-12-02 ran 61-82 s per epoch. 10 epochs reached 92.05-92.60%, 30 epochs (``--epochs 30``) 93.57%.
+one-second probe, repeated when the throughput changes (see ``ThreadTuner``). 7 epochs reached 91.67% test
+accuracy on 2 AVX-512 cores at about 40 s per idle epoch (1,500 training images/s); the AVX2-only machine of
+2026-12-02 ran 61-82 s per epoch. 10 epochs reached 92.05-92.60%, 30 epochs (``--epochs 30``) 93.60%
+(1,261 s of training on 2 threads).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ DEFAULTS = {
     "data_dir": None,
     "task": None,            # None: the data set's own task (class labels -> classification)
     "eval_split": None,      # None: the data set's evaluation split (pdenet.data.registry.eval_split)
-    "epochs": 7,             # the README's first command: 91.97% in 385 s on 2 AVX-512 cores (module docstring)
+    "epochs": 7,             # the README's first command: 91.67% in 350 s on 2 AVX-512 cores (module docstring)
     "batch_size": 128,
     "optimizer": "sgd",
     "lr": None,              # per optimizer, see TrainConfig

@@ -2,6 +2,7 @@
 exercise every branch: register blocks and scalar tails in the channels, short rows and partial tiles in the
 pixels, channel mismatch, groups, both boundaries, stencils up to 7x7 with any number of taps."""
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -141,6 +142,36 @@ def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):
     assert [f.name for f in tmp_path.iterdir()] == [path.name]  # no partial file left behind
 
 
+def test_compiled_library_loads_checks_and_reports(tmp_path, monkeypatch):
+    """``CompiledLibrary``: a good source is loaded with its constants; a failing self-check, a source that
+    does not compile and ``PDENET_NATIVE=0`` give ``None`` and a status naming why, with one warning each except
+    when disabled."""
+    monkeypatch.setenv("PDENET_CACHE_DIR", str(tmp_path))
+    good, bad = tmp_path / "twice.c", tmp_path / "broken.c"
+    good.write_text("int twice(int v) { return 2 * v; }\n")
+    bad.write_text("int twice(int v) { return 2 * v }\n")
+
+    def configure(lib):
+        return lib.twice(21)  # ctypes' default: int arguments and result
+
+    def library(source, check=lambda lib: ""):
+        return native.CompiledLibrary(source, configure, check, "test kernels", "nothing runs instead")
+
+    loaded = library(good)
+    assert loaded.get() is not None and loaded.constants == 42 and loaded.status.startswith("compiled kernels")
+    for lib, reason in ((library(good, lambda lib: "twice is wrong"), "self-check failed: twice is wrong"),
+                        (library(bad), "build failed")):
+        with pytest.warns(RuntimeWarning, match=r"(?s)test kernels are unavailable .*nothing runs instead"):
+            assert lib.get() is None
+        assert lib.status.startswith(reason)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert lib.get() is None  # tried once: no second warning
+    monkeypatch.setenv("PDENET_NATIVE", "0")
+    disabled = library(good)
+    assert disabled.get() is None and disabled.status == "disabled by PDENET_NATIVE=0"
+
+
 @pytest.mark.parametrize("combo", list(itertools.product([False, True], [1, 2])))
 def test_operator_gradients_in_float32_match_float64_reference(combo):
     """End to end through ``LeanConv``: the compiled path's gradients against the float64 plain path."""
@@ -165,12 +196,11 @@ def test_operator_gradients_in_float32_match_float64_reference(combo):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
-def test_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
-    assert native._self_check() == ""
+def test_self_check_passes_and_catches_a_wrong_kernel():
+    assert native._self_check(native.LEAN_KERNELS.lib) == ""
 
     class DoesNothing:  # "succeeds" without writing its outputs
         lean_block_channels = staticmethod(lambda: NR)
         lean_forward = lean_weight_grads = staticmethod(lambda *args: 1)
 
-    monkeypatch.setitem(native._state, "lib", DoesNothing())
-    assert native._self_check().startswith("forward differs from numpy")
+    assert native._self_check(DoesNothing()).startswith("forward differs from numpy")

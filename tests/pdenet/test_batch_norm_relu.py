@@ -19,7 +19,7 @@ compiled = pytest.mark.skipif(not native.available(), reason=f"compiled kernels:
 
 @compiled
 def test_kernels_are_loaded():
-    assert bnr._library() is not None, bnr.status()
+    assert bnr.KERNELS.get() is not None, bnr.status()
 
 
 def problem(shape, seed=0, momentum=0.1, track=True):
@@ -179,7 +179,7 @@ def test_residual_of_another_shape_is_a_clear_error():
 def test_self_check_detects_wrong_kernels():
     """The numpy self-check passes for the real library and names the first wrong result of one that writes
     nothing."""
-    assert bnr._self_check(bnr._library()) == ""
+    assert bnr._self_check(bnr.KERNELS.get()) == ""
 
     class WritesNothing:
         def bn_relu_forward(self, *args):

@@ -1,0 +1,99 @@
+"""Where a training step's time goes: the median step time of each configuration and a ``torch.profiler``
+breakdown of its self CPU time into the lean operators, batch norm (with ReLU and the residual where fused),
+convolutions and everything else, side by side in one run.
+
+A step is forward, cross-entropy, backward and an SGD update (Nesterov momentum, weight decay) on a random
+channels-last batch, as ``pdenet train`` runs it; the thread count is ``torch``'s unless ``--threads``. The
+profiled steps run after the timed ones; the profiler's own overhead makes their total larger than the median
+step, so the shares, not the profiled milliseconds, are what compare.
+
+    python benchmarks/train_step.py                                  # lean-resnet20 and resnet20, 28x28
+    python benchmarks/train_step.py --configs lean-resnet20 --input-shape 3 32 32 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# benchmarks/operators.py shares its name with the package: keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from pdenet.allocator import keep_freed_memory  # noqa: E402
+from pdenet.configs import build_model, list_configs  # noqa: E402
+
+#: (group, substrings of profiler event names), first match wins
+GROUPS = (
+    ("lean operators", ("LeanConvFunction",)),
+    ("batch norm (+ReLU, +residual)", ("BatchNormReLU", "batch_norm", "threshold_backward", "relu")),
+    ("convolutions", ("convolution", "conv2d")),
+)
+
+
+def group_of(name: str) -> str:
+    for group, keys in GROUPS:
+        if any(key in name for key in keys):
+            return group
+    return "everything else"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["lean-resnet20", "resnet20"])
+    parser.add_argument("--input-shape", nargs=3, type=int, default=[1, 28, 28], metavar=("C", "H", "W"))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps after 5 warm-up steps (default 20)")
+    parser.add_argument("--profiled-steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.configs if c not in list_configs()]
+    if unknown:
+        parser.error(f"unknown configuration(s) {unknown}; known: {', '.join(list_configs())}")
+    if min(args.batch_size, args.steps, args.profiled_steps, *args.input_shape) < 1:
+        parser.error("--batch-size, --steps, --profiled-steps and --input-shape must be positive")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    c, h, w = args.input_shape
+    print(f"batch {args.batch_size}, input {c}x{h}x{w}, {torch.get_num_threads()} threads")
+    for name in args.configs:
+        torch.manual_seed(0)
+        model = build_model(name, num_classes=10, in_channels=c).to(memory_format=torch.channels_last).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        x = torch.randn(args.batch_size, c, h, w).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (args.batch_size,))
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        for _ in range(5):
+            step()
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profiled_steps):
+                step()
+        shares = defaultdict(float)
+        for event in prof.key_averages():
+            shares[group_of(event.key)] += event.self_cpu_time_total
+        total = sum(shares.values())
+        median = statistics.median(times)
+        print(f"\n{name}: median step {median:.1f} ms ({args.batch_size / median * 1e3:.0f} images/s)")
+        for group, _ in GROUPS + (("everything else", ()),):
+            share = shares[group] / total
+            print(f"  {group:30s} {100 * share:5.1f}%  ~{share * median:6.1f} ms of the median step")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
