@@ -145,10 +145,6 @@ def _configure(lib) -> int:
     return lib.lean_block_channels()
 
 
-LEAN_KERNELS = CompiledLibrary(SOURCE, _configure, lambda lib: _self_check(lib), "compiled lean kernels",
-                               "the lean operator runs on PyTorch's convolutions")
-
-
 def _library():
     lib = LEAN_KERNELS.get()
     return None if getattr(_disabled, "on", False) else lib
@@ -288,3 +284,7 @@ def _self_check(lib) -> str:
             if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
                 return f"{name} differs from numpy for c_in={c_in}, c_out={c_out}, groups={groups}"
     return ""
+
+
+LEAN_KERNELS = CompiledLibrary(SOURCE, _configure, _self_check, "compiled lean kernels",
+                               "the lean operator runs on PyTorch's convolutions")

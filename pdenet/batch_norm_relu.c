@@ -164,9 +164,10 @@ static void masked_sums(const void *args, int64_t p0, int64_t p1, float *su, flo
   const int64_t C = t->C;
   const int from_y = t->y != NULL, store_gm = t->gr != NULL;
 #define MASKED_SUMS(c0, width)                                                                                   \
-  (from_y && store_gm ? masked_chunk(t, p0, p1, c0, width, su, sv, 1, 1)                                         \
-   : from_y           ? masked_chunk(t, p0, p1, c0, width, su, sv, 1, 0)                                         \
-                      : masked_chunk(t, p0, p1, c0, width, su, sv, 0, store_gm))
+  (from_y ? (store_gm ? masked_chunk(t, p0, p1, c0, width, su, sv, 1, 1)                                         \
+                      : masked_chunk(t, p0, p1, c0, width, su, sv, 1, 0))                                        \
+          : (store_gm ? masked_chunk(t, p0, p1, c0, width, su, sv, 0, 1)                                         \
+                      : masked_chunk(t, p0, p1, c0, width, su, sv, 0, 0)))
   FOR_CHUNKS(MASKED_SUMS);
 #undef MASKED_SUMS
 }

@@ -33,10 +33,6 @@ def _configure(lib) -> None:
     lib.bn_relu_forward.restype = lib.bn_relu_backward.restype = c_int
 
 
-KERNELS = native.CompiledLibrary(SOURCE, _configure, lambda lib: _self_check(lib), "fused batch norm kernels",
-                                 "batch norm and ReLU run on PyTorch's kernels")
-
-
 def status() -> str:
     """One line: where the kernels were loaded from, or why they are not in use."""
     if not native.available():
@@ -86,6 +82,10 @@ def _self_check(lib) -> str:
             if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
                 return f"{name} differs from numpy ({'with' if r is not None else 'without'} a residual)"
     return ""
+
+
+KERNELS = native.CompiledLibrary(SOURCE, _configure, _self_check, "fused batch norm kernels",
+                                 "batch norm and ReLU run on PyTorch's kernels")
 
 
 def _composite(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
