@@ -2,10 +2,10 @@
 breakdown of its self CPU time into the lean operators, batch norm (with ReLU and the residual where fused),
 convolutions and everything else, side by side in one run.
 
-A step is forward, cross-entropy, backward and an SGD update (Nesterov momentum, weight decay) on a random
-channels-last batch, as ``pdenet train`` runs it; the thread count is ``torch``'s unless ``--threads``. The
-profiled steps run after the timed ones; the profiler's own overhead makes their total larger than the median
-step, so the shares, not the profiled milliseconds, are what compare.
+A step is ``pdenet.costs.training_step`` (forward, backward, SGD update on a random channels-last batch), the
+step that ``pdenet cost --train`` times; the median is ``measure_train_step``'s. The thread count is ``torch``'s
+unless ``--threads``. The profiled steps run after the timed ones; the profiler's own overhead makes their total
+larger than the median step, so the shares, not the profiled milliseconds, are what compare.
 
     python benchmarks/train_step.py                                  # lean-resnet20 and resnet20, 28x28
     python benchmarks/train_step.py --configs lean-resnet20 --input-shape 3 32 32 --threads 1
@@ -13,19 +13,17 @@ step, so the shares, not the profiled milliseconds, are what compare.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 # benchmarks/operators.py shares its name with the package: keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from pdenet.allocator import keep_freed_memory  # noqa: E402
 from pdenet.configs import build_model, list_configs  # noqa: E402
+from pdenet.costs import measure_train_step, training_step  # noqa: E402
 
 #: (group, substrings of profiler event names), first match wins
 GROUPS = (
@@ -63,23 +61,12 @@ def main(argv=None) -> int:
     print(f"batch {args.batch_size}, input {c}x{h}x{w}, {torch.get_num_threads()} threads")
     for name in args.configs:
         torch.manual_seed(0)
-        model = build_model(name, num_classes=10, in_channels=c).to(memory_format=torch.channels_last).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        x = torch.randn(args.batch_size, c, h, w).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (args.batch_size,))
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-
-        for _ in range(5):
-            step()
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - start) * 1e3)
+        model = build_model(name, num_classes=10, in_channels=c).to(memory_format=torch.channels_last)
+        shape = (c, h, w)
+        median = 1e3 * measure_train_step(model, shape, args.batch_size, warmup=5, repeats=args.steps,
+                                          channels_last=True)
+        step, _ = training_step(model, shape, args.batch_size, channels_last=True)
+        step()  # warm-up of this copy
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(args.profiled_steps):
                 step()
@@ -87,7 +74,6 @@ def main(argv=None) -> int:
         for event in prof.key_averages():
             shares[group_of(event.key)] += event.self_cpu_time_total
         total = sum(shares.values())
-        median = statistics.median(times)
         print(f"\n{name}: median step {median:.1f} ms ({args.batch_size / median * 1e3:.0f} images/s)")
         for group, _ in GROUPS + (("everything else", ()),):
             share = shares[group] / total

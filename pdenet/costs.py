@@ -89,12 +89,10 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: in
         model.train(was_training)
 
 
-def measure_train_step(model: nn.Module, input_shape: Sequence[int], batch_size: int, warmup: int = 2,
-                       repeats: int = 5, channels_last: bool = False) -> float:
-    """Median wall time in seconds of one training step (forward, backward, SGD update) on a batch.
-
-    The step runs on a copy of the model, so the model's weights and statistics are left untouched.
-    """
+def training_step(model: nn.Module, input_shape: Sequence[int], batch_size: int, channels_last: bool = False):
+    """A callable running one training step (forward, backward, SGD update) on a fixed random batch, and the
+    device it runs on. The step trains a copy of the model, so the model's weights and statistics are left
+    untouched."""
     import copy
 
     net = copy.deepcopy(model).train()
@@ -107,7 +105,14 @@ def measure_train_step(model: nn.Module, input_shape: Sequence[int], batch_size:
         out.float().square().mean().backward()
         opt.step()
 
-    return _median_time(step, x.device, warmup, repeats)
+    return step, x.device
+
+
+def measure_train_step(model: nn.Module, input_shape: Sequence[int], batch_size: int, warmup: int = 2,
+                       repeats: int = 5, channels_last: bool = False) -> float:
+    """Median wall time in seconds of one ``training_step`` on a batch."""
+    step, device = training_step(model, input_shape, batch_size, channels_last)
+    return _median_time(step, device, warmup, repeats)
 
 
 def fastest_threads(model: nn.Module, input_shape: Sequence[int], batch_size: int, candidates: Sequence[int],
