@@ -65,10 +65,10 @@ def test_matches_batch_norm_add_relu(shape, with_residual, momentum):
 
 
 @compiled
-@pytest.mark.parametrize("channels", [1, 15, 16, 17, 33, 48])
+@pytest.mark.parametrize("channels", [1, 7, 8, 9, 15, 16, 17, 33, 48])
 def test_every_channel_chunk_remainder(channels):
-    """The kernels run 16 channels at a time; full chunks, a partial last chunk and both together, with an odd
-    pixel count (the reductions pair pixels)."""
+    """The kernels run one vector of channels at a time (16 with AVX-512, 8 without); full chunks, a partial last
+    chunk and both together, with an odd pixel count (the reductions pair pixels)."""
     z, r, g, bn = problem((3, channels, 5, 3), seed=channels)
     fused = copy.deepcopy(bn)
     for residual in (None, r):
