@@ -141,9 +141,9 @@ class _LeanConvFunction(torch.autograd.Function):
     its weights ``(m, ntaps)`` on the flat indices ``taps`` of the ``k x k`` square.
 
     Backward: ``∂x = P^T g + S^T g`` (the same kernel with the transposed 1x1 and the same stencil weights
-    on the flipped taps), ``∂P[o, i] = Σ g_o x_i``, ``∂s_j[t] = Σ g_j x_j(· + t)`` (the compiled kernel
-    computes both in one pass). The input gradient goes through this Function again, and under
-    ``create_graph`` the weight gradients are differentiable convolutions, so double backward works.
+    on the flipped taps), ``∂P[o, i] = Σ g_o x_i``, ``∂s_j[t] = Σ g_j x_j(· + t)``: all three in one pass of the
+    compiled kernel. Under ``create_graph`` the input gradient goes through this Function again and the weight
+    gradients are differentiable convolutions, so double backward works.
     """
 
     @staticmethod
@@ -162,17 +162,17 @@ class _LeanConvFunction(torch.autograd.Function):
         x, pointwise, stencil, taps = ctx.saved_tensors
         k, groups = ctx.k, ctx.groups
         grad = _fast_layout(grad)
+        wants_weights = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        if (wants_weights and not torch.is_grad_enabled() and native.applies(x, pointwise.shape[0], groups)
+                and native.applies(grad, x.shape[1], groups)):
+            gx, gp, gs = native.lean_backward(grad, x, pointwise, stencil, taps, k, ctx.boundary == "circular",
+                                              groups, input_grad=ctx.needs_input_grad[0])
+            return gx, gp, gs, None, None, None, None
         gx = gp = gs = None
         if ctx.needs_input_grad[0]:
             gx = _LeanConvFunction.apply(grad, adjoint_weight(pointwise, groups), stencil, flipped_taps(taps, k),
                                          k, ctx.boundary, groups)
-        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            return gx, None, None, None, None, None, None
-        if (not torch.is_grad_enabled() and native.applies(x, pointwise.shape[0], groups)
-                and grad.is_contiguous(memory_format=torch.channels_last)):
-            gp, gs = native.lean_weight_grads(grad, x, pointwise.shape, stencil.shape[0], taps, k,
-                                              ctx.boundary == "circular", groups)
-        else:
+        if wants_weights:
             m = stencil.shape[0]
             gp = _conv_weight_grad(grad, x, pointwise, "zeros", groups)
             kernel_grad = _conv_weight_grad(grad[:, :m], x[:, :m], stencil_as_kernel(stencil, taps, k),

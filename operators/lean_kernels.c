@@ -1,5 +1,6 @@
-/* The lean operator's CPU kernels, float32, channels-last: y = P x + S x in one pass over x and y, and the
-   weight gradients of P and S in one pass over the output gradient and x.
+/* The lean operator's CPU kernels, float32, channels-last: y = P x + S x in one pass over x and y, and its
+   backward (the input gradient P^T d + S^T d and the weight gradients of P and S) in one pass over the output
+   gradient d and x.
 
    Layout: x (B, H, W, ci) and y (B, H, W, co) with the channels contiguous (PyTorch's channels-last);
    pixels are numbered p = (b H + h) W + w. P couples the channels in `groups` groups: output channel j of
@@ -11,7 +12,7 @@
    s[j ntaps + t] (shape (m, ntaps)) and are transposed to wt[t m + j]. Outside the grid x is zero
    (circular = 0) or periodic.
 
-   Both kernels work on tiles of TILE consecutive pixels, split over OpenMP threads (the same OpenMP runtime
+   The kernels work on tiles of TILE consecutive pixels, split over OpenMP threads (the same OpenMP runtime
    as PyTorch's, libgomp). Inside a tile a register block of MR pixels x nv VW channels (nv = 2 vectors, or 1
    for a remainder of VW channels: 16-channel layers with AVX-512) accumulates the GEMM and the stencil taps
    before a single store, so x is read and y written once; narrower remainders run a scalar loop. The taps
@@ -184,6 +185,62 @@ static inline int64_t next_boundary(const geometry *g, int64_t j0) {
   return j1 < g->co ? j1 : g->co;
 }
 
+/* The tile of n pixels from p0: y = P x + S x there (src: the tile's tap table, filled here). */
+static void forward_tile(const geometry *g, const float *x, const float *pt, const float *wt, const float *zero,
+                         const float **src, int64_t p0, int64_t n, float *y) {
+  const int64_t pixels = g->B * g->H * g->W, ci = g->ci, co = g->co, m = g->m;
+  tile_sources(g, x, zero, p0, n, src);
+  for (int64_t i = 0; i < n; i += MR) {
+    const int mr = (int)(n - i < MR ? n - i : MR);
+    const float *x_pixel = x + (p0 + i) * ci;
+    float *y_pixel = y + (p0 + i) * co;
+    prefetch_ahead(g, x, p0 + i, pixels);
+    for (int64_t j0 = 0; j0 < co;) {
+      const int64_t group = j0 / g->cog, taps_j0 = j0 < m ? g->ntaps : 0;
+      const float *a = x_pixel + group * g->cig;
+      if (block_fits(g, j0, NR)) {
+        forward_block(g, a, pt, wt, taps_j0, src + i, j0, y_pixel, mr, 2);
+        j0 += NR;
+      } else if (block_fits(g, j0, VW)) {
+        forward_block(g, a, pt, wt, taps_j0, src + i, j0, y_pixel, mr, 1);
+        j0 += VW;
+      } else {
+        const int64_t j1 = next_boundary(g, j0);
+        forward_scalar(g, x_pixel, pt, wt, src + i, j0, j1, y_pixel, mr);
+        j0 = j1;
+      }
+    }
+  }
+}
+
+/* The weights of y = P x + S x (p: P (co, cig), s: (m, ntaps), PyTorch's layouts) in the layouts of the
+   forward's tile: pt (cig, co), or for the adjoint x = P^T y + S^T y (its geometry: ci and co swapped, taps
+   flipped) pt (cog, ci) with pt[c, j] = P[G cog + c, j - G cig], G = j / cig; and wt (ntaps, m). NULL without
+   memory; pt holds wt too (the caller frees pt). */
+static float *tile_weights(const geometry *g, const float *p, const float *s, int adjoint, float **wt) {
+  const int64_t ci = g->ci, co = g->co, cig = g->cig, cog = g->cog, m = g->m;
+  float *pt = malloc(sizeof(float) * (size_t)(cig * co + g->ntaps * m + 1));
+  if (!pt) return NULL;
+  *wt = pt + cig * co;
+  for (int64_t j = 0; j < co; ++j)
+    for (int64_t c = 0; c < cig; ++c) {
+      if (adjoint) {
+        const int64_t G = j / cog; /* P's row j = G cog + r feeds the adjoint's output channel G cig + c */
+        pt[(j - G * cog) * ci + G * cig + c] = p[j * cig + c];
+      } else {
+        pt[c * co + j] = p[j * cig + c];
+      }
+    }
+  for (int64_t j = 0; j < m; ++j)
+    for (int t = 0; t < g->ntaps; ++t) (*wt)[t * m + j] = s[j * g->ntaps + t];
+  return pt;
+}
+
+/* A thread's tap table: ntaps x TILE pointers. */
+static const float **alloc_sources(int ntaps) {
+  return malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
+}
+
 /* y = P x + S x; returns 0 (and writes nothing) for arguments outside the kernel's range. */
 int lean_forward(const float *x, const float *p, const float *s, const int64_t *taps, int ntaps, float *y,
                  int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups,
@@ -191,45 +248,20 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
   geometry g;
   if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)) return 0;
   const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE;
-  float *pt = malloc(sizeof(float) * (size_t)(g.cig * co)), *wt = malloc(sizeof(float) * (size_t)(ntaps * m + 1));
-  for (int64_t j = 0; j < co; ++j)
-    for (int64_t c = 0; c < g.cig; ++c) pt[c * co + j] = p[j * g.cig + c];
-  for (int64_t j = 0; j < m; ++j)
-    for (int t = 0; t < ntaps; ++t) wt[t * m + j] = s[j * ntaps + t];
+  float *wt, *pt = tile_weights(&g, p, s, 0, &wt);
+  if (!pt) return 0;
 #pragma omp parallel num_threads(nthreads)
   {
     float *zero = calloc((size_t)(co + NR), sizeof(float));
-    const float **src = malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
+    const float **src = alloc_sources(ntaps);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      tile_sources(&g, x, zero, p0, n, src);
-      for (int64_t i = 0; i < n; i += MR) {
-        const int mr = (int)(n - i < MR ? n - i : MR);
-        const float *x_pixel = x + (p0 + i) * ci;
-        float *y_pixel = y + (p0 + i) * co;
-        prefetch_ahead(&g, x, p0 + i, pixels);
-        for (int64_t j0 = 0; j0 < co;) {
-          const int64_t group = j0 / g.cog, taps_j0 = j0 < m ? ntaps : 0;
-          const float *a = x_pixel + group * g.cig;
-          if (block_fits(&g, j0, NR)) {
-            forward_block(&g, a, pt, wt, taps_j0, src + i, j0, y_pixel, mr, 2);
-            j0 += NR;
-          } else if (block_fits(&g, j0, VW)) {
-            forward_block(&g, a, pt, wt, taps_j0, src + i, j0, y_pixel, mr, 1);
-            j0 += VW;
-          } else {
-            const int64_t j1 = next_boundary(&g, j0);
-            forward_scalar(&g, x_pixel, pt, wt, src + i, j0, j1, y_pixel, mr);
-            j0 = j1;
-          }
-        }
-      }
+      forward_tile(&g, x, pt, wt, zero, src, p0, n, y);
     }
     free(src);
     free(zero);
   }
-  free(wt);
   free(pt);
   return 1;
 }
@@ -314,61 +346,79 @@ static inline __attribute__((always_inline)) void stencil_grad_channels(const ge
   }
 }
 
-/* gp[j, c] = sum_p d[p, j] x[p, G(j) cig + c] (shape (co, cig), the layout of P) and gs[j, t] =
-   sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape (m, ntaps), the layout of s), for the output gradient d
-   (B, H, W, co). Returns 0 (and writes nothing) for arguments outside the kernel's range. */
-int lean_weight_grads(const float *d, const float *x, const int64_t *taps, int ntaps, float *gp, float *gs,
-                      int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups,
-                      int circular, int nthreads) {
-  geometry g;
-  if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)) return 0;
-  const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE, cig = g.cig, cog = g.cog;
+/* The tile of n pixels from p0: gq_local (cig, co) += its terms of the coupling's gradient, transposed, and
+   gs_local (ntaps, m) += its terms of the stencil's (src: the tile's tap table over x, filled here). */
+static void weight_grad_tile(const geometry *g, const float *d, const float *x, const float *zero,
+                             const float **src, int64_t p0, int64_t n, float *gq_local, float *gs_local) {
+  const int64_t pixels = g->B * g->H * g->W, ci = g->ci, co = g->co, m = g->m, cig = g->cig, cog = g->cog;
+  const int ntaps = g->ntaps;
+  const float *d_tile = d + p0 * co, *x_tile = x + p0 * ci;
+  tile_sources(g, x, zero, p0, n, src);
+  /* the stencil: gs[t, j] += sum_i d[i, j] src[t][i][j], channels in register blocks over the tile */
+  for (int64_t i = 0; i < n; i += MR) prefetch_ahead(g, x, p0 + i, pixels);
+  int64_t js = 0;
+  for (; js + NR <= m; js += NR) stencil_grad_channels(g, d_tile, src, n, js, gs_local, 2);
+  for (; js + VW <= m; js += VW) stencil_grad_channels(g, d_tile, src, n, js, gs_local, 1);
+  for (; js < m; ++js)
+    for (int t = 0; t < ntaps; ++t) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + js] * src[t * TILE + i][js];
+      gs_local[t * m + js] += acc;
+    }
+  /* the coupling, transposed: gq[c, j] += sum_i x[i, G cig + c] d[i, j], output channels in register blocks
+     inside a group, input channels MR at a time */
+  for (int64_t G = 0; G < g->groups; ++G) {
+    const float *a = x_tile + G * cig;
+    const int64_t end = (G + 1) * cog;
+    for (int64_t j0 = G * cog; j0 < end;) {
+      const int nv = j0 + NR <= end ? 2 : j0 + VW <= end ? 1 : 0;
+      for (int64_t c0 = 0; c0 < cig; c0 += MR) {
+        const int nc = (int)(cig - c0 < MR ? cig - c0 : MR);
+        if (nv == 2) pointwise_grad_channels(g, d_tile, a, n, j0, c0, gq_local, nc, 2);
+        else if (nv == 1) pointwise_grad_channels(g, d_tile, a, n, j0, c0, gq_local, nc, 1);
+        else
+          for (int u = 0; u < nc; ++u)
+            for (int64_t j = j0; j < end; ++j) {
+              float acc = 0.f;
+              for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + j] * a[i * ci + c0 + u];
+              gq_local[(c0 + u) * co + j] += acc;
+            }
+      }
+      j0 = nv ? j0 + nv * VW : end;
+    }
+  }
+}
+
+/* The backward of y = P x + S x for the output gradient d (B, H, W, co): gp[j, c] = sum_p d[p, j]
+   x[p, G(j) cig + c] (shape (co, cig), the layout of P), gs[j, t] = sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape
+   (m, ntaps), the layout of s) and, unless dx is NULL, the input gradient dx = P^T d + S^T d (B, H, W, ci): the
+   forward's tile with the adjoint's geometry and weights (P^T, s on the flipped taps). Each tile computes its part of dx first, so that the weight gradients find d in cache.
+   Returns 0 (and writes nothing) for arguments outside the kernel's range or without memory. */
+int lean_backward(const float *d, const float *x, const float *p, const float *s, const int64_t *taps,
+                  int ntaps, float *dx, float *gp, float *gs, int64_t B, int64_t H, int64_t W, int64_t ci,
+                  int64_t co, int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
+  geometry g, adj;
+  int64_t flipped[81];
+  for (int t = 0; t < ntaps && t < 81; ++t) flipped[t] = k * k - 1 - taps[t];
+  if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)
+      || !make_geometry(&adj, flipped, ntaps, B, H, W, co, ci, m, k, groups, circular))
+    return 0;
+  const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE, cig = g.cig;
   const size_t np = (size_t)(co * cig), ns = (size_t)(ntaps * m);
+  float *wt = NULL, *pt = dx ? tile_weights(&g, p, s, 1, &wt) : NULL;
+  if (dx && !pt) return 0;
   memset(gp, 0, np * sizeof(float));
   memset(gs, 0, ns * sizeof(float));
 #pragma omp parallel num_threads(nthreads)
   {
-    float *zero = calloc((size_t)(ci + NR), sizeof(float));
+    float *zero = calloc((size_t)((ci > co ? ci : co) + NR), sizeof(float));
     float *gq_local = calloc(np + NR, sizeof(float)), *gs_local = calloc(ns + NR, sizeof(float));
-    const float **src = malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
+    const float **src = alloc_sources(ntaps);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      const float *d_tile = d + p0 * co, *x_tile = x + p0 * ci;
-      tile_sources(&g, x, zero, p0, n, src);
-      /* the stencil: gs[t, j] += sum_i d[i, j] src[t][i][j], channels in register blocks over the tile */
-      for (int64_t i = 0; i < n; i += MR) prefetch_ahead(&g, x, p0 + i, pixels);
-      int64_t js = 0;
-      for (; js + NR <= m; js += NR) stencil_grad_channels(&g, d_tile, src, n, js, gs_local, 2);
-      for (; js + VW <= m; js += VW) stencil_grad_channels(&g, d_tile, src, n, js, gs_local, 1);
-      for (; js < m; ++js)
-        for (int t = 0; t < ntaps; ++t) {
-          float acc = 0.f;
-          for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + js] * src[t * TILE + i][js];
-          gs_local[t * m + js] += acc;
-        }
-      /* the coupling, transposed: gq[c, j] += sum_i x[i, G cig + c] d[i, j], output channels in register
-         blocks inside a group, input channels MR at a time */
-      for (int64_t G = 0; G < groups; ++G) {
-        const float *a = x_tile + G * cig;
-        const int64_t end = (G + 1) * cog;
-        for (int64_t j0 = G * cog; j0 < end;) {
-          const int nv = j0 + NR <= end ? 2 : j0 + VW <= end ? 1 : 0;
-          for (int64_t c0 = 0; c0 < cig; c0 += MR) {
-            const int nc = (int)(cig - c0 < MR ? cig - c0 : MR);
-            if (nv == 2) pointwise_grad_channels(&g, d_tile, a, n, j0, c0, gq_local, nc, 2);
-            else if (nv == 1) pointwise_grad_channels(&g, d_tile, a, n, j0, c0, gq_local, nc, 1);
-            else
-              for (int u = 0; u < nc; ++u)
-                for (int64_t j = j0; j < end; ++j) {
-                  float acc = 0.f;
-                  for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + j] * a[i * ci + c0 + u];
-                  gq_local[(c0 + u) * co + j] += acc;
-                }
-          }
-          j0 = nv ? j0 + nv * VW : end;
-        }
-      }
+      if (dx) forward_tile(&adj, d, pt, wt, zero, src, p0, n, dx);
+      weight_grad_tile(&g, d, x, zero, src, p0, n, gq_local, gs_local);
     }
 #pragma omp critical
     {
@@ -382,6 +432,7 @@ int lean_weight_grads(const float *d, const float *x, const int64_t *taps, int n
     free(gq_local);
     free(zero);
   }
+  free(pt);
   return 1;
 }
 

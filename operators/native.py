@@ -1,7 +1,7 @@
 """The lean operator's compiled CPU kernels (``lean_kernels.c``), built on first use with the C compiler.
 
-``y = P x + S x`` in one pass over ``x`` and ``y``, and the weight gradients of ``P`` and ``S`` in one pass
-over the output gradient and ``x``, for float32 channels-last tensors on the CPU (see the C file for the
+``y = P x + S x`` in one pass over ``x`` and ``y``, and its backward (the input gradient and the weight gradients
+of ``P`` and ``S``) in one pass over the output gradient and ``x``, for float32 channels-last tensors on the CPU (see the C file for the
 mathematics and the layout). The library is compiled once per machine with ``cc -O3 -march=native
 -fopenmp`` (``$CC`` overrides the compiler) into ``$PDENET_CACHE_DIR`` (default ``~/.cache/pdenet``), named by
 a hash of the source, the flags and the processor, and checked against a numpy reference on small problems
@@ -31,7 +31,7 @@ import torch
 SOURCE = Path(__file__).with_name("lean_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-# lean_forward and lean_weight_grads share the trailing geometry arguments
+# lean_forward and lean_backward share the trailing geometry arguments
 _GEOMETRY = [_I64] * 8 + [_INT, _INT]
 
 _disabled = threading.local()
@@ -140,8 +140,8 @@ class CompiledLibrary:
 def _configure(lib) -> int:
     """Argument types of the lean kernels; returns the block width (``block_channels``)."""
     lib.lean_forward.argtypes = [_PTR] * 4 + [_INT, _PTR] + _GEOMETRY
-    lib.lean_weight_grads.argtypes = [_PTR] * 3 + [_INT, _PTR, _PTR] + _GEOMETRY
-    lib.lean_forward.restype = lib.lean_weight_grads.restype = lib.lean_block_channels.restype = _INT
+    lib.lean_backward.argtypes = [_PTR] * 5 + [_INT] + [_PTR] * 3 + _GEOMETRY
+    lib.lean_forward.restype = lib.lean_backward.restype = lib.lean_block_channels.restype = _INT
     return lib.lean_block_channels()
 
 
@@ -224,21 +224,23 @@ def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor
     return y
 
 
-def lean_weight_grads(grad: torch.Tensor, x: torch.Tensor, pointwise_shape, m: int, taps: torch.Tensor, k: int,
-                      circular: bool, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of ``<grad, P x + S x>`` with respect to the 1x1 kernel (``pointwise_shape``,
-    ``(c_out, c_in/g, 1, 1)``) and the stencil weights ``(m, ntaps)`` at ``taps``:
-    ``∂P[o, i] = Σ_n g_o(n) x_{G(o) c_in/g + i}(n)``, ``∂s_j[t] = Σ_n g_j(n) x_j(n + t)``. ``grad`` and ``x``
-    channels-last float32."""
-    c_out = pointwise_shape[0]
-    taps = taps.to(torch.int64).contiguous()
-    gp = torch.empty(pointwise_shape, dtype=x.dtype)
-    gs = torch.empty(m, len(taps), dtype=x.dtype)
-    ok = _kernels().lean_weight_grads(grad.data_ptr(), x.data_ptr(), taps.data_ptr(), len(taps),
-                                      gp.data_ptr(), gs.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
+def lean_backward(grad: torch.Tensor, x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor,
+                  taps: torch.Tensor, k: int, circular: bool, groups: int, input_grad: bool = True):
+    """The backward of ``y = P x + S x`` (arguments as in ``lean_forward``) for the output gradient ``grad``, in one
+    pass: ``(∂x, ∂P, ∂s)`` with ``∂x = P^T g + S^T g`` (``None`` unless ``input_grad``),
+    ``∂P[o, i] = Σ_n g_o(n) x_{G(o) c_in/g + i}(n)`` in the shape of ``pointwise`` and ``∂s_j[t] = Σ_n g_j(n)
+    x_j(n + t)`` in the shape of ``stencil``. ``grad`` and ``x`` channels-last float32."""
+    c_out, m = pointwise.shape[0], stencil.shape[0]
+    p, s, taps = pointwise.contiguous(), stencil.contiguous(), taps.to(torch.int64).contiguous()
+    gx = torch.empty_like(x, memory_format=torch.channels_last) if input_grad else None
+    gp, gs = torch.empty(pointwise.shape, dtype=x.dtype), torch.empty(m, len(taps), dtype=x.dtype)
+    ok = _kernels().lean_backward(grad.data_ptr(), x.data_ptr(), p.data_ptr(), s.data_ptr(), taps.data_ptr(),
+                                  len(taps), gx.data_ptr() if input_grad else None, gp.data_ptr(), gs.data_ptr(),
+                                  *_geometry(x, c_out, m, k, groups, circular))
     if not ok:
-        raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, k {k}, groups {groups})")
-    return gp, gs
+        raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, pointwise "
+                         f"{tuple(pointwise.shape)}, stencil {tuple(stencil.shape)}, k {k}, groups {groups})")
+    return gx, gp, gs
 
 
 def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:
@@ -253,7 +255,7 @@ def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:
 
 
 def _self_check(lib) -> str:
-    """Both kernels of ``lib`` against a numpy reference on small problems (odd sizes, channel mismatch, groups,
+    """The forward and backward kernels of ``lib`` against a numpy reference on small problems (odd sizes, channel mismatch, groups,
     both boundaries); the first mismatch as text, or ``""``. Numpy, not torch: the check may run inside a
     user's FLOP counter or inference mode, which must not see it."""
     nr = lib.lean_block_channels()
@@ -272,15 +274,18 @@ def _self_check(lib) -> str:
         ref_p = np.concatenate([np.einsum("bhwj,bhwc->jc", d[..., G * cog:(G + 1) * cog], x[..., G * cig:(G + 1) * cig])
                                 for G in range(groups)])
         ref_s = np.stack([np.einsum("bhwj,bhwj->j", d[..., :m], sx) for sx in shifted], axis=1)
-        y, gp, gs = np.empty_like(d), np.empty_like(p), np.empty_like(s)
+        ref_x = np.concatenate([d[..., G * cog:(G + 1) * cog] @ p[G * cog:(G + 1) * cog] for G in range(groups)], -1)
+        ref_x[..., :m] += sum(w * _shifted(d[..., :m], 1 - t // 3, 1 - t % 3, circular) for w, t in zip(s.T, taps))
+        y, gx, gp, gs = np.empty_like(d), np.empty_like(x), np.empty_like(p), np.empty_like(s)
         geometry = [2, 5, 7, c_in, c_out, m, 3, groups, int(circular), 1]
         ok = (lib.lean_forward(x.ctypes.data, p.ctypes.data, s.ctypes.data, taps.ctypes.data, len(taps),
                                y.ctypes.data, *geometry)
-              and lib.lean_weight_grads(d.ctypes.data, x.ctypes.data, taps.ctypes.data, len(taps), gp.ctypes.data,
-                                        gs.ctypes.data, *geometry))
+              and lib.lean_backward(d.ctypes.data, x.ctypes.data, p.ctypes.data, s.ctypes.data, taps.ctypes.data,
+                                    len(taps), gx.ctypes.data, gp.ctypes.data, gs.ctypes.data, *geometry))
         if not ok:
             return f"the kernels refused c_in={c_in}, c_out={c_out}, groups={groups}"
-        for name, a, b in (("forward", y, ref), ("pointwise gradient", gp, ref_p), ("stencil gradient", gs, ref_s)):
+        for name, a, b in (("forward", y, ref), ("input gradient", gx, ref_x), ("pointwise gradient", gp, ref_p),
+                           ("stencil gradient", gs, ref_s)):
             if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
                 return f"{name} differs from numpy for c_in={c_in}, c_out={c_out}, groups={groups}"
     return ""
