@@ -185,30 +185,42 @@ static inline int64_t next_boundary(const geometry *g, int64_t j0) {
   return j1 < g->co ? j1 : g->co;
 }
 
-/* The tile of n pixels from p0: y = P x + S x there (src: the tile's tap table, filled here). */
-static void forward_tile(const geometry *g, const float *x, const float *pt, const float *wt, const float *zero,
-                         const float **src, int64_t p0, int64_t n, float *y) {
-  const int64_t pixels = g->B * g->H * g->W, ci = g->ci, co = g->co, m = g->m;
+/* The output channels in register blocks, the same for every pixel block: [j0, next j0) with nv vectors (0: the
+   scalar loop), reading input channels from `input` on, with the stencil's taps or none. */
+typedef struct {
+  int64_t j0, input;
+  int nv, ntaps;
+} channel_block;
+
+/* The blocks of g's output channels, ended by a block with j0 = co; NULL without memory (the caller frees). */
+static channel_block *plan_blocks(const geometry *g) {
+  channel_block *plan = malloc(sizeof(channel_block) * (size_t)(g->co + 1)), *b = plan;
+  if (!plan) return NULL;
+  for (int64_t j0 = 0; j0 < g->co; ++b) {
+    const int nv = block_fits(g, j0, NR) ? 2 : block_fits(g, j0, VW) ? 1 : 0;
+    *b = (channel_block){j0, j0 / g->cog * g->cig, nv, j0 < g->m ? g->ntaps : 0};
+    j0 = nv ? j0 + nv * VW : next_boundary(g, j0);
+  }
+  *b = (channel_block){g->co, 0, 0, 0};
+  return plan;
+}
+
+/* The tile of n pixels from p0: y = P x + S x there, channel block by channel block of `plan` (src: the tile's
+   tap table, filled here). */
+static void forward_tile(const geometry *g, const channel_block *plan, const float *x, const float *pt,
+                         const float *wt, const float *zero, const float **src, int64_t p0, int64_t n, float *y) {
+  const int64_t pixels = g->B * g->H * g->W, ci = g->ci, co = g->co;
   tile_sources(g, x, zero, p0, n, src);
   for (int64_t i = 0; i < n; i += MR) {
     const int mr = (int)(n - i < MR ? n - i : MR);
     const float *x_pixel = x + (p0 + i) * ci;
     float *y_pixel = y + (p0 + i) * co;
     prefetch_ahead(g, x, p0 + i, pixels);
-    for (int64_t j0 = 0; j0 < co;) {
-      const int64_t group = j0 / g->cog, taps_j0 = j0 < m ? g->ntaps : 0;
-      const float *a = x_pixel + group * g->cig;
-      if (block_fits(g, j0, NR)) {
-        forward_block(g, a, pt, wt, taps_j0, src + i, j0, y_pixel, mr, 2);
-        j0 += NR;
-      } else if (block_fits(g, j0, VW)) {
-        forward_block(g, a, pt, wt, taps_j0, src + i, j0, y_pixel, mr, 1);
-        j0 += VW;
-      } else {
-        const int64_t j1 = next_boundary(g, j0);
-        forward_scalar(g, x_pixel, pt, wt, src + i, j0, j1, y_pixel, mr);
-        j0 = j1;
-      }
+    for (const channel_block *b = plan; b->j0 < co; ++b) {
+      const float *a = x_pixel + b->input;
+      if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, y_pixel, mr, 2);
+      else if (b->nv == 1) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, y_pixel, mr, 1);
+      else forward_scalar(g, x_pixel, pt, wt, src + i, b->j0, b[1].j0, y_pixel, mr);
     }
   }
 }
@@ -249,7 +261,12 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
   if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)) return 0;
   const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE;
   float *wt, *pt = tile_weights(&g, p, s, 0, &wt);
-  if (!pt) return 0;
+  channel_block *plan = plan_blocks(&g);
+  if (!pt || !plan) {
+    free(pt);
+    free(plan);
+    return 0;
+  }
 #pragma omp parallel num_threads(nthreads)
   {
     float *zero = calloc((size_t)(co + NR), sizeof(float));
@@ -257,11 +274,12 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      forward_tile(&g, x, pt, wt, zero, src, p0, n, y);
+      forward_tile(&g, plan, x, pt, wt, zero, src, p0, n, y);
     }
     free(src);
     free(zero);
   }
+  free(plan);
   free(pt);
   return 1;
 }
@@ -406,7 +424,12 @@ int lean_backward(const float *d, const float *x, const float *p, const float *s
   const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE, cig = g.cig;
   const size_t np = (size_t)(co * cig), ns = (size_t)(ntaps * m);
   float *wt = NULL, *pt = dx ? tile_weights(&g, p, s, 1, &wt) : NULL;
-  if (dx && !pt) return 0;
+  channel_block *plan = dx ? plan_blocks(&adj) : NULL;
+  if (dx && (!pt || !plan)) {
+    free(pt);
+    free(plan);
+    return 0;
+  }
   memset(gp, 0, np * sizeof(float));
   memset(gs, 0, ns * sizeof(float));
 #pragma omp parallel num_threads(nthreads)
@@ -417,7 +440,7 @@ int lean_backward(const float *d, const float *x, const float *p, const float *s
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      if (dx) forward_tile(&adj, d, pt, wt, zero, src, p0, n, dx);
+      if (dx) forward_tile(&adj, plan, d, pt, wt, zero, src, p0, n, dx);
       weight_grad_tile(&g, d, x, zero, src, p0, n, gq_local, gs_local);
     }
 #pragma omp critical
@@ -432,6 +455,7 @@ int lean_backward(const float *d, const float *x, const float *p, const float *s
     free(gq_local);
     free(zero);
   }
+  free(plan);
   free(pt);
   return 1;
 }
