@@ -132,32 +132,32 @@ static void moments(const void *args, int64_t p0, int64_t p1, float *su, float *
 #undef MOMENTS
 }
 
-/* g [mask] at the element offset i: the mask y > 0 (from_y), or a x + b > 0 recomputed without a residual */
-CHUNK vec masked_at(const tensors *t, int64_t i, int width, vec a, vec b, int from_y) {
+/* g [mask] at the element offset i: the mask y > 0 (with a residual), or a x + b > 0 recomputed without one */
+CHUNK vec masked_at(const tensors *t, int64_t i, int width, vec a, vec b, int residual) {
   const vec g = load(t->g + i, width);
-  return from_y ? keep_where(load(t->y + i, width) > 0, g) : keep_where(affine(load(t->x + i, width), a, b) > 0, g);
+  return residual ? keep_where(load(t->y + i, width) > 0, g)
+                  : keep_where(affine(load(t->x + i, width), a, b) > 0, g);
 }
 
-/* gm = g [mask]; su += gm, sv += gm (x - mean) with mean = shift, for the channels [c0, c0 + width); gm is
-   stored to gr when `store_gm` (the residual's gradient). from_y and store_gm are constants where it is
-   called. */
+/* gm = g [mask]; su += gm, sv += gm (x - mean) with mean = shift, for the channels [c0, c0 + width); with a
+   residual gm is also stored to gr (the residual's gradient). `residual` is a constant where it is called. */
 CHUNK void masked_chunk(const tensors *t, int64_t p0, int64_t p1, int64_t c0, int width, float *su, float *sv,
-                        const int from_y, const int store_gm) {
+                        const int residual) {
   const int64_t C = t->C;
   const vec k = load(t->shift + c0, width), a = load(t->a + c0, width), b = load(t->b + c0, width);
   vec u0 = {0}, v0 = {0}, u1 = {0}, v1 = {0};
   int64_t p = p0;
   for (; p + 2 <= p1; p += 2) {
     const int64_t i0 = p * C + c0, i1 = i0 + C;
-    const vec m0 = masked_at(t, i0, width, a, b, from_y), m1 = masked_at(t, i1, width, a, b, from_y);
-    if (store_gm) store(t->gr + i0, m0, width), store(t->gr + i1, m1, width);
+    const vec m0 = masked_at(t, i0, width, a, b, residual), m1 = masked_at(t, i1, width, a, b, residual);
+    if (residual) store(t->gr + i0, m0, width), store(t->gr + i1, m1, width);
     u0 += m0, v0 += m0 * (load(t->x + i0, width) - k);
     u1 += m1, v1 += m1 * (load(t->x + i1, width) - k);
   }
   if (p < p1) {
     const int64_t i = p * C + c0;
-    const vec m = masked_at(t, i, width, a, b, from_y);
-    if (store_gm) store(t->gr + i, m, width);
+    const vec m = masked_at(t, i, width, a, b, residual);
+    if (residual) store(t->gr + i, m, width);
     u0 += m, v0 += m * (load(t->x + i, width) - k);
   }
   store(su + c0, load(su + c0, width) + u0 + u1, width);
@@ -167,12 +167,8 @@ CHUNK void masked_chunk(const tensors *t, int64_t p0, int64_t p1, int64_t c0, in
 static void masked_sums(const void *args, int64_t p0, int64_t p1, float *su, float *sv) {
   const tensors *t = args;
   const int64_t C = t->C;
-  const int from_y = t->y != NULL, store_gm = t->gr != NULL;
-#define MASKED_SUMS(c0, width)                                                                                   \
-  (from_y ? (store_gm ? masked_chunk(t, p0, p1, c0, width, su, sv, 1, 1)                                         \
-                      : masked_chunk(t, p0, p1, c0, width, su, sv, 1, 0))                                        \
-          : (store_gm ? masked_chunk(t, p0, p1, c0, width, su, sv, 0, 1)                                         \
-                      : masked_chunk(t, p0, p1, c0, width, su, sv, 0, 0)))
+#define MASKED_SUMS(c0, width) \
+  (t->y ? masked_chunk(t, p0, p1, c0, width, su, sv, 1) : masked_chunk(t, p0, p1, c0, width, su, sv, 0))
   FOR_CHUNKS(MASKED_SUMS);
 #undef MASKED_SUMS
 }
@@ -187,14 +183,17 @@ CHUNK void output_chunk(const float *x, const float *r, const float *coef_a, con
   }
 }
 
-/* dx = gm a + x e + f over the pixels [p0, p1) and the channels [c0, c0 + width); from_y as in masked_chunk */
+/* dx = gm a + x e + f over the pixels [p0, p1) and the channels [c0, c0 + width), with gm read back from gr
+   where the reduction stored it (with a residual: one tensor read instead of g and y), else as in masked_chunk */
 CHUNK void input_grad_chunk(const tensors *t, const float *coef_e, const float *coef_f, float *dx, int64_t p0,
-                            int64_t p1, int64_t c0, int width, const int from_y) {
+                            int64_t p1, int64_t c0, int width, const int residual) {
   const int64_t C = t->C;
   const vec a = load(t->a + c0, width), b = load(t->b + c0, width);
   const vec e = load(coef_e + c0, width), f = load(coef_f + c0, width);
-  for (int64_t i = p0 * C + c0; i < p1 * C; i += C)
-    store(dx + i, masked_at(t, i, width, a, b, from_y) * a + load(t->x + i, width) * e + f, width);
+  for (int64_t i = p0 * C + c0; i < p1 * C; i += C) {
+    const vec gm = residual ? load(t->gr + i, width) : masked_at(t, i, width, a, b, 0);
+    store(dx + i, gm * a + load(t->x + i, width) * e + f, width);
+  }
 }
 
 /* The batch's a and b from its mean and invstd. */
@@ -244,11 +243,12 @@ int bn_relu_forward(const float *x, const float *r, const float *gamma, const fl
 }
 
 /* dx, dgamma, dbeta (and dr = gr when the forward had a residual; then y is its output, which gives the mask)
-   from the output gradient g, the input x and the forward's saved mean and invstd. Returns 0 on failure. */
+   from the output gradient g, the input x and the forward's saved mean and invstd. y and gr come together or
+   not at all. Returns 0 on failure. */
 int bn_relu_backward(const float *g, const float *x, const float *y, const float *gamma, const float *beta,
                      const float *mean, const float *invstd, float *gr, float *dx, float *dgamma, float *dbeta,
                      int64_t P, int64_t C, int nthreads) {
-  if (P < 1 || C < 1) return 0;
+  if (P < 1 || C < 1 || !y != !gr) return 0;
   double *sums = malloc(sizeof(double) * (size_t)(2 * C));
   float *coef = malloc(sizeof(float) * (size_t)(4 * C));
   if (!sums || !coef) {
