@@ -208,6 +208,26 @@ class _LeanConvFunction(torch.autograd.Function):
                             for i in range(info.batch_size)]), 0
 
 
+class _LeanConvMomentsFunction(_LeanConvFunction):
+    """``(y, moments)`` with ``y = P x + S x`` and its per-channel moments about ``shift`` from the compiled
+    kernel's epilogue (``native.lean_forward``); the moments are not differentiable, ``y``'s backward is
+    ``_LeanConvFunction``'s."""
+
+    @staticmethod
+    def forward(x, pointwise, stencil, taps, k, boundary, groups, shift):
+        return native.lean_forward(x, pointwise, stencil, taps, k, boundary == "circular", groups,
+                                   moments_about=shift)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _LeanConvFunction.setup_context(ctx, inputs[:-1], output[0])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _moments_grad):
+        return _LeanConvFunction.backward(ctx, grad) + (None,)
+
+
 def _lean(x, pointwise, stencil, taps: torch.Tensor, k: int, boundary: str, groups: int) -> torch.Tensor:
     """``P x + S x``: through ``_LeanConvFunction`` where autograd (reverse or forward mode) or ``torch.func``
     may differentiate it, directly otherwise (inference: the Function's bookkeeping is a large share of a
@@ -305,6 +325,25 @@ class LeanConv(ConvOperator):
             m = s.shape[0]
             w[torch.arange(m), torch.arange(m)] += s[:, 0]
         return w
+
+    def forward_with_moments(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K x, moments)``: the output ``y`` (B, c_out, n1, n2) and its moments about ``shift`` (c_out,),
+        float64 (2, c_out): ``[0, j] = Σ (y_j − shift_j)``, ``[1, j] = Σ (y_j − shift_j)²`` over the batch and
+        the pixels, not differentiable. The compiled kernel sums them as it writes ``y`` (batch norm's
+        statistics without a pass of their own) where it runs and autograd records plainly (no forward-mode AD
+        or ``torch.func``); elsewhere they are computed from ``y``. Module hooks are not called."""
+        self._check_input(x, self.in_channels, "forward")
+        if shift.shape != (self.out_channels,):
+            raise ValueError(f"shift must have shape ({self.out_channels},), got {tuple(shift.shape)}")
+        x = _fast_layout(x)
+        if (self.stencil is not None and native.applies(x, self.out_channels, self.groups)
+                and torch.autograd.forward_ad._current_level < 0
+                and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
+            return _LeanConvMomentsFunction.apply(x, self.pointwise_kernel(), self.stencil, self.stencil_index,
+                                                  self.kernel_size, self.boundary, self.groups, shift)
+        y = self._forward(x)
+        e = y.detach().double() - shift.detach().double()[:, None, None]
+        return y, torch.stack([e.sum((0, 2, 3)), e.square().sum((0, 2, 3))])
 
     # ------------------------------------------------------------------ operator hooks
     def _forward(self, x):

@@ -20,6 +20,7 @@
    otherwise stall the block. The weight gradients sum over a tile's pixels in registers: the coupling's,
    transposed to (cig, co) so that its rows are contiguous like d, in blocks of MR input channels x nv VW
    output channels; the stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once). */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -112,13 +113,21 @@ static inline void accumulate(float *o, vec v0, vec v1, const int nv) {
   if (nv > 1) vstore(o + VW, vload(o + VW) + v1);
 }
 
+/* The output's moments about a shift k, summed in the forward's epilogue: sums[j] += y_j - k_j and
+   sums[co + j] += (y_j - k_j)^2 (a tile's float sums; NULL where they are not wanted). */
+typedef struct {
+  const float *shift;
+  float *sums;
+} moments;
+
 /* ------------------------------------------------------------------------------------------- forward */
 /* y[i, j0 : j0 + nv VW] = sum_c a[i, c] pt[c, j0 :] + sum_{t < ntaps} wt[t, j0 :] src[t][i][j0 :] for the
    pixels i < mr; `a` points at input channel G cig of the block's first pixel. nv (1 or 2) is a constant at
    every call, so each width compiles to its own code. */
 static inline __attribute__((always_inline)) void forward_block(const geometry *g, const float *a, const float *pt,
                                                                 const float *wt, int ntaps, const float *const *src,
-                                                                int64_t j0, float *y, int mr, const int nv) {
+                                                                int64_t j0, float *y, int mr, const int nv,
+                                                                const moments *mo) {
   vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
   vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
   const int64_t ci = g->ci, co = g->co;
@@ -148,6 +157,20 @@ static inline __attribute__((always_inline)) void forward_block(const geometry *
     c40 += w0 * vload(s4); if (nv > 1) c41 += w1 * vload(s4 + VW);
     c50 += w0 * vload(s5); if (nv > 1) c51 += w1 * vload(s5 + VW);
   }
+  if (mo) { /* sums[j] += y_j - k_j, sums[co + j] += (y_j - k_j)^2 over the block's mr pixels */
+    const vec k0 = vload(mo->shift + j0), k1 = nv > 1 ? vload(mo->shift + j0 + VW) : k0;
+    vec u0 = {0}, u1 = {0}, v0 = {0}, v1 = {0}, e;
+#define MOMENT(i, ci0, ci1)                                                                                      \
+  if (mr > i) {                                                                                                  \
+    e = ci0 - k0, u0 += e, v0 += e * e;                                                                          \
+    if (nv > 1) e = ci1 - k1, u1 += e, v1 += e * e;                                                              \
+  }
+    MOMENT(0, c00, c01) MOMENT(1, c10, c11) MOMENT(2, c20, c21) MOMENT(3, c30, c31) MOMENT(4, c40, c41)
+    MOMENT(5, c50, c51)
+#undef MOMENT
+    accumulate(mo->sums + j0, u0, u1, nv);
+    accumulate(mo->sums + co + j0, v0, v1, nv);
+  }
   y += j0;
   vstore(y, c00); if (nv > 1) vstore(y + VW, c01);
   if (mr > 1) { vstore(y + co, c10); if (nv > 1) vstore(y + co + VW, c11); }
@@ -159,7 +182,7 @@ static inline __attribute__((always_inline)) void forward_block(const geometry *
 
 /* The same for the output channels j0 <= j < j1 one at a time (blocks cut by co, m or a group boundary). */
 static void forward_scalar(const geometry *g, const float *x_pixel, const float *pt, const float *wt,
-                           const float *const *src, int64_t j0, int64_t j1, float *y, int mr) {
+                           const float *const *src, int64_t j0, int64_t j1, float *y, int mr, const moments *mo) {
   for (int i = 0; i < mr; ++i)
     for (int64_t j = j0; j < j1; ++j) {
       const float *a = x_pixel + i * g->ci + (j / g->cog) * g->cig;
@@ -168,6 +191,11 @@ static void forward_scalar(const geometry *g, const float *x_pixel, const float 
       if (j < g->m)
         for (int t = 0; t < g->ntaps; ++t) acc += wt[t * g->m + j] * src[t * TILE + i][j];
       y[i * g->co + j] = acc;
+      if (mo) {
+        const float e = acc - mo->shift[j];
+        mo->sums[j] += e;
+        mo->sums[g->co + j] += e * e;
+      }
     }
 }
 
@@ -208,7 +236,8 @@ static channel_block *plan_blocks(const geometry *g) {
 /* The tile of n pixels from p0: y = P x + S x there, channel block by channel block of `plan` (src: the tile's
    tap table, filled here). */
 static void forward_tile(const geometry *g, const channel_block *plan, const float *x, const float *pt,
-                         const float *wt, const float *zero, const float **src, int64_t p0, int64_t n, float *y) {
+                         const float *wt, const float *zero, const float **src, int64_t p0, int64_t n, float *y,
+                         const moments *mo) {
   const int64_t pixels = g->B * g->H * g->W, ci = g->ci, co = g->co;
   tile_sources(g, x, zero, p0, n, src);
   for (int64_t i = 0; i < n; i += MR) {
@@ -218,9 +247,9 @@ static void forward_tile(const geometry *g, const channel_block *plan, const flo
     prefetch_ahead(g, x, p0 + i, pixels);
     for (const channel_block *b = plan; b->j0 < co; ++b) {
       const float *a = x_pixel + b->input;
-      if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, y_pixel, mr, 2);
-      else if (b->nv == 1) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, y_pixel, mr, 1);
-      else forward_scalar(g, x_pixel, pt, wt, src + i, b->j0, b[1].j0, y_pixel, mr);
+      if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, y_pixel, mr, 2, mo);
+      else if (b->nv == 1) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, y_pixel, mr, 1, mo);
+      else forward_scalar(g, x_pixel, pt, wt, src + i, b->j0, b[1].j0, y_pixel, mr, mo);
     }
   }
 }
@@ -253,32 +282,50 @@ static const float **alloc_sources(int ntaps) {
   return malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
 }
 
-/* y = P x + S x; returns 0 (and writes nothing) for arguments outside the kernel's range. */
+/* y = P x + S x and, unless out is NULL, the moments of y about shift (co): out[j] = sum_p (y_j(p) - shift_j),
+   out[co + j] = sum_p (y_j(p) - shift_j)^2, summed in float over a tile, in double across tiles and across
+   threads in thread order (batch norm's statistics, with the running mean as the shift). Returns 0 (and writes
+   nothing) for arguments outside the kernel's range or without memory. */
 int lean_forward(const float *x, const float *p, const float *s, const int64_t *taps, int ntaps, float *y,
-                 int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups,
-                 int circular, int nthreads) {
+                 const float *shift, double *out, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co,
+                 int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
   geometry g;
-  if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)) return 0;
+  if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular) || nthreads < 1) return 0;
   const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE;
   float *wt, *pt = tile_weights(&g, p, s, 0, &wt);
   channel_block *plan = plan_blocks(&g);
-  if (!pt || !plan) {
+  double *partial = out ? calloc((size_t)(nthreads * 2 * co), sizeof(double)) : NULL;
+  if (!pt || !plan || (out && !partial)) {
     free(pt);
     free(plan);
+    free(partial);
     return 0;
   }
 #pragma omp parallel num_threads(nthreads)
   {
     float *zero = calloc((size_t)(co + NR), sizeof(float));
     const float **src = alloc_sources(ntaps);
+    moments tile_moments = {shift, out ? calloc((size_t)(2 * co + NR), sizeof(float)) : NULL};
+    double *mine = out ? partial + (size_t)omp_get_thread_num() * 2 * co : NULL;
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      forward_tile(&g, plan, x, pt, wt, zero, src, p0, n, y);
+      forward_tile(&g, plan, x, pt, wt, zero, src, p0, n, y, out ? &tile_moments : NULL);
+      if (out) {
+        for (int64_t j = 0; j < 2 * co; ++j) mine[j] += tile_moments.sums[j];
+        memset(tile_moments.sums, 0, sizeof(float) * (size_t)(2 * co));
+      }
     }
+    free(tile_moments.sums);
     free(src);
     free(zero);
   }
+  if (out) {
+    memset(out, 0, sizeof(double) * (size_t)(2 * co));
+    for (int t = 0; t < nthreads; ++t)
+      for (int64_t j = 0; j < 2 * co; ++j) out[j] += partial[(size_t)t * 2 * co + j];
+  }
+  free(partial);
   free(plan);
   free(pt);
   return 1;
@@ -440,7 +487,7 @@ int lean_backward(const float *d, const float *x, const float *p, const float *s
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      if (dx) forward_tile(&adj, plan, d, pt, wt, zero, src, p0, n, dx);
+      if (dx) forward_tile(&adj, plan, d, pt, wt, zero, src, p0, n, dx, NULL);
       weight_grad_tile(&g, d, x, zero, src, p0, n, gq_local, gs_local);
     }
 #pragma omp critical

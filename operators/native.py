@@ -139,7 +139,7 @@ class CompiledLibrary:
 
 def _configure(lib) -> int:
     """Argument types of the lean kernels; returns the block width (``block_channels``)."""
-    lib.lean_forward.argtypes = [_PTR] * 4 + [_INT, _PTR] + _GEOMETRY
+    lib.lean_forward.argtypes = [_PTR] * 4 + [_INT] + [_PTR] * 3 + _GEOMETRY
     lib.lean_backward.argtypes = [_PTR] * 5 + [_INT] + [_PTR] * 3 + _GEOMETRY
     lib.lean_forward.restype = lib.lean_backward.restype = lib.lean_block_channels.restype = _INT
     return lib.lean_block_channels()
@@ -208,20 +208,29 @@ def _geometry(x: torch.Tensor, c_out: int, m: int, k: int, groups: int, circular
 
 
 def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, taps: torch.Tensor, k: int,
-                 circular: bool, groups: int) -> torch.Tensor:
+                 circular: bool, groups: int, moments_about: torch.Tensor | None = None):
     """``P x + S x`` for channels-last float32 ``x`` (B, c_in, n1, n2); ``pointwise`` (c_out, c_in/g, 1, 1),
     ``stencil`` (m, ntaps): the weights of the ``k x k`` stencil at the flat indices ``taps``. Returns
-    (B, c_out, n1, n2) in channels-last layout. Not differentiable itself (the caller's autograd Function
-    is)."""
+    (B, c_out, n1, n2) in channels-last layout; with ``moments_about`` (a shift ``k``, (c_out,) float32) also
+    the output's moments about it, summed as the kernel writes the output: float64 (2, c_out) with
+    ``[0, j] = Σ_n (y_j(n) − k_j)`` and ``[1, j] = Σ_n (y_j(n) − k_j)²`` over the batch and the pixels. Not
+    differentiable itself (the caller's autograd Function is)."""
     c_out, m = pointwise.shape[0], stencil.shape[0]
     p, s, taps = pointwise.contiguous(), stencil.contiguous(), taps.to(torch.int64).contiguous()
     y = torch.empty((x.shape[0], c_out, *x.shape[2:]), dtype=x.dtype, memory_format=torch.channels_last)
+    shift = out = None
+    if moments_about is not None:
+        if moments_about.shape != (c_out,):
+            raise ValueError(f"moments_about must have shape ({c_out},), got {tuple(moments_about.shape)}")
+        shift = moments_about.detach().to(torch.float32).contiguous()
+        out = torch.empty(2, c_out, dtype=torch.float64)
     ok = _kernels().lean_forward(x.data_ptr(), p.data_ptr(), s.data_ptr(), taps.data_ptr(), len(taps),
-                                 y.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
+                                 y.data_ptr(), None if shift is None else shift.data_ptr(),
+                                 None if out is None else out.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
     if not ok:
         raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, pointwise "
                          f"{tuple(pointwise.shape)}, stencil {tuple(stencil.shape)}, k {k}, groups {groups})")
-    return y
+    return y if moments_about is None else (y, out)
 
 
 def lean_backward(grad: torch.Tensor, x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor,
@@ -278,14 +287,17 @@ def _self_check(lib) -> str:
         ref_x[..., :m] += sum(w * _shifted(d[..., :m], 1 - t // 3, 1 - t % 3, circular) for w, t in zip(s.T, taps))
         y, gx, gp, gs = np.empty_like(d), np.empty_like(x), np.empty_like(p), np.empty_like(s)
         geometry = [2, 5, 7, c_in, c_out, m, 3, groups, int(circular), 1]
+        shift = rng.standard_normal(c_out, dtype=np.float32)
+        moments = np.empty((2, c_out))
         ok = (lib.lean_forward(x.ctypes.data, p.ctypes.data, s.ctypes.data, taps.ctypes.data, len(taps),
-                               y.ctypes.data, *geometry)
+                               y.ctypes.data, shift.ctypes.data, moments.ctypes.data, *geometry)
               and lib.lean_backward(d.ctypes.data, x.ctypes.data, p.ctypes.data, s.ctypes.data, taps.ctypes.data,
                                     len(taps), gx.ctypes.data, gp.ctypes.data, gs.ctypes.data, *geometry))
         if not ok:
             return f"the kernels refused c_in={c_in}, c_out={c_out}, groups={groups}"
+        ref_moments = np.stack([(ref - shift).sum((0, 1, 2)), ((ref - shift) ** 2).sum((0, 1, 2))])
         for name, a, b in (("forward", y, ref), ("input gradient", gx, ref_x), ("pointwise gradient", gp, ref_p),
-                           ("stencil gradient", gs, ref_s)):
+                           ("stencil gradient", gs, ref_s), ("output moments", moments, ref_moments)):
             if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
                 return f"{name} differs from numpy for c_in={c_in}, c_out={c_out}, groups={groups}"
     return ""

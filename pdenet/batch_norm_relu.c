@@ -205,22 +205,26 @@ static void scale_shift(const float *gamma, const float *beta, const float *mean
   }
 }
 
-/* y = max(0, a x + b [+ r]); save_mean and save_invstd (C) are kept for the backward. Running statistics are
-   updated when running_mean is not NULL. Returns 0 on failure (P < 1 or no memory), writing nothing. */
+/* y = max(0, a x + b [+ r]); save_mean and save_invstd (C) are kept for the backward. The batch's moments are
+   summed here about the first pixel, or given (`given`, (2, C): sums of x - shift and (x - shift)^2, from the
+   kernel that wrote x). Running statistics are updated when running_mean is not NULL. Returns 0 on failure
+   (P < 1 or no memory), writing nothing. */
 int bn_relu_forward(const float *x, const float *r, const float *gamma, const float *beta, float *running_mean,
-                    float *running_var, double momentum, double eps, float *y, float *save_mean,
-                    float *save_invstd, int64_t P, int64_t C, int nthreads) {
-  if (P < 1 || C < 1) return 0;
-  double *sums = malloc(sizeof(double) * (size_t)(2 * C));
+                    float *running_var, double momentum, double eps, const double *given, const float *shift,
+                    float *y, float *save_mean, float *save_invstd, int64_t P, int64_t C, int nthreads) {
+  if (P < 1 || C < 1 || !given != !shift) return 0;
+  double *sums = given ? NULL : malloc(sizeof(double) * (size_t)(2 * C));
   float *a = malloc(sizeof(float) * (size_t)(2 * C)), *b = a ? a + C : NULL;
   const tensors t = {x, NULL, NULL, NULL, NULL, x, NULL, C}; /* shifted by the first pixel */
-  if (!sums || !a || !reduce(moments, &t, P, C, sums, nthreads)) {
+  if (!a || (!given && (!sums || !reduce(moments, &t, P, C, sums, nthreads)))) {
     free(sums);
     free(a);
     return 0;
   }
+  const double *m = given ? given : sums;
+  const float *k = given ? shift : x;
   for (int64_t c = 0; c < C; ++c) {
-    const double shifted = sums[c] / P, mean = x[c] + shifted, var = fmax(sums[C + c] / P - shifted * shifted, 0.0);
+    const double shifted = m[c] / P, mean = k[c] + shifted, var = fmax(m[C + c] / P - shifted * shifted, 0.0);
     save_mean[c] = (float)mean;
     save_invstd[c] = (float)(1.0 / sqrt(var + eps));
     if (running_mean) {

@@ -6,7 +6,9 @@ per-channel mean ``μ`` and biased variance ``σ²``, and updates ``bn``'s runni
 the CPU in float32 channels-last, in training mode and with the compiled kernels available
 (``operators.native``), it runs ``batch_norm_relu.c``: the forward is one reduction and one elementwise pass,
 the backward one reduction (the ReLU mask, ``Σ g``, ``Σ g (z − μ)``) and one elementwise pass. Separately,
-PyTorch's batch norm, addition and ReLU take five passes forward and four backward. Elsewhere (evaluation, other
+PyTorch's batch norm, addition and ReLU take five passes forward and four backward. ``conv_batch_norm_relu(conv,
+bn, x, residual)`` goes one pass further where ``conv`` is a lean operator: its kernel sums the batch's moments
+about the running mean as it writes ``z = conv(x)``, and the forward is the elementwise pass alone. Elsewhere (evaluation, other
 devices and dtypes, ``torch.func`` transforms, forward-mode AD, a ``bn`` with hooks or its own ``forward`` such as
 the distributed ``GlobalBatchNorm2d``) it is that composition, through ``bn`` itself.
 Under ``create_graph`` the backward is PyTorch's, so double backward works.
@@ -28,7 +30,7 @@ SOURCE = Path(__file__).with_name("batch_norm_relu.c")
 
 def _configure(lib) -> None:
     p, i64, c_int, c_double = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    lib.bn_relu_forward.argtypes = [p] * 6 + [c_double, c_double] + [p] * 3 + [i64, i64, c_int]
+    lib.bn_relu_forward.argtypes = [p] * 6 + [c_double, c_double] + [p] * 5 + [i64, i64, c_int]
     lib.bn_relu_backward.argtypes = [p] * 11 + [i64, i64, c_int]
     lib.bn_relu_forward.restype = lib.bn_relu_backward.restype = c_int
 
@@ -54,7 +56,8 @@ def _reference(x, r, gamma, beta, eps, g):
 
 def _self_check(lib) -> str:
     """Both kernels against numpy on a small problem (odd channel count, with and without a residual, running
-    statistics); the first mismatch as text, or ``""``. Numpy, not torch, as in ``operators.native``."""
+    statistics, the moments summed here or given); the first mismatch as text, or ``""``. Numpy, not torch, as
+    in ``operators.native``."""
     rng = np.random.default_rng(0)
     P, C, eps, momentum = 70, 19, 1e-5, 0.1
     x = (rng.standard_normal((P, C)) * 3 + 5).astype(np.float32)
@@ -65,8 +68,11 @@ def _self_check(lib) -> str:
         y, mean, invstd = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
         dx, dr, dgamma, dbeta = np.empty_like(x), np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
         ptr = (lambda a: None if a is None else a.ctypes.data)
-        ok = (lib.bn_relu_forward(ptr(x), ptr(r), ptr(gamma), ptr(beta), ptr(rm), ptr(rv), momentum, eps, ptr(y),
-                                  ptr(mean), ptr(invstd), P, C, 2)
+        shift = None if r is None else np.full(C, 4.0, np.float32)  # with the residual: moments given
+        given = None if r is None else np.stack([(x - shift).sum(0, dtype=np.float64),
+                                                 ((x - shift).astype(np.float64) ** 2).sum(0)])
+        ok = (lib.bn_relu_forward(ptr(x), ptr(r), ptr(gamma), ptr(beta), ptr(rm), ptr(rv), momentum, eps,
+                                  ptr(given), ptr(shift), ptr(y), ptr(mean), ptr(invstd), P, C, 2)
               and lib.bn_relu_backward(ptr(g), ptr(x), None if r is None else ptr(y), ptr(gamma), ptr(beta),
                                        ptr(mean), ptr(invstd), None if r is None else ptr(dr), ptr(dx),
                                        ptr(dgamma), ptr(dbeta), P, C, 2))
@@ -93,25 +99,30 @@ def _composite(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | Non
     return F.relu(out if residual is None else out + residual)
 
 
-def _plain(bn: nn.BatchNorm2d) -> bool:
-    """Whether calling ``bn`` would run ``nn.BatchNorm2d.forward`` and nothing else: not a subclass with its
-    own forward (``GlobalBatchNorm2d``, ``SyncBatchNorm`` gather statistics over processes), and no hooks."""
-    from torch.nn.modules import module
+def _plain(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run its class's ``forward`` and nothing else: no hooks; for batch norm,
+    not a subclass with its own forward (``GlobalBatchNorm2d``, ``SyncBatchNorm`` gather statistics over
+    processes)."""
+    from torch.nn.modules import module as modules
 
-    return (type(bn).forward is nn.BatchNorm2d.forward and not (bn._forward_hooks or bn._forward_pre_hooks)
-            and not (module._global_forward_hooks or module._global_forward_pre_hooks))
+    return ((not isinstance(module, nn.BatchNorm2d) or type(module).forward is nn.BatchNorm2d.forward)
+            and not (module._forward_hooks or module._forward_pre_hooks)
+            and not (modules._global_forward_hooks or modules._global_forward_pre_hooks))
+
+
+def _kernels_take(bn: nn.BatchNorm2d, t: torch.Tensor) -> bool:
+    """Whether the compiled kernels would take ``bn`` in a call on tensors like ``t`` (channels aside)."""
+    return (bn.training and bn.affine and _plain(bn) and t.dim() == 4 and t.numel() > 0 and t.device.type == "cpu"
+            and t.dtype == torch.float32 and t.is_contiguous(memory_format=torch.channels_last)
+            and torch.autograd.forward_ad._current_level < 0 and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+            and native.available() and KERNELS.get() is not None)
 
 
 def _fast(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether the compiled kernels take this call."""
-    cl = torch.channels_last
-    return (bn.training and bn.affine and _plain(bn) and z.dim() == 4 and z.shape[1] == bn.num_features
-            and z.numel() > 0 and z.device.type == "cpu" and z.dtype == torch.float32 and z.is_contiguous(memory_format=cl)
-            and (residual is None or (residual.dtype == z.dtype and residual.device == z.device))
-            and torch.autograd.forward_ad._current_level < 0
-            and not torch._C._functorch.is_functorch_wrapped_tensor(z)
-            and (residual is None or not torch._C._functorch.is_functorch_wrapped_tensor(residual))
-            and native.available() and KERNELS.get() is not None)
+    return (z.dim() == 4 and z.shape[1] == bn.num_features and _kernels_take(bn, z)
+            and (residual is None or (residual.dtype == z.dtype and residual.device == z.device
+                                      and not torch._C._functorch.is_functorch_wrapped_tensor(residual))))
 
 
 def _pixels(z: torch.Tensor) -> int:
@@ -123,7 +134,7 @@ class _BatchNormReLUFunction(torch.autograd.Function):
     notes. Saves ``z``, the batch's ``μ`` and ``1/√(σ² + ε)``, and ``y`` when there is a residual (its mask)."""
 
     @staticmethod
-    def forward(ctx, z, residual, weight, bias, running_mean, running_var, momentum, eps):
+    def forward(ctx, z, residual, weight, bias, running_mean, running_var, momentum, eps, shift, sums):
         c = z.shape[1]
         y = torch.empty_like(z, memory_format=torch.channels_last)
         mean, invstd = z.new_empty(c), z.new_empty(c)
@@ -131,6 +142,7 @@ class _BatchNormReLUFunction(torch.autograd.Function):
         ok = KERNELS.get().bn_relu_forward(
             z.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
             running_mean.data_ptr() if track else None, running_var.data_ptr() if track else None, momentum, eps,
+            None if sums is None else sums.data_ptr(), None if shift is None else shift.data_ptr(),
             y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _pixels(z), c, torch.get_num_threads())
         if not ok:
             raise MemoryError(f"fused batch norm: out of memory for input {tuple(z.shape)}")
@@ -145,7 +157,7 @@ class _BatchNormReLUFunction(torch.autograd.Function):
             t = F.batch_norm(z, None, None, weight, bias, True, 0.0, ctx.eps)
             masked = grad * ((t if y is None else y) > 0)
             dz, dw, db = torch.autograd.grad(t, (z, weight, bias), masked, create_graph=True)
-            return dz, masked if ctx.has_residual else None, dw, db, None, None, None, None
+            return dz, masked if ctx.has_residual else None, dw, db, None, None, None, None, None, None
         grad = grad.contiguous(memory_format=torch.channels_last)
         dz = torch.empty_like(z, memory_format=torch.channels_last)
         dr = torch.empty_like(z, memory_format=torch.channels_last) if ctx.has_residual else None
@@ -156,16 +168,24 @@ class _BatchNormReLUFunction(torch.autograd.Function):
             db.data_ptr(), _pixels(z), z.shape[1], torch.get_num_threads())
         if not ok:
             raise MemoryError(f"fused batch norm: out of memory for input {tuple(z.shape)}")
-        return dz, dr, dw, db, None, None, None, None
+        return dz, dr, dw, db, None, None, None, None, None, None
 
 
-def batch_norm_relu(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+def batch_norm_relu(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None = None,
+                    moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``ReLU(bn(z) + residual)`` (``residual`` optional), ``(B, C, n1, n2) -> (B, C, n1, n2)``: the compiled
-    two-pass kernels where they apply (see the module notes), else ``bn`` itself, the addition and ReLU."""
+    two-pass kernels where they apply (see the module notes), else ``bn`` itself, the addition and ReLU.
+    ``moments = (shift, sums)``, where ``z``'s producer summed them (``shift`` (C,), ``sums`` float64 (2, C) of
+    ``z − shift`` and ``(z − shift)²``), replace the kernels' reduction pass."""
     if residual is not None and residual.shape != z.shape:
         raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the input {tuple(z.shape)}")
     if not _fast(bn, z, residual):
         return _composite(bn, z, residual)
+    shift, sums = (None, None) if moments is None else moments
+    if sums is not None and (shift.shape != (z.shape[1],) or sums.shape != (2, z.shape[1])
+                             or sums.dtype != torch.float64 or shift.dtype != torch.float32):
+        raise ValueError(f"moments for {z.shape[1]} channels must be a float32 shift ({z.shape[1]},) and float64 "
+                         f"sums (2, {z.shape[1]}), got {tuple(shift.shape)} and {tuple(sums.shape)} {sums.dtype}")
     momentum = bn.momentum
     if bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
@@ -174,7 +194,25 @@ def batch_norm_relu(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor 
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    return _BatchNormReLUFunction.apply(z, residual, bn.weight, bn.bias, *running, float(momentum or 0.0), bn.eps)
+    return _BatchNormReLUFunction.apply(z, residual, bn.weight, bn.bias, *running, float(momentum or 0.0), bn.eps,
+                                        shift, sums)
+
+
+def conv_batch_norm_relu(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``ReLU(bn(conv(x)) + residual)``. Where ``conv`` is a lean operator (``operators.LeanConv``, no hooks)
+    on the compiled kernels and ``batch_norm_relu`` takes the call with running statistics, the operator's
+    kernel sums the batch's moments about the running mean as it writes ``conv(x)``
+    (``LeanConv.forward_with_moments``), so that batch norm skips its reduction pass; otherwise
+    ``batch_norm_relu(bn, conv(x), residual)``."""
+    from operators import LeanConv
+
+    if (isinstance(conv, LeanConv) and type(conv).forward is LeanConv.forward and _plain(conv)
+            and bn.track_running_stats and conv.out_channels == bn.num_features and _kernels_take(bn, x)):
+        shift = bn.running_mean.clone()
+        z, sums = conv.forward_with_moments(x, shift)
+        return batch_norm_relu(bn, z, residual, (shift, sums))
+    return batch_norm_relu(bn, conv(x), residual)
 
 
 class BatchNormReLUSequential(nn.Sequential):

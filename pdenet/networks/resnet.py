@@ -30,7 +30,7 @@ from torch import nn
 from operators.base import as_grid, check_positive_int
 from operators.stability import max_stable_step
 
-from ..batch_norm_relu import BatchNormReLUSequential, batch_norm_relu
+from ..batch_norm_relu import BatchNormReLUSequential, conv_batch_norm_relu
 from ..blocks import StepStability
 from .layers import ClassifierHead, check_operator_kwargs, downsample2x, make_stem
 
@@ -122,12 +122,12 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:
             x = downsample2x(x)
-        out = batch_norm_relu(self.bn1, self.conv1(x))
+        out = conv_batch_norm_relu(self.conv1, self.bn1, x)
         if self.projection is not None:
             x = self.projection(x)
         elif self.pad_channels:
             x = F.pad(x, (0, 0, 0, 0, 0, self.pad_channels))
-        return batch_norm_relu(self.bn2, self.conv2(out), residual=x)
+        return conv_batch_norm_relu(self.conv2, self.bn2, out, residual=x)
 
 
 class ResNet(nn.Module):

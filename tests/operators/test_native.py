@@ -1,6 +1,7 @@
 """The compiled lean kernels (``operators.native``) against ``F.conv2d`` and autograd, over the shapes that
 exercise every branch: register blocks and scalar tails in the channels, short rows and partial tiles in the
 pixels, channel mismatch, groups, both boundaries, stencils up to 7x7 with any number of taps."""
+import contextlib
 import itertools
 import warnings
 
@@ -62,14 +63,21 @@ def test_forward_and_backward_match_conv2d(channels, shape, circular):
 
 
 def check_forward_and_backward(x, g, p, s, taps, k, groups, circular):
-    """``lean_forward`` and ``lean_backward`` (with and without the input gradient) against autograd through
-    ``reference``."""
+    """``lean_forward`` (with and without the output's moments) and ``lean_backward`` (with and without the input
+    gradient) against autograd through ``reference``."""
     x, p, s = (t.detach().requires_grad_() for t in (x, p, s))
     ref = reference(x, p, s, taps, k, groups, circular)
     ref_x, ref_p, ref_s = torch.autograd.grad(ref, [x, p, s], g)
     y = native.lean_forward(x.detach(), p.detach(), s.detach(), taps, k, circular, groups)
     assert y.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-4)
+    shift = torch.randn(y.shape[1])
+    y_again, moments = native.lean_forward(x.detach(), p.detach(), s.detach(), taps, k, circular, groups,
+                                           moments_about=shift)
+    e = ref.detach().double() - shift.double()[:, None, None]
+    assert torch.equal(y_again, y) and moments.dtype == torch.float64
+    torch.testing.assert_close(moments, torch.stack([e.sum((0, 2, 3)), e.square().sum((0, 2, 3))]),
+                               rtol=1e-4, atol=1e-3)
     for input_grad in (True, False):
         gx, gp, gs = native.lean_backward(g, x.detach(), p.detach(), s.detach(), taps, k, circular, groups,
                                           input_grad=input_grad)
@@ -135,10 +143,36 @@ def test_results_do_not_depend_on_the_thread_count(threads):
 
 
 def test_unsupported_arguments_raise_a_clear_error():
-    x, _, p, _ = problem(4, 4, 1, 3, cross(3), (1, 3, 3), seed=0)
+    x, _, p, s = problem(4, 4, 1, 3, cross(3), (1, 3, 3), seed=0)
     too_many = torch.zeros(5, 5)  # a stencil on more channels than x has
     with pytest.raises(ValueError, match="unsupported arguments"):
         native.lean_forward(x, p, too_many, cross(3), 3, False, 1)
+    with pytest.raises(ValueError, match=r"moments_about must have shape \(4,\)"):
+        native.lean_forward(x, p, s, cross(3), 3, False, 1, moments_about=torch.zeros(3))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["kernel", "pytorch"])
+def test_forward_with_moments_matches_forward(fast):
+    """``LeanConv.forward_with_moments``: the output and gradients of ``forward`` and the moments of the output,
+    from the kernel's epilogue or (kernels disabled) from the output."""
+    op = LeanConv(NR + 1, NR, stencil="cross")
+    x = torch.randn(3, NR + 1, 7, 6).contiguous(memory_format=CL).requires_grad_()
+    shift = torch.randn(NR)
+    with contextlib.nullcontext() if fast else native.disabled():
+        y, moments = op.forward_with_moments(x, shift)
+        y_ref = op(x)
+    assert type(y.grad_fn).__name__ == ("_LeanConvMomentsFunctionBackward" if fast else y_ref.grad_fn.name())
+    assert not moments.requires_grad
+    e = y_ref.detach().double() - shift.double()[:, None, None]
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(moments, torch.stack([e.sum((0, 2, 3)), e.square().sum((0, 2, 3))]),
+                               rtol=1e-5, atol=1e-3)
+    g = torch.randn_like(y)
+    params = [x, op.pointwise, op.stencil]
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=rf"shift must have shape \({NR},\)"):
+        op.forward_with_moments(x, torch.zeros(NR + 1))
 
 
 def test_build_is_cached_and_failures_are_reported(tmp_path, monkeypatch):

@@ -251,3 +251,59 @@ def test_sequential_keeps_a_hooked_relu():
         plain.train(training), fused.train(training)
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
     assert calls == [1, 1]
+
+
+@compiled
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_conv_batch_norm_relu_takes_the_moments_from_the_lean_kernel(with_residual, monkeypatch):
+    """A lean operator sums the batch's moments (about the running mean) as it writes its output, and batch norm
+    skips its reduction: three steps give the outputs, every gradient and the running statistics of
+    ``batch_norm_relu(bn, conv(x), residual)``."""
+    from operators import LeanConv
+
+    conv, bn = LeanConv(5, 16, stencil="cross"), nn.BatchNorm2d(16)
+    twin_conv, twin_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    given = []
+    real = bnr._BatchNormReLUFunction.apply
+    monkeypatch.setattr(bnr._BatchNormReLUFunction, "apply", lambda *a: given.append(a[-1] is not None) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = (torch.randn(4, 5, 6, 7, generator=gen) + 3).contiguous(memory_format=CL).requires_grad_()
+        r = torch.randn(4, 16, 6, 7, generator=gen).contiguous(memory_format=CL) if with_residual else None
+        y = bnr.conv_batch_norm_relu(conv, bn, x, r)
+        y_ref = batch_norm_relu(twin_bn, twin_conv(x), r)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn(y.shape, generator=gen)
+        params = [x, conv.pointwise, conv.stencil, bn.weight, bn.bias]
+        twin_params = [x, twin_conv.pointwise, twin_conv.stencil, twin_bn.weight, twin_bn.bias]
+        for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, twin_params, g)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(bn.running_mean, twin_bn.running_mean)
+        torch.testing.assert_close(bn.running_var, twin_bn.running_var)
+    assert given == [True, False] * 3  # fused calls with the kernel's moments, the twin's without
+
+
+@compiled
+def test_conv_batch_norm_relu_falls_back_where_the_moments_cannot_come_from_the_kernel():
+    """A dense operator, a lean one with a hook, evaluation mode and batch norm without running statistics:
+    ``batch_norm_relu(bn, conv(x))``, and the hook runs."""
+    from operators import DenseConv, LeanConv
+
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=CL)
+    hooked = LeanConv(8, 8, stencil="cross")
+    calls = []
+    hooked.register_forward_hook(lambda *args: calls.append(1))
+    cases = [(DenseConv(8, 8), nn.BatchNorm2d(8)), (hooked, nn.BatchNorm2d(8)),
+             (LeanConv(8, 8, stencil="cross"), nn.BatchNorm2d(8).eval()),
+             (LeanConv(8, 8, stencil="cross"), nn.BatchNorm2d(8, track_running_stats=False))]
+    for conv, bn in cases:
+        twin_conv, twin_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+        torch.testing.assert_close(bnr.conv_batch_norm_relu(conv, bn, x), batch_norm_relu(twin_bn, twin_conv(x)))
+    assert calls == [1, 1]  # the hooked operator's and its copy's
+
+
+@compiled
+def test_wrong_moments_are_a_clear_error():
+    z, _, _, bn = problem((2, 4, 3, 3))
+    with pytest.raises(ValueError, match="moments for 4 channels"):
+        batch_norm_relu(bn, z, None, (torch.zeros(4), torch.zeros(2, 3, dtype=torch.float64)))
