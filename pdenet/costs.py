@@ -97,7 +97,7 @@ def training_step(model: nn.Module, input_shape: Sequence[int], batch_size: int,
 
     net = copy.deepcopy(model).train()
     x = _input(net, input_shape, batch_size, channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9, foreach=True)  # as pdenet.training's
 
     def step():
         opt.zero_grad(set_to_none=True)
