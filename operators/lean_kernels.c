@@ -59,17 +59,18 @@ static int make_geometry(geometry *g, const int64_t *taps, int ntaps, int64_t B,
   return 1;
 }
 
-/* src[t TILE + i]: the pixel (pitch ci) that tap t reads for pixel p0 + i, or `zero` off a zero-padded grid.
-   Interior pixels come in runs along a row, written tap by tap (contiguous stores the compiler vectorizes);
+/* src[t TILE + i]: the pixel (pitch ci) that tap t reads for pixel p0 + i, or `zero` off a zero-padded grid;
+   pixel q is at x + (q - origin) ci (origin > 0: a window of the tensor, holding every pixel read). Interior
+   pixels come in runs along a row, written tap by tap (contiguous stores the compiler vectorizes);
    the pixels within r of the grid's edge are resolved one at a time. */
-static void tile_sources(const geometry *g, const float *x, const float *zero, int64_t p0, int64_t n,
+static void tile_sources(const geometry *g, const float *x, int64_t origin, const float *zero, int64_t p0, int64_t n,
                          const float **src) {
   const int64_t W = g->W, H = g->H, ci = g->ci, r = g->k / 2;
   int64_t off[81];
   for (int t = 0; t < g->ntaps; ++t) off[t] = (g->dy[t] * W + g->dx[t]) * ci;
   int64_t w = p0 % W, h = (p0 / W) % H;
   for (int64_t i = 0; i < n;) {
-    const float *centre = x + (p0 + i) * ci;
+    const float *centre = x + (p0 + i - origin) * ci;
     if (h >= r && h < H - r && w >= r && w < W - r) { /* interior: every tap inside the grid */
       const int64_t run = W - r - w < n - i ? W - r - w : n - i; /* up to the row's last interior pixel */
       for (int t = 0; t < g->ntaps; ++t) {
@@ -100,11 +101,11 @@ static void tile_sources(const geometry *g, const float *x, const float *zero, i
   }
 }
 
-/* The pixels one block ahead and r rows down: the lowest taps of the next block. */
-static inline void prefetch_ahead(const geometry *g, const float *x, int64_t p, int64_t pixels) {
-  const int64_t q0 = p + MR + (g->k / 2) * g->W, q1 = q0 + MR < pixels ? q0 + MR : pixels;
+/* The pixels one block ahead and r rows down: the lowest taps of the next block (x from pixel origin to end). */
+static inline void prefetch_ahead(const geometry *g, const float *x, int64_t origin, int64_t end, int64_t p) {
+  const int64_t q0 = p + MR + (g->k / 2) * g->W, q1 = q0 + MR < end ? q0 + MR : end;
   for (int64_t q = q0; q < q1; ++q)
-    for (int64_t c = 0; c < g->ci; c += 64 / sizeof(float)) __builtin_prefetch(x + q * g->ci + c);
+    for (int64_t c = 0; c < g->ci; c += 64 / sizeof(float)) __builtin_prefetch(x + (q - origin) * g->ci + c);
 }
 
 /* o[0 : nv VW] += (v0, v1), the second vector only when nv = 2 */
@@ -234,17 +235,17 @@ static channel_block *plan_blocks(const geometry *g) {
 }
 
 /* The tile of n pixels from p0: y = P x + S x there, channel block by channel block of `plan` (src: the tile's
-   tap table, filled here). */
-static void forward_tile(const geometry *g, const channel_block *plan, const float *x, const float *pt,
-                         const float *wt, const float *zero, const float **src, int64_t p0, int64_t n, float *y,
-                         const moments *mo) {
-  const int64_t pixels = g->B * g->H * g->W, ci = g->ci, co = g->co;
-  tile_sources(g, x, zero, p0, n, src);
+   tap table, filled here; x holds the pixels [origin, end), pixel q at x + (q - origin) ci). */
+static void forward_tile(const geometry *g, const channel_block *plan, const float *x, int64_t origin, int64_t end,
+                         const float *pt, const float *wt, const float *zero, const float **src, int64_t p0,
+                         int64_t n, float *y, const moments *mo) {
+  const int64_t ci = g->ci, co = g->co;
+  tile_sources(g, x, origin, zero, p0, n, src);
   for (int64_t i = 0; i < n; i += MR) {
     const int mr = (int)(n - i < MR ? n - i : MR);
-    const float *x_pixel = x + (p0 + i) * ci;
+    const float *x_pixel = x + (p0 + i - origin) * ci;
     float *y_pixel = y + (p0 + i) * co;
-    prefetch_ahead(g, x, p0 + i, pixels);
+    prefetch_ahead(g, x, origin, end, p0 + i);
     for (const channel_block *b = plan; b->j0 < co; ++b) {
       const float *a = x_pixel + b->input;
       if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, y_pixel, mr, 2, mo);
@@ -310,7 +311,7 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      forward_tile(&g, plan, x, pt, wt, zero, src, p0, n, y, out ? &tile_moments : NULL);
+      forward_tile(&g, plan, x, 0, pixels, pt, wt, zero, src, p0, n, y, out ? &tile_moments : NULL);
       if (out) {
         for (int64_t j = 0; j < 2 * co; ++j) mine[j] += tile_moments.sums[j];
         memset(tile_moments.sums, 0, sizeof(float) * (size_t)(2 * co));
@@ -412,15 +413,16 @@ static inline __attribute__((always_inline)) void stencil_grad_channels(const ge
 }
 
 /* The tile of n pixels from p0: gq_local (cig, co) += its terms of the coupling's gradient, transposed, and
-   gs_local (ntaps, m) += its terms of the stencil's (src: the tile's tap table over x, filled here). */
-static void weight_grad_tile(const geometry *g, const float *d, const float *x, const float *zero,
+   gs_local (ntaps, m) += its terms of the stencil's, for the output gradient d_tile of the tile's pixels (src:
+   the tile's tap table over x, filled here). */
+static void weight_grad_tile(const geometry *g, const float *d_tile, const float *x, const float *zero,
                              const float **src, int64_t p0, int64_t n, float *gq_local, float *gs_local) {
   const int64_t pixels = g->B * g->H * g->W, ci = g->ci, co = g->co, m = g->m, cig = g->cig, cog = g->cog;
   const int ntaps = g->ntaps;
-  const float *d_tile = d + p0 * co, *x_tile = x + p0 * ci;
-  tile_sources(g, x, zero, p0, n, src);
+  const float *x_tile = x + p0 * ci;
+  tile_sources(g, x, 0, zero, p0, n, src);
   /* the stencil: gs[t, j] += sum_i d[i, j] src[t][i][j], channels in register blocks over the tile */
-  for (int64_t i = 0; i < n; i += MR) prefetch_ahead(g, x, p0 + i, pixels);
+  for (int64_t i = 0; i < n; i += MR) prefetch_ahead(g, x, 0, pixels, p0 + i);
   int64_t js = 0;
   for (; js + NR <= m; js += NR) stencil_grad_channels(g, d_tile, src, n, js, gs_local, 2);
   for (; js + VW <= m; js += VW) stencil_grad_channels(g, d_tile, src, n, js, gs_local, 1);
@@ -454,21 +456,46 @@ static void weight_grad_tile(const geometry *g, const float *d, const float *x, 
   }
 }
 
-/* The backward of y = P x + S x for the output gradient d (B, H, W, co): gp[j, c] = sum_p d[p, j]
-   x[p, G(j) cig + c] (shape (co, cig), the layout of P), gs[j, t] = sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape
-   (m, ntaps), the layout of s) and, unless dx is NULL, the input gradient dx = P^T d + S^T d (B, H, W, ci): the
-   forward's tile with the adjoint's geometry and weights (P^T, s on the flipped taps). Each tile computes its part of dx first, so that the weight gradients find d in cache.
-   Returns 0 (and writes nothing) for arguments outside the kernel's range or without memory. */
-int lean_backward(const float *d, const float *x, const float *p, const float *s, const int64_t *taps,
-                  int ntaps, float *dx, float *gp, float *gs, int64_t B, int64_t H, int64_t W, int64_t ci,
-                  int64_t co, int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
+/* The output gradient given by batch norm's backward instead of stored (lean_backward_bn): d = a gm + e z + f per
+   channel (coef: a, b, e, f, each (co)), with gm = g where g is masked already, else g [a z + b > 0] (the ReLU
+   mask recomputed from the operator's output z, as batch norm's kernel computes it). */
+typedef struct {
+  const float *g, *z, *coef;
+  int masked;
+} bn_gradient;
+
+/* d for the pixels [lo, hi) into window (pitch co). */
+static void bn_gradient_window(const bn_gradient *bg, int64_t co, int64_t lo, int64_t hi, float *window) {
+  const float *a = bg->coef, *b = a + co, *e = b + co, *f = e + co;
+  for (int64_t q = lo; q < hi; ++q) {
+    const float *g = bg->g + q * co, *z = bg->z + q * co;
+    float *d = window + (q - lo) * co;
+    int64_t j = 0;
+    for (; j + VW <= co; j += VW) {
+      const vec aj = vload(a + j), zj = vload(z + j), gj = vload(g + j);
+      const vec gm = bg->masked ? gj : (vec)((zj * aj + vload(b + j) > 0) & (__typeof__(zj > 0))gj);
+      vstore(d + j, gm * aj + zj * vload(e + j) + vload(f + j));
+    }
+    for (; j < co; ++j) {
+      const float gm = bg->masked || z[j] * a[j] + b[j] > 0 ? g[j] : 0.f;
+      d[j] = gm * a[j] + z[j] * e[j] + f[j];
+    }
+  }
+}
+
+/* The backward of y = P x + S x for the output gradient d (B, H, W, co), or for the one bg describes (then d is
+   NULL, zero boundary only): gp, gs and unless dx is NULL dx, as lean_backward states. With bg each tile first
+   writes d for its pixels and the r rows and pixels around them into a window of its own. */
+static int backward(const float *d, const bn_gradient *bg, const float *x, const float *p, const float *s,
+                    const int64_t *taps, int ntaps, float *dx, float *gp, float *gs, int64_t B, int64_t H, int64_t W,
+                    int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
   geometry g, adj;
   int64_t flipped[81];
   for (int t = 0; t < ntaps && t < 81; ++t) flipped[t] = k * k - 1 - taps[t];
   if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)
-      || !make_geometry(&adj, flipped, ntaps, B, H, W, co, ci, m, k, groups, circular))
+      || !make_geometry(&adj, flipped, ntaps, B, H, W, co, ci, m, k, groups, circular) || (bg && circular))
     return 0;
-  const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE, cig = g.cig;
+  const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE, cig = g.cig, halo = (k / 2) * (W + 1);
   const size_t np = (size_t)(co * cig), ns = (size_t)(ntaps * m);
   float *wt = NULL, *pt = dx ? tile_weights(&g, p, s, 1, &wt) : NULL;
   channel_block *plan = dx ? plan_blocks(&adj) : NULL;
@@ -483,12 +510,17 @@ int lean_backward(const float *d, const float *x, const float *p, const float *s
   {
     float *zero = calloc((size_t)((ci > co ? ci : co) + NR), sizeof(float));
     float *gq_local = calloc(np + NR, sizeof(float)), *gs_local = calloc(ns + NR, sizeof(float));
+    float *window = bg ? malloc(sizeof(float) * (size_t)((TILE + 2 * halo) * co + NR)) : NULL;
     const float **src = alloc_sources(ntaps);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      if (dx) forward_tile(&adj, plan, d, pt, wt, zero, src, p0, n, dx, NULL);
-      weight_grad_tile(&g, d, x, zero, src, p0, n, gq_local, gs_local);
+      const int64_t lo = bg ? (p0 > halo ? p0 - halo : 0) : 0;
+      const int64_t hi = bg ? (p0 + n + halo < pixels ? p0 + n + halo : pixels) : pixels;
+      if (bg) bn_gradient_window(bg, co, lo, hi, window);
+      const float *dw = bg ? window : d;
+      if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, NULL);
+      weight_grad_tile(&g, dw + (p0 - lo) * co, x, zero, src, p0, n, gq_local, gs_local);
     }
 #pragma omp critical
     {
@@ -498,6 +530,7 @@ int lean_backward(const float *d, const float *x, const float *p, const float *s
         for (int t = 0; t < ntaps; ++t) gs[j * ntaps + t] += gs_local[t * m + j];
     }
     free(src);
+    free(window);
     free(gs_local);
     free(gq_local);
     free(zero);
@@ -505,6 +538,29 @@ int lean_backward(const float *d, const float *x, const float *p, const float *s
   free(plan);
   free(pt);
   return 1;
+}
+
+/* The backward of y = P x + S x for the output gradient d (B, H, W, co): gp[j, c] = sum_p d[p, j]
+   x[p, G(j) cig + c] (shape (co, cig), the layout of P), gs[j, t] = sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape
+   (m, ntaps), the layout of s) and, unless dx is NULL, the input gradient dx = P^T d + S^T d (B, H, W, ci): the
+   forward's tile with the adjoint's geometry and weights (P^T, s on the flipped taps). Each tile computes its
+   part of dx first, so that the weight gradients find d in cache. Returns 0 (and writes nothing) for arguments
+   outside the kernel's range or without memory. */
+int lean_backward(const float *d, const float *x, const float *p, const float *s, const int64_t *taps,
+                  int ntaps, float *dx, float *gp, float *gs, int64_t B, int64_t H, int64_t W, int64_t ci,
+                  int64_t co, int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
+  return backward(d, NULL, x, p, s, taps, ntaps, dx, gp, gs, B, H, W, ci, co, m, k, groups, circular, nthreads);
+}
+
+/* lean_backward for the output gradient d = a gm + e z + f of batch norm's backward (bn_gradient: g, z, coef,
+   masked), computed tile by tile instead of read: batch norm's elementwise pass and its tensor are saved. Zero
+   boundary only. */
+int lean_backward_bn(const float *g_out, const float *z, const float *coef, int masked, const float *x,
+                     const float *p, const float *s, const int64_t *taps, int ntaps, float *dx, float *gp, float *gs,
+                     int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups,
+                     int circular, int nthreads) {
+  const bn_gradient bg = {g_out, z, coef, masked};
+  return backward(NULL, &bg, x, p, s, taps, ntaps, dx, gp, gs, B, H, W, ci, co, m, k, groups, circular, nthreads);
 }
 
 /* The narrowest register block's channel width (VW), for the caller's choice of path: channel counts that are

@@ -141,7 +141,9 @@ def _configure(lib) -> int:
     """Argument types of the lean kernels; returns the block width (``block_channels``)."""
     lib.lean_forward.argtypes = [_PTR] * 4 + [_INT] + [_PTR] * 3 + _GEOMETRY
     lib.lean_backward.argtypes = [_PTR] * 5 + [_INT] + [_PTR] * 3 + _GEOMETRY
-    lib.lean_forward.restype = lib.lean_backward.restype = lib.lean_block_channels.restype = _INT
+    lib.lean_backward_bn.argtypes = [_PTR] * 3 + [_INT] + [_PTR] * 4 + [_INT] + [_PTR] * 3 + _GEOMETRY
+    for kernel in (lib.lean_forward, lib.lean_backward, lib.lean_backward_bn, lib.lean_block_channels):
+        kernel.restype = _INT
     return lib.lean_block_channels()
 
 
@@ -234,18 +236,33 @@ def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor
 
 
 def lean_backward(grad: torch.Tensor, x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor,
-                  taps: torch.Tensor, k: int, circular: bool, groups: int, input_grad: bool = True):
+                  taps: torch.Tensor, k: int, circular: bool, groups: int, input_grad: bool = True,
+                  bn_gradient: tuple[torch.Tensor, torch.Tensor, bool] | None = None):
     """The backward of ``y = P x + S x`` (arguments as in ``lean_forward``) for the output gradient ``grad``, in one
     pass: ``(∂x, ∂P, ∂s)`` with ``∂x = P^T g + S^T g`` (``None`` unless ``input_grad``),
     ``∂P[o, i] = Σ_n g_o(n) x_{G(o) c_in/g + i}(n)`` in the shape of ``pointwise`` and ``∂s_j[t] = Σ_n g_j(n)
-    x_j(n + t)`` in the shape of ``stencil``. ``grad`` and ``x`` channels-last float32."""
+    x_j(n + t)`` in the shape of ``stencil``. ``grad`` and ``x`` channels-last float32.
+
+    With ``bn_gradient = (z, coefficients, masked)`` the output gradient is not ``grad`` itself but what batch
+    norm's backward makes of it, ``g = a ⊙ gm + e ⊙ z + f`` per channel (``coefficients`` (4, c_out): ``a, b, e,
+    f``; ``gm = grad`` if ``masked``, else ``grad ⊙ [a z + b > 0]``, ``z`` the operator's output), computed tile by
+    tile in the kernel instead of stored (zero boundary only)."""
     c_out, m = pointwise.shape[0], stencil.shape[0]
     p, s, taps = pointwise.contiguous(), stencil.contiguous(), taps.to(torch.int64).contiguous()
     gx = torch.empty_like(x, memory_format=torch.channels_last) if input_grad else None
     gp, gs = torch.empty(pointwise.shape, dtype=x.dtype), torch.empty(m, len(taps), dtype=x.dtype)
-    ok = _kernels().lean_backward(grad.data_ptr(), x.data_ptr(), p.data_ptr(), s.data_ptr(), taps.data_ptr(),
-                                  len(taps), gx.data_ptr() if input_grad else None, gp.data_ptr(), gs.data_ptr(),
-                                  *_geometry(x, c_out, m, k, groups, circular))
+    rest = (x.data_ptr(), p.data_ptr(), s.data_ptr(), taps.data_ptr(), len(taps), gx.data_ptr() if input_grad else None,
+            gp.data_ptr(), gs.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
+    if bn_gradient is None:
+        ok = _kernels().lean_backward(grad.data_ptr(), *rest)
+    else:
+        z, coefficients, masked = bn_gradient
+        if circular or coefficients.shape != (4, c_out) or z.shape != grad.shape:
+            raise ValueError(f"lean kernel: the batch-norm gradient needs the zero boundary, coefficients (4, {c_out}) "
+                             f"and z like grad {tuple(grad.shape)}; got circular={circular}, "
+                             f"{tuple(coefficients.shape)}, {tuple(z.shape)}")
+        coefficients = coefficients.to(torch.float32).contiguous()
+        ok = _kernels().lean_backward_bn(grad.data_ptr(), z.data_ptr(), coefficients.data_ptr(), int(masked), *rest)
     if not ok:
         raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, pointwise "
                          f"{tuple(pointwise.shape)}, stencil {tuple(stencil.shape)}, k {k}, groups {groups})")
@@ -296,6 +313,25 @@ def _self_check(lib) -> str:
         if not ok:
             return f"the kernels refused c_in={c_in}, c_out={c_out}, groups={groups}"
         ref_moments = np.stack([(ref - shift).sum((0, 1, 2)), ((ref - shift) ** 2).sum((0, 1, 2))])
+        if not circular:  # the output gradient of batch norm's backward, g = a gm + e z + f, from (d, z = y)
+            coef, masked = rng.standard_normal((4, c_out), dtype=np.float32), c_in % 2
+            gm = d if masked else d * (y * coef[0] + coef[1] > 0)
+            d_bn = gm * coef[0] + y * coef[2] + coef[3]
+            ref_x_bn = np.concatenate([d_bn[..., G * cog:(G + 1) * cog] @ p[G * cog:(G + 1) * cog]
+                                       for G in range(groups)], -1)
+            ref_x_bn[..., :m] += sum(w * _shifted(d_bn[..., :m], 1 - t // 3, 1 - t % 3, circular)
+                                     for w, t in zip(s.T, taps))
+            gx_bn, gp_bn, gs_bn = np.empty_like(x), np.empty_like(p), np.empty_like(s)
+            if not lib.lean_backward_bn(d.ctypes.data, y.ctypes.data, coef.ctypes.data, masked, x.ctypes.data,
+                                        p.ctypes.data, s.ctypes.data, taps.ctypes.data, len(taps), gx_bn.ctypes.data,
+                                        gp_bn.ctypes.data, gs_bn.ctypes.data, *geometry):
+                return f"the batch-norm backward kernel refused c_in={c_in}, c_out={c_out}, groups={groups}"
+            ref_p_bn = np.concatenate([np.einsum("bhwj,bhwc->jc", d_bn[..., G * cog:(G + 1) * cog],
+                                                 x[..., G * cig:(G + 1) * cig]) for G in range(groups)])
+            for name, a, b in (("batch-norm input gradient", gx_bn, ref_x_bn),
+                               ("batch-norm pointwise gradient", gp_bn, ref_p_bn)):
+                if not np.allclose(a, b, rtol=1e-4, atol=1e-3):
+                    return f"{name} differs from numpy for c_in={c_in}, c_out={c_out}, groups={groups}"
         for name, a, b in (("forward", y, ref), ("input gradient", gx, ref_x), ("pointwise gradient", gp, ref_p),
                            ("stencil gradient", gs, ref_s), ("output moments", moments, ref_moments)):
             if not np.allclose(a, b, rtol=1e-4, atol=1e-4):

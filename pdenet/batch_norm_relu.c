@@ -246,26 +246,20 @@ int bn_relu_forward(const float *x, const float *r, const float *gamma, const fl
   return 1;
 }
 
-/* dx, dgamma, dbeta (and dr = gr when the forward had a residual; then y is its output, which gives the mask)
-   from the output gradient g, the input x and the forward's saved mean and invstd. y and gr come together or
-   not at all. Returns 0 on failure. */
-int bn_relu_backward(const float *g, const float *x, const float *y, const float *gamma, const float *beta,
-                     const float *mean, const float *invstd, float *gr, float *dx, float *dgamma, float *dbeta,
-                     int64_t P, int64_t C, int nthreads) {
+/* The backward's reduction: dgamma, dbeta, gr = gm with a residual (then y is the forward's output, which gives
+   the mask; y and gr come together or not at all), and the coefficients of dx = a gm + e x + f in coef (4 C: a,
+   b, e, f; a and b those of the forward), from the output gradient g, the input x and the forward's saved mean
+   and invstd. Returns 0 on failure. */
+int bn_relu_backward_coefficients(const float *g, const float *x, const float *y, const float *gamma,
+                                  const float *beta, const float *mean, const float *invstd, float *gr, float *coef,
+                                  float *dgamma, float *dbeta, int64_t P, int64_t C, int nthreads) {
   if (P < 1 || C < 1 || !y != !gr) return 0;
   double *sums = malloc(sizeof(double) * (size_t)(2 * C));
-  float *coef = malloc(sizeof(float) * (size_t)(4 * C));
-  if (!sums || !coef) {
-    free(sums);
-    free(coef);
-    return 0;
-  }
   float *a = coef, *b = coef + C, *e = coef + 2 * C, *f = coef + 3 * C;
   scale_shift(gamma, beta, mean, invstd, C, a, b);
   const tensors t = {x, g, y, a, b, mean, gr, C};
-  if (!reduce(masked_sums, &t, P, C, sums, nthreads)) {
+  if (!sums || !reduce(masked_sums, &t, P, C, sums, nthreads)) {
     free(sums);
-    free(coef);
     return 0;
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -276,6 +270,22 @@ int bn_relu_backward(const float *g, const float *x, const float *y, const float
     e[c] = (float)ed;
     f[c] = (float)(-(double)a[c] * db / P - ed * mean[c]);
   }
+  free(sums);
+  return 1;
+}
+
+/* dx, dgamma, dbeta and dr = gr (with a residual): bn_relu_backward_coefficients, then the elementwise pass. */
+int bn_relu_backward(const float *g, const float *x, const float *y, const float *gamma, const float *beta,
+                     const float *mean, const float *invstd, float *gr, float *dx, float *dgamma, float *dbeta,
+                     int64_t P, int64_t C, int nthreads) {
+  float *coef = P >= 1 && C >= 1 ? malloc(sizeof(float) * (size_t)(4 * C)) : NULL;
+  if (!coef || !bn_relu_backward_coefficients(g, x, y, gamma, beta, mean, invstd, gr, coef, dgamma, dbeta, P, C,
+                                              nthreads)) {
+    free(coef);
+    return 0;
+  }
+  const float *e = coef + 2 * C, *f = coef + 3 * C;
+  const tensors t = {x, g, y, coef, coef + C, mean, gr, C};
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t p0 = 0; p0 < P; p0 += BLOCK) {
     const int64_t p1 = p0 + BLOCK < P ? p0 + BLOCK : P;
@@ -284,7 +294,6 @@ int bn_relu_backward(const float *g, const float *x, const float *y, const float
     FOR_CHUNKS(INPUT_GRAD);
 #undef INPUT_GRAD
   }
-  free(sums);
   free(coef);
   return 1;
 }

@@ -7,8 +7,10 @@ the CPU in float32 channels-last, in training mode and with the compiled kernels
 (``operators.native``), it runs ``batch_norm_relu.c``: the forward is one reduction and one elementwise pass,
 the backward one reduction (the ReLU mask, ``Σ g``, ``Σ g (z − μ)``) and one elementwise pass. Separately,
 PyTorch's batch norm, addition and ReLU take five passes forward and four backward. ``conv_batch_norm_relu(conv,
-bn, x, residual)`` goes one pass further where ``conv`` is a lean operator: its kernel sums the batch's moments
-about the running mean as it writes ``z = conv(x)``, and the forward is the elementwise pass alone. Elsewhere (evaluation, other
+bn, x, residual)`` goes further where ``conv`` is a lean operator: its kernel sums the batch's moments about the
+running mean as it writes ``z = conv(x)``, so that the forward is the elementwise pass alone, and (zero boundary)
+the lean backward computes ``∂z = a gm + e z + f`` tile by tile from batch norm's coefficients, so that the
+backward is the reduction alone and ``∂z`` is never stored. Elsewhere (evaluation, other
 devices and dtypes, ``torch.func`` transforms, forward-mode AD, a ``bn`` with hooks or its own ``forward`` such as
 the distributed ``GlobalBatchNorm2d``) it is that composition, through ``bn`` itself.
 Under ``create_graph`` the backward is PyTorch's, so double backward works.
@@ -31,8 +33,9 @@ SOURCE = Path(__file__).with_name("batch_norm_relu.c")
 def _configure(lib) -> None:
     p, i64, c_int, c_double = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.bn_relu_forward.argtypes = [p] * 6 + [c_double, c_double] + [p] * 5 + [i64, i64, c_int]
-    lib.bn_relu_backward.argtypes = [p] * 11 + [i64, i64, c_int]
-    lib.bn_relu_forward.restype = lib.bn_relu_backward.restype = c_int
+    lib.bn_relu_backward.argtypes = lib.bn_relu_backward_coefficients.argtypes = [p] * 11 + [i64, i64, c_int]
+    for kernel in (lib.bn_relu_forward, lib.bn_relu_backward, lib.bn_relu_backward_coefficients):
+        kernel.restype = c_int
 
 
 def status() -> str:
@@ -129,23 +132,46 @@ def _pixels(z: torch.Tensor) -> int:
     return z.shape[0] * z.shape[2] * z.shape[3]
 
 
+def _forward_kernel(z, residual, weight, bias, running_mean, running_var, momentum, eps, shift, sums):
+    """``(y, μ, 1/√(σ² + ε))`` from ``bn_relu_forward``; ``shift`` and ``sums`` are the moments given or ``None``."""
+    c = z.shape[1]
+    y = torch.empty_like(z, memory_format=torch.channels_last)
+    mean, invstd = z.new_empty(c), z.new_empty(c)
+    track = running_mean is not None
+    ok = KERNELS.get().bn_relu_forward(
+        z.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+        running_mean.data_ptr() if track else None, running_var.data_ptr() if track else None, momentum, eps,
+        None if sums is None else sums.data_ptr(), None if shift is None else shift.data_ptr(),
+        y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _pixels(z), c, torch.get_num_threads())
+    if not ok:
+        raise MemoryError(f"fused batch norm: out of memory for input {tuple(z.shape)}")
+    return y, mean, invstd
+
+
+def _backward_coefficients(grad, z, y, weight, bias, mean, invstd):
+    """The backward's reduction (``bn_relu_backward_coefficients``): ``(coefficients, dr, dγ, dβ)`` with
+    ``coefficients`` (4, C) the ``a, b, e, f`` of ``dz = a gm + e z + f`` and ``dr = gm`` where the forward had a
+    residual (``y`` given), else ``None``."""
+    coefficients = torch.empty(4, z.shape[1], dtype=z.dtype)
+    dr = torch.empty_like(z, memory_format=torch.channels_last) if y is not None else None
+    dw, db = torch.empty_like(weight), torch.empty_like(bias)
+    ok = KERNELS.get().bn_relu_backward_coefficients(
+        grad.data_ptr(), z.data_ptr(), None if y is None else y.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+        mean.data_ptr(), invstd.data_ptr(), None if dr is None else dr.data_ptr(), coefficients.data_ptr(),
+        dw.data_ptr(), db.data_ptr(), _pixels(z), z.shape[1], torch.get_num_threads())
+    if not ok:
+        raise MemoryError(f"fused batch norm: out of memory for input {tuple(z.shape)}")
+    return coefficients, dr, dw, db
+
+
 class _BatchNormReLUFunction(torch.autograd.Function):
     """``y = max(0, a z + b + r)`` with ``a = γ/√(σ² + ε)``, ``b = β − μ a`` from the batch; see the module
     notes. Saves ``z``, the batch's ``μ`` and ``1/√(σ² + ε)``, and ``y`` when there is a residual (its mask)."""
 
     @staticmethod
     def forward(ctx, z, residual, weight, bias, running_mean, running_var, momentum, eps, shift, sums):
-        c = z.shape[1]
-        y = torch.empty_like(z, memory_format=torch.channels_last)
-        mean, invstd = z.new_empty(c), z.new_empty(c)
-        track = running_mean is not None
-        ok = KERNELS.get().bn_relu_forward(
-            z.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-            running_mean.data_ptr() if track else None, running_var.data_ptr() if track else None, momentum, eps,
-            None if sums is None else sums.data_ptr(), None if shift is None else shift.data_ptr(),
-            y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _pixels(z), c, torch.get_num_threads())
-        if not ok:
-            raise MemoryError(f"fused batch norm: out of memory for input {tuple(z.shape)}")
+        y, mean, invstd = _forward_kernel(z, residual, weight, bias, running_mean, running_var, momentum, eps,
+                                          shift, sums)
         ctx.save_for_backward(z, weight, bias, mean, invstd, y if residual is not None else None)
         ctx.eps, ctx.has_residual = eps, residual is not None
         return y
@@ -171,6 +197,59 @@ class _BatchNormReLUFunction(torch.autograd.Function):
         return dz, dr, dw, db, None, None, None, None, None, None
 
 
+class _LeanBatchNormReLUFunction(torch.autograd.Function):
+    """``y = max(0, a z + b [+ r])`` with ``z = P x + S x`` the lean operator (zero boundary) and ``a, b`` from the
+    batch's statistics of ``z``, which the lean kernel sums as it writes ``z``. Backward: batch norm's reduction
+    (``dγ, dβ``, ``dr``, the coefficients of ``dz = a gm + e z + f``), then the lean kernel's backward on that
+    ``dz``, computed tile by tile instead of stored (``native.lean_backward`` with ``bn_gradient``): batch norm's
+    elementwise pass and the tensor ``dz`` are saved. Under ``create_graph``, PyTorch's differentiable pieces."""
+
+    @staticmethod
+    def forward(ctx, x, pointwise, stencil, taps, k, groups, residual, weight, bias, running_mean, running_var,
+                momentum, eps):
+        shift = running_mean.clone()
+        z, sums = native.lean_forward(x, pointwise, stencil, taps, k, False, groups, moments_about=shift)
+        y, mean, invstd = _forward_kernel(z, residual, weight, bias, running_mean, running_var, momentum, eps,
+                                          shift, sums)
+        ctx.save_for_backward(x, pointwise, stencil, taps, z, weight, bias, mean, invstd,
+                              y if residual is not None else None)
+        ctx.k, ctx.groups, ctx.eps, ctx.has_residual = k, groups, eps, residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, pointwise, stencil, taps, z, weight, bias, mean, invstd, y = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the lean operator and batch norm, differentiably
+            from operators.lean import _LeanConvFunction
+
+            t = F.batch_norm(_LeanConvFunction.apply(x, pointwise, stencil, taps, ctx.k, "zeros", ctx.groups),
+                             None, None, weight, bias, True, 0.0, ctx.eps)
+            masked = grad * ((t if y is None else y) > 0)
+            gx, gp, gs, dw, db = torch.autograd.grad(t, (x, pointwise, stencil, weight, bias), masked,
+                                                     create_graph=True)
+            dr = masked if ctx.has_residual else None
+            return gx, gp, gs, None, None, None, dr, dw, db, None, None, None, None
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        coefficients, dr, dw, db = _backward_coefficients(grad, z, y, weight, bias, mean, invstd)
+        gm_or_grad = dr if ctx.has_residual else grad  # with a residual the reduction stored gm
+        gx, gp, gs = native.lean_backward(gm_or_grad, x, pointwise, stencil, taps, ctx.k, False, ctx.groups,
+                                          input_grad=ctx.needs_input_grad[0],
+                                          bn_gradient=(z, coefficients, ctx.has_residual))
+        return gx, gp, gs, None, None, None, dr, dw, db, None, None, None, None
+
+
+def _step_momentum(bn: nn.BatchNorm2d) -> float:
+    """Count the step in ``bn.num_batches_tracked`` (with running statistics) and return the momentum of its
+    running-statistics update, as ``nn.BatchNorm2d`` does: ``bn.momentum``, or the cumulative average's
+    ``1/steps`` when it is ``None``."""
+    momentum = bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return float(momentum or 0.0)
+
+
 def batch_norm_relu(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None = None,
                     moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``ReLU(bn(z) + residual)`` (``residual`` optional), ``(B, C, n1, n2) -> (B, C, n1, n2)``: the compiled
@@ -186,33 +265,43 @@ def batch_norm_relu(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor 
                              or sums.dtype != torch.float64 or shift.dtype != torch.float32):
         raise ValueError(f"moments for {z.shape[1]} channels must be a float32 shift ({z.shape[1]},) and float64 "
                          f"sums (2, {z.shape[1]}), got {tuple(shift.shape)} and {tuple(sums.shape)} {sums.dtype}")
-    momentum = bn.momentum
-    if bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-            momentum = 1.0 / float(bn.num_batches_tracked)
+    momentum = _step_momentum(bn)
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    return _BatchNormReLUFunction.apply(z, residual, bn.weight, bn.bias, *running, float(momentum or 0.0), bn.eps,
-                                        shift, sums)
+    return _BatchNormReLUFunction.apply(z, residual, bn.weight, bn.bias, *running, momentum, bn.eps, shift, sums)
 
 
 def conv_batch_norm_relu(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
                          residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``ReLU(bn(conv(x)) + residual)``. Where ``conv`` is a lean operator (``operators.LeanConv``, no hooks)
-    on the compiled kernels and ``batch_norm_relu`` takes the call with running statistics, the operator's
-    kernel sums the batch's moments about the running mean as it writes ``conv(x)``
-    (``LeanConv.forward_with_moments``), so that batch norm skips its reduction pass; otherwise
-    ``batch_norm_relu(bn, conv(x), residual)``."""
+    """``ReLU(bn(conv(x)) + residual)``, ``(B, c_in, n1, n2) -> (B, c_out, n1, n2)``. Where ``conv`` is a lean
+    operator (``operators.LeanConv``, no hooks) on the compiled kernels and ``batch_norm_relu`` takes the call
+    with running statistics, the operator's kernel sums the batch's moments about the running mean as it writes
+    ``conv(x)``, so that batch norm skips its reduction pass; with the zero boundary the backward also skips
+    batch norm's elementwise pass (``_LeanBatchNormReLUFunction``), otherwise it is
+    ``LeanConv.forward_with_moments`` and ``batch_norm_relu``. Anything else: ``batch_norm_relu(bn, conv(x),
+    residual)``."""
     from operators import LeanConv
 
-    if (isinstance(conv, LeanConv) and type(conv).forward is LeanConv.forward and _plain(conv)
-            and bn.track_running_stats and conv.out_channels == bn.num_features and _kernels_take(bn, x)):
+    if not (isinstance(conv, LeanConv) and type(conv).forward is LeanConv.forward and _plain(conv)
+            and conv.stencil is not None and bn.track_running_stats and conv.out_channels == bn.num_features
+            and _kernels_take(bn, x) and native.applies(x, conv.out_channels, conv.groups)
+            and (residual is None or (residual.dtype == x.dtype and residual.device == x.device
+                                      and not torch._C._functorch.is_functorch_wrapped_tensor(residual)))):
+        return batch_norm_relu(bn, conv(x), residual)
+    if conv.boundary != "zeros" or not native.supports(x, conv.in_channels, conv.groups):
         shift = bn.running_mean.clone()
         z, sums = conv.forward_with_moments(x, shift)
         return batch_norm_relu(bn, z, residual, (shift, sums))
-    return batch_norm_relu(bn, conv(x), residual)
+    conv._check_input(x, conv.in_channels, "forward")
+    if residual is not None:
+        if residual.shape != (x.shape[0], conv.out_channels, *x.shape[2:]):
+            raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the output "
+                             f"{(x.shape[0], conv.out_channels, *x.shape[2:])}")
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    return _LeanBatchNormReLUFunction.apply(x, conv.pointwise_kernel(), conv.stencil, conv.stencil_index,
+                                            conv.kernel_size, conv.groups, residual, bn.weight, bn.bias,
+                                            bn.running_mean, bn.running_var, _step_momentum(bn), bn.eps)
 
 
 class BatchNormReLUSequential(nn.Sequential):
