@@ -1,6 +1,7 @@
 """Where a training step's time goes: the median step time of each configuration and a ``torch.profiler``
-breakdown of its self CPU time into the lean operators, batch norm (with ReLU and the residual where fused),
-convolutions and everything else, side by side in one run.
+breakdown of its self CPU time into the lean operators fused with their batch norm and ReLU (the ResNet
+blocks'), other lean operators, batch norm (with ReLU and the residual where fused), convolutions and everything
+else, side by side in one run.
 
 A step is ``pdenet.costs.training_step`` (forward, backward, SGD update on a random channels-last batch), the
 step that ``pdenet cost --train`` times; the median is ``measure_train_step``'s. The thread count is ``torch``'s
@@ -27,7 +28,8 @@ from pdenet.costs import measure_train_step, training_step  # noqa: E402
 
 #: (group, substrings of profiler event names), first match wins
 GROUPS = (
-    ("lean operators", ("LeanConvFunction",)),
+    ("lean + batch norm (+ReLU) fused", ("LeanBatchNormReLU",)),
+    ("lean operators", ("LeanConvFunction", "LeanConvMomentsFunction")),
     ("batch norm (+ReLU, +residual)", ("BatchNormReLU", "batch_norm", "threshold_backward", "relu")),
     ("convolutions", ("convolution", "conv2d")),
 )
