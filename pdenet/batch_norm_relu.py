@@ -133,7 +133,7 @@ def _pixels(z: torch.Tensor) -> int:
 
 
 def _forward_kernel(z, residual, weight, bias, running_mean, running_var, momentum, eps, shift, sums):
-    """``(y, μ, 1/√(σ² + ε))`` from ``bn_relu_forward``; ``shift`` and ``sums`` are the moments given or ``None``."""
+    """``(y, μ, 1/√(σ² + ε))`` from ``bn_relu_forward``; ``shift`` and ``sums``: moments given, or ``None``."""
     c = z.shape[1]
     y = torch.empty_like(z, memory_format=torch.channels_last)
     mean, invstd = z.new_empty(c), z.new_empty(c)
@@ -225,10 +225,12 @@ class _LeanBatchNormReLUFunction(torch.autograd.Function):
             t = F.batch_norm(_LeanConvFunction.apply(x, pointwise, stencil, taps, ctx.k, "zeros", ctx.groups),
                              None, None, weight, bias, True, 0.0, ctx.eps)
             masked = grad * ((t if y is None else y) > 0)
-            gx, gp, gs, dw, db = torch.autograd.grad(t, (x, pointwise, stencil, weight, bias), masked,
-                                                     create_graph=True)
+            inputs = dict(zip((0, 1, 2, 7, 8), (x, pointwise, stencil, weight, bias)))
+            wanted = [i for i in inputs if ctx.needs_input_grad[i]]
+            grads = dict(zip(wanted, torch.autograd.grad(t, [inputs[i] for i in wanted], masked, create_graph=True)))
             dr = masked if ctx.has_residual else None
-            return gx, gp, gs, None, None, None, dr, dw, db, None, None, None, None
+            return (grads.get(0), grads.get(1), grads.get(2), None, None, None, dr, grads.get(7), grads.get(8),
+                    None, None, None, None)
         grad = grad.contiguous(memory_format=torch.channels_last)
         coefficients, dr, dw, db = _backward_coefficients(grad, z, y, weight, bias, mean, invstd)
         gm_or_grad = dr if ctx.has_residual else grad  # with a residual the reduction stored gm

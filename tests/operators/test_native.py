@@ -246,6 +246,6 @@ def test_self_check_passes_and_catches_a_wrong_kernel():
 
     class DoesNothing:  # "succeeds" without writing its outputs
         lean_block_channels = staticmethod(lambda: NR)
-        lean_forward = lean_backward = staticmethod(lambda *args: 1)
+        lean_forward = lean_backward = lean_backward_bn = staticmethod(lambda *args: 1)
 
     assert native._self_check(DoesNothing()).startswith("forward differs from numpy")

@@ -301,6 +301,9 @@ def test_fused_lean_batch_norm_double_backward():
         second.append(torch.autograd.grad(gx.square().sum(), [x, c.pointwise, b.weight]))
     for a, b in zip(*second):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    y = bnr.conv_batch_norm_relu(conv, bn, x.detach(), r)  # an input without gradient: the weights' alone
+    (gp,) = torch.autograd.grad(y.square().sum(), conv.pointwise, create_graph=True)
+    assert gp.requires_grad
 
 
 @compiled
