@@ -8,13 +8,20 @@ step that ``pdenet cost --train`` times; the median is ``measure_train_step``'s.
 unless ``--threads``. The profiled steps run after the timed ones; the profiler's own overhead makes their total
 larger than the median step, so the shares, not the profiled milliseconds, are what compare.
 
+On a host whose speed drifts (shared or throttled cores), ``--rounds R`` instead alternates the configurations
+in one process, two timed steps each per round after a warm-up step, and reports the median of the per-round
+step-time ratios to the first configuration: drift that lasts longer than a round cancels out.
+
     python benchmarks/train_step.py                                  # lean-resnet20 and resnet20, 28x28
     python benchmarks/train_step.py --configs lean-resnet20 --input-shape 3 32 32 --threads 1
+    python benchmarks/train_step.py --rounds 20                      # alternating, ratio per round
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -50,17 +57,21 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps after 5 warm-up steps (default 20)")
     parser.add_argument("--profiled-steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternate the configurations for this many rounds instead (no profile)")
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs if c not in list_configs()]
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; known: {', '.join(list_configs())}")
-    if min(args.batch_size, args.steps, args.profiled_steps, *args.input_shape) < 1:
-        parser.error("--batch-size, --steps, --profiled-steps and --input-shape must be positive")
+    if min(args.batch_size, args.steps, args.profiled_steps, args.rounds or 1, *args.input_shape) < 1:
+        parser.error("--batch-size, --steps, --profiled-steps, --rounds and --input-shape must be positive")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
     c, h, w = args.input_shape
     print(f"batch {args.batch_size}, input {c}x{h}x{w}, {torch.get_num_threads()} threads")
+    if args.rounds:
+        return alternate(args.configs, (c, h, w), args.batch_size, args.rounds)
     for name in args.configs:
         torch.manual_seed(0)
         model = build_model(name, num_classes=10, in_channels=c).to(memory_format=torch.channels_last)
@@ -80,6 +91,30 @@ def main(argv=None) -> int:
         for group, _ in GROUPS + (("everything else", ()),):
             share = shares[group] / total
             print(f"  {group:30s} {100 * share:5.1f}%  ~{share * median:6.1f} ms of the median step")
+    return 0
+
+
+def alternate(configs, shape, batch_size: int, rounds: int) -> int:
+    """Each round: per configuration one warm-up step, then two timed ones. Prints each configuration's median
+    step and the median over rounds of its step time divided by the first configuration's."""
+    steps = {}
+    for name in configs:
+        torch.manual_seed(0)
+        model = build_model(name, num_classes=10, in_channels=shape[0]).to(memory_format=torch.channels_last)
+        steps[name], _ = training_step(model, shape, batch_size, channels_last=True)
+    times = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            step()
+            start = time.perf_counter()
+            step()
+            step()
+            times[name].append((time.perf_counter() - start) / 2)
+    first = configs[0]
+    for name in configs:
+        ratio = statistics.median(t / t0 for t, t0 in zip(times[name], times[first]))
+        print(f"{name}: median step {1e3 * statistics.median(times[name]):.1f} ms, per-round ratio to {first} "
+              f"{ratio:.2f}x")
     return 0
 
 
