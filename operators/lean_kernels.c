@@ -19,7 +19,9 @@
    one image row down are prefetched one block ahead: they are the first touch of that row and would
    otherwise stall the block. The weight gradients sum over a tile's pixels in registers: the coupling's,
    transposed to (cig, co) so that its rows are contiguous like d, in blocks of MR input channels x nv VW
-   output channels; the stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once). */
+   output channels; the stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once).
+   For a batch norm after the operator, the forward can sum its output's moments in the register block's
+   epilogue, and the backward can compute batch norm's output gradient d tile by tile (lean_backward_bn). */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -63,8 +65,8 @@ static int make_geometry(geometry *g, const int64_t *taps, int ntaps, int64_t B,
    pixel q is at x + (q - origin) ci (origin > 0: a window of the tensor, holding every pixel read). Interior
    pixels come in runs along a row, written tap by tap (contiguous stores the compiler vectorizes);
    the pixels within r of the grid's edge are resolved one at a time. */
-static void tile_sources(const geometry *g, const float *x, int64_t origin, const float *zero, int64_t p0, int64_t n,
-                         const float **src) {
+static void tile_sources(const geometry *g, const float *x, int64_t origin, const float *zero, int64_t p0,
+                         int64_t n, const float **src) {
   const int64_t W = g->W, H = g->H, ci = g->ci, r = g->k / 2;
   int64_t off[81];
   for (int t = 0; t < g->ntaps; ++t) off[t] = (g->dy[t] * W + g->dx[t]) * ci;
