@@ -486,8 +486,10 @@ static void bn_gradient_window(const bn_gradient *bg, int64_t co, int64_t lo, in
 }
 
 /* The backward of y = P x + S x for the output gradient d (B, H, W, co), or for the one bg describes (then d is
-   NULL, zero boundary only): gp, gs and unless dx is NULL dx, as lean_backward states. With bg each tile first
-   writes d for its pixels and the r rows and pixels around them into a window of its own. */
+   NULL, zero boundary only): gp, gs and unless dx is NULL dx, as lean_backward states. With bg each thread
+   writes d into a window of its own for a run of consecutive tiles and the r rows and pixels around them (the
+   adjoint's taps), then runs those tiles on it; a run spans at least four halos, so that at most a third of
+   the window is computed again by the neighbouring run. */
 static int backward(const float *d, const bn_gradient *bg, const float *x, const float *p, const float *s,
                     const int64_t *taps, int ntaps, float *dx, float *gp, float *gs, int64_t B, int64_t H, int64_t W,
                     int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
@@ -497,7 +499,9 @@ static int backward(const float *d, const bn_gradient *bg, const float *x, const
   if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)
       || !make_geometry(&adj, flipped, ntaps, B, H, W, co, ci, m, k, groups, circular) || (bg && circular))
     return 0;
-  const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE, cig = g.cig, halo = (k / 2) * (W + 1);
+  const int64_t pixels = B * H * W, cig = g.cig, halo = (k / 2) * (W + 1);
+  const int64_t run = bg && 4 * halo > TILE ? (4 * halo + TILE - 1) / TILE * TILE : TILE; /* pixels per window */
+  const int64_t runs = (pixels + run - 1) / run;
   const size_t np = (size_t)(co * cig), ns = (size_t)(ntaps * m);
   float *wt = NULL, *pt = dx ? tile_weights(&g, p, s, 1, &wt) : NULL;
   channel_block *plan = dx ? plan_blocks(&adj) : NULL;
@@ -512,17 +516,20 @@ static int backward(const float *d, const bn_gradient *bg, const float *x, const
   {
     float *zero = calloc((size_t)((ci > co ? ci : co) + NR), sizeof(float));
     float *gq_local = calloc(np + NR, sizeof(float)), *gs_local = calloc(ns + NR, sizeof(float));
-    float *window = bg ? malloc(sizeof(float) * (size_t)((TILE + 2 * halo) * co + NR)) : NULL;
+    float *window = bg ? malloc(sizeof(float) * (size_t)((run + 2 * halo) * co + NR)) : NULL;
     const float **src = alloc_sources(ntaps);
 #pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      const int64_t lo = bg ? (p0 > halo ? p0 - halo : 0) : 0;
-      const int64_t hi = bg ? (p0 + n + halo < pixels ? p0 + n + halo : pixels) : pixels;
+    for (int64_t r = 0; r < runs; ++r) {
+      const int64_t first = r * run, last = first + run < pixels ? first + run : pixels;
+      const int64_t lo = bg ? (first > halo ? first - halo : 0) : 0;
+      const int64_t hi = bg ? (last + halo < pixels ? last + halo : pixels) : pixels;
       if (bg) bn_gradient_window(bg, co, lo, hi, window);
       const float *dw = bg ? window : d;
-      if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, NULL);
-      weight_grad_tile(&g, dw + (p0 - lo) * co, x, zero, src, p0, n, gq_local, gs_local);
+      for (int64_t p0 = first; p0 < last; p0 += TILE) {
+        const int64_t n = last - p0 < TILE ? last - p0 : TILE;
+        if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, NULL);
+        weight_grad_tile(&g, dw + (p0 - lo) * co, x, zero, src, p0, n, gq_local, gs_local);
+      }
     }
 #pragma omp critical
     {

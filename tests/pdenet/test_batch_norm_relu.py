@@ -254,21 +254,23 @@ def test_sequential_keeps_a_hooked_relu():
 
 
 @compiled
+@pytest.mark.parametrize("size", [(6, 7), (9, 30)], ids=["one-window", "windows"])
 @pytest.mark.parametrize("boundary", ["zeros", "circular"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_conv_batch_norm_relu_matches_the_unfused_layers(boundary, with_residual):
+def test_conv_batch_norm_relu_matches_the_unfused_layers(boundary, with_residual, size):
     """A lean operator sums the batch's moments (about the running mean) as it writes its output and batch norm
     skips its reduction; with the zero boundary the lean backward also computes batch norm's input gradient
-    itself. Three steps give the outputs, every gradient and the running statistics of
-    ``batch_norm_relu(bn, conv(x), residual)``, to float rounding."""
+    itself (on 30-pixel rows in windows of several tiles with a partial last one). Three steps give the outputs,
+    every gradient and the running statistics of ``batch_norm_relu(bn, conv(x), residual)``, to float
+    rounding."""
     from operators import LeanConv
 
     conv, bn = LeanConv(5, 16, stencil="cross", boundary=boundary), nn.BatchNorm2d(16)
     twin_conv, twin_bn = copy.deepcopy(conv), copy.deepcopy(bn)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
-        x = (torch.randn(4, 5, 6, 7, generator=gen) + 3).contiguous(memory_format=CL).requires_grad_()
-        r = torch.randn(4, 16, 6, 7, generator=gen).contiguous(memory_format=CL) if with_residual else None
+        x = (torch.randn(4, 5, *size, generator=gen) + 3).contiguous(memory_format=CL).requires_grad_()
+        r = torch.randn(4, 16, *size, generator=gen).contiguous(memory_format=CL) if with_residual else None
         y = bnr.conv_batch_norm_relu(conv, bn, x, r)
         fused = "_LeanBatchNormReLUFunction" if boundary == "zeros" else "_BatchNormReLUFunction"
         assert type(y.grad_fn).__name__ == fused + "Backward"
