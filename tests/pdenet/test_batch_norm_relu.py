@@ -265,6 +265,7 @@ def test_conv_batch_norm_relu_matches_the_unfused_layers(boundary, with_residual
     rounding."""
     from operators import LeanConv
 
+    torch.manual_seed(0)
     conv, bn = LeanConv(5, 16, stencil="cross", boundary=boundary), nn.BatchNorm2d(16)
     twin_conv, twin_bn = copy.deepcopy(conv), copy.deepcopy(bn)
     gen = torch.Generator().manual_seed(0)
@@ -275,7 +276,7 @@ def test_conv_batch_norm_relu_matches_the_unfused_layers(boundary, with_residual
         fused = "_LeanBatchNormReLUFunction" if boundary == "zeros" else "_BatchNormReLUFunction"
         assert type(y.grad_fn).__name__ == fused + "Backward"
         y_ref = batch_norm_relu(twin_bn, twin_conv(x), r)
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
         g = torch.randn(y.shape, generator=gen)
         params = [x, conv.pointwise, conv.stencil, bn.weight, bn.bias]
         twin_params = [x, twin_conv.pointwise, twin_conv.stencil, twin_bn.weight, twin_bn.bias]
