@@ -121,11 +121,15 @@ def _kernels_take(bn: nn.BatchNorm2d, t: torch.Tensor) -> bool:
             and native.available() and KERNELS.get() is not None)
 
 
+def _residual_fits(residual: torch.Tensor | None, t: torch.Tensor) -> bool:
+    """Whether the kernels take ``residual`` (or none) beside tensors like ``t``: same dtype and device, plain."""
+    return residual is None or (residual.dtype == t.dtype and residual.device == t.device
+                                and not torch._C._functorch.is_functorch_wrapped_tensor(residual))
+
+
 def _fast(bn: nn.BatchNorm2d, z: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether the compiled kernels take this call."""
-    return (z.dim() == 4 and z.shape[1] == bn.num_features and _kernels_take(bn, z)
-            and (residual is None or (residual.dtype == z.dtype and residual.device == z.device
-                                      and not torch._C._functorch.is_functorch_wrapped_tensor(residual))))
+    return z.dim() == 4 and z.shape[1] == bn.num_features and _kernels_take(bn, z) and _residual_fits(residual, z)
 
 
 def _pixels(z: torch.Tensor) -> int:
@@ -288,8 +292,7 @@ def conv_batch_norm_relu(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
     if not (isinstance(conv, LeanConv) and type(conv).forward is LeanConv.forward and _plain(conv)
             and conv.stencil is not None and bn.track_running_stats and conv.out_channels == bn.num_features
             and _kernels_take(bn, x) and native.applies(x, conv.out_channels, conv.groups)
-            and (residual is None or (residual.dtype == x.dtype and residual.device == x.device
-                                      and not torch._C._functorch.is_functorch_wrapped_tensor(residual)))):
+            and _residual_fits(residual, x)):
         return batch_norm_relu(bn, conv(x), residual)
     if conv.boundary != "zeros" or not native.supports(x, conv.in_channels, conv.groups):
         shift = bn.running_mean.clone()
