@@ -210,7 +210,7 @@ class _LeanConvFunction(torch.autograd.Function):
 
 class _LeanConvMomentsFunction(_LeanConvFunction):
     """``(y, moments)`` with ``y = P x + S x`` and its per-channel moments about ``shift`` from the compiled
-    kernel's epilogue (``native.lean_forward``); the moments are not differentiable, ``y``'s backward is
+    kernel tile by tile (``native.lean_forward``); the moments are not differentiable, ``y``'s backward is
     ``_LeanConvFunction``'s."""
 
     @staticmethod

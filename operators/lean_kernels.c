@@ -20,8 +20,10 @@
    otherwise stall the block. The weight gradients sum over a tile's pixels in registers: the coupling's,
    transposed to (cig, co) so that its rows are contiguous like d, in blocks of MR input channels x nv VW
    output channels; the stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once).
-   For a batch norm after the operator, the forward can sum its output's moments in the register block's
-   epilogue, and the backward can compute batch norm's output gradient d tile by tile (lean_backward_bn). */
+   For a batch norm after the operator, the forward can sum its output's moments over each tile just stored
+   (still in cache), and the backward can compute batch norm's output gradient d tile by tile
+   (lean_backward_bn). For a residual block's shortcut, the backward's register blocks can add the shortcut's
+   gradient to dx as they store it. */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -116,21 +118,49 @@ static inline void accumulate(float *o, vec v0, vec v1, const int nv) {
   if (nv > 1) vstore(o + VW, vload(o + VW) + v1);
 }
 
-/* The output's moments about a shift k, summed in the forward's epilogue: sums[j] += y_j - k_j and
-   sums[co + j] += (y_j - k_j)^2 (a tile's float sums; NULL where they are not wanted). */
+/* Another tensor's channels, added to y as a register block stores it: y_j += add_j (pixel q's at add + q pitch,
+   pitch >= co; add NULL for none). */
 typedef struct {
-  const float *shift;
-  float *sums;
-} moments;
+  const float *add;
+  int64_t pitch;
+} addend;
+
+/* sums[j] += sum_{i < n} (y_ij - k_j), sums[co + j] += sum_i (y_ij - k_j)^2 for a tile's output y (pitch co) and a
+   shift k (co), in float, from cache after the tile's stores (summed in the register blocks, they would spill
+   the blocks' sums of y with AVX2's 16 registers). Two pixels at a time: independent sums. */
+static void tile_moments(const float *y, int64_t n, int64_t co, const float *shift, float *sums) {
+  int64_t j = 0;
+  for (; j + VW <= co; j += VW) {
+    const vec k = vload(shift + j);
+    vec u0 = {0}, u1 = {0}, v0 = {0}, v1 = {0};
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+      const vec e0 = vload(y + i * co + j) - k, e1 = vload(y + (i + 1) * co + j) - k;
+      u0 += e0, v0 += e0 * e0, u1 += e1, v1 += e1 * e1;
+    }
+    if (i < n) {
+      const vec e0 = vload(y + i * co + j) - k;
+      u0 += e0, v0 += e0 * e0;
+    }
+    vstore(sums + j, vload(sums + j) + u0 + u1);
+    vstore(sums + co + j, vload(sums + co + j) + v0 + v1);
+  }
+  for (; j < co; ++j)
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = y[i * co + j] - shift[j];
+      sums[j] += e;
+      sums[co + j] += e * e;
+    }
+}
 
 /* ------------------------------------------------------------------------------------------- forward */
 /* y[i, j0 : j0 + nv VW] = sum_c a[i, c] pt[c, j0 :] + sum_{t < ntaps} wt[t, j0 :] src[t][i][j0 :] for the
-   pixels i < mr; `a` points at input channel G cig of the block's first pixel. nv (1 or 2) is a constant at
-   every call, so each width compiles to its own code. */
+   pixels i < mr, plus ad's channels; `a` points at input channel G cig of the block's first pixel q. nv (1 or 2)
+   is a constant at every call, so each width compiles to its own code. */
 static inline __attribute__((always_inline)) void forward_block(const geometry *g, const float *a, const float *pt,
                                                                 const float *wt, int ntaps, const float *const *src,
-                                                                int64_t j0, float *y, int mr, const int nv,
-                                                                const moments *mo) {
+                                                                int64_t j0, int64_t q, float *y, int mr,
+                                                                const int nv, const addend *ad) {
   vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
   vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
   const int64_t ci = g->ci, co = g->co;
@@ -160,19 +190,16 @@ static inline __attribute__((always_inline)) void forward_block(const geometry *
     c40 += w0 * vload(s4); if (nv > 1) c41 += w1 * vload(s4 + VW);
     c50 += w0 * vload(s5); if (nv > 1) c51 += w1 * vload(s5 + VW);
   }
-  if (mo) { /* sums[j] += y_j - k_j, sums[co + j] += (y_j - k_j)^2 over the block's mr pixels */
-    const vec k0 = vload(mo->shift + j0), k1 = nv > 1 ? vload(mo->shift + j0 + VW) : k0;
-    vec u0 = {0}, u1 = {0}, v0 = {0}, v1 = {0}, e;
-#define MOMENT(i, ci0, ci1)                                                                                      \
+  if (ad && ad->add) { /* y_j += add_j over the block's mr pixels */
+    const float *row = ad->add + q * ad->pitch + j0;
+    const int64_t pitch = ad->pitch;
+#define ADD(i, ci0, ci1)                                                                                         \
   if (mr > i) {                                                                                                  \
-    e = ci0 - k0, u0 += e, v0 += e * e;                                                                          \
-    if (nv > 1) e = ci1 - k1, u1 += e, v1 += e * e;                                                              \
+    ci0 += vload(row + i * pitch);                                                                               \
+    if (nv > 1) ci1 += vload(row + i * pitch + VW);                                                              \
   }
-    MOMENT(0, c00, c01) MOMENT(1, c10, c11) MOMENT(2, c20, c21) MOMENT(3, c30, c31) MOMENT(4, c40, c41)
-    MOMENT(5, c50, c51)
-#undef MOMENT
-    accumulate(mo->sums + j0, u0, u1, nv);
-    accumulate(mo->sums + co + j0, v0, v1, nv);
+    ADD(0, c00, c01) ADD(1, c10, c11) ADD(2, c20, c21) ADD(3, c30, c31) ADD(4, c40, c41) ADD(5, c50, c51)
+#undef ADD
   }
   y += j0;
   vstore(y, c00); if (nv > 1) vstore(y + VW, c01);
@@ -185,7 +212,8 @@ static inline __attribute__((always_inline)) void forward_block(const geometry *
 
 /* The same for the output channels j0 <= j < j1 one at a time (blocks cut by co, m or a group boundary). */
 static void forward_scalar(const geometry *g, const float *x_pixel, const float *pt, const float *wt,
-                           const float *const *src, int64_t j0, int64_t j1, float *y, int mr, const moments *mo) {
+                           const float *const *src, int64_t j0, int64_t j1, int64_t q, float *y, int mr,
+                           const addend *ad) {
   for (int i = 0; i < mr; ++i)
     for (int64_t j = j0; j < j1; ++j) {
       const float *a = x_pixel + i * g->ci + (j / g->cog) * g->cig;
@@ -193,12 +221,8 @@ static void forward_scalar(const geometry *g, const float *x_pixel, const float 
       for (int64_t c = 0; c < g->cig; ++c) acc += a[c] * pt[c * g->co + j];
       if (j < g->m)
         for (int t = 0; t < g->ntaps; ++t) acc += wt[t * g->m + j] * src[t * TILE + i][j];
+      if (ad && ad->add) acc += ad->add[(q + i) * ad->pitch + j];
       y[i * g->co + j] = acc;
-      if (mo) {
-        const float e = acc - mo->shift[j];
-        mo->sums[j] += e;
-        mo->sums[g->co + j] += e * e;
-      }
     }
 }
 
@@ -240,7 +264,7 @@ static channel_block *plan_blocks(const geometry *g) {
    tap table, filled here; x holds the pixels [origin, end), pixel q at x + (q - origin) ci). */
 static void forward_tile(const geometry *g, const channel_block *plan, const float *x, int64_t origin, int64_t end,
                          const float *pt, const float *wt, const float *zero, const float **src, int64_t p0,
-                         int64_t n, float *y, const moments *mo) {
+                         int64_t n, float *y, const addend *ad) {
   const int64_t ci = g->ci, co = g->co;
   tile_sources(g, x, origin, zero, p0, n, src);
   for (int64_t i = 0; i < n; i += MR) {
@@ -250,9 +274,9 @@ static void forward_tile(const geometry *g, const channel_block *plan, const flo
     prefetch_ahead(g, x, origin, end, p0 + i);
     for (const channel_block *b = plan; b->j0 < co; ++b) {
       const float *a = x_pixel + b->input;
-      if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, y_pixel, mr, 2, mo);
-      else if (b->nv == 1) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, y_pixel, mr, 1, mo);
-      else forward_scalar(g, x_pixel, pt, wt, src + i, b->j0, b[1].j0, y_pixel, mr, mo);
+      if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, p0 + i, y_pixel, mr, 2, ad);
+      else if (b->nv == 1) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, p0 + i, y_pixel, mr, 1, ad);
+      else forward_scalar(g, x_pixel, pt, wt, src + i, b->j0, b[1].j0, p0 + i, y_pixel, mr, ad);
     }
   }
 }
@@ -308,18 +332,19 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
   {
     float *zero = calloc((size_t)(co + NR), sizeof(float));
     const float **src = alloc_sources(ntaps);
-    moments tile_moments = {shift, out ? calloc((size_t)(2 * co + NR), sizeof(float)) : NULL};
+    float *sums = out ? calloc((size_t)(2 * co), sizeof(float)) : NULL;
     double *mine = out ? partial + (size_t)omp_get_thread_num() * 2 * co : NULL;
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      forward_tile(&g, plan, x, 0, pixels, pt, wt, zero, src, p0, n, y, out ? &tile_moments : NULL);
+      forward_tile(&g, plan, x, 0, pixels, pt, wt, zero, src, p0, n, y, NULL);
       if (out) {
-        for (int64_t j = 0; j < 2 * co; ++j) mine[j] += tile_moments.sums[j];
-        memset(tile_moments.sums, 0, sizeof(float) * (size_t)(2 * co));
+        tile_moments(y + p0 * co, n, co, shift, sums);
+        for (int64_t j = 0; j < 2 * co; ++j) mine[j] += sums[j];
+        memset(sums, 0, sizeof(float) * (size_t)(2 * co));
       }
     }
-    free(tile_moments.sums);
+    free(sums);
     free(src);
     free(zero);
   }
@@ -486,19 +511,23 @@ static void bn_gradient_window(const bn_gradient *bg, int64_t co, int64_t lo, in
 }
 
 /* The backward of y = P x + S x for the output gradient d (B, H, W, co), or for the one bg describes (then d is
-   NULL, zero boundary only): gp, gs and unless dx is NULL dx, as lean_backward states. With bg each thread
+   NULL, zero boundary only): gp, gs and unless dx is NULL dx (plus dx_add's first ci channels where it is not
+   NULL, pitch add_pitch), as lean_backward states. With bg each thread
    writes d into a window of its own for a run of consecutive tiles and the r rows and pixels around them (the
    adjoint's taps), then runs those tiles on it; a run spans at least four halos, so that at most a third of
    the window is computed again by the neighbouring run. */
 static int backward(const float *d, const bn_gradient *bg, const float *x, const float *p, const float *s,
-                    const int64_t *taps, int ntaps, float *dx, float *gp, float *gs, int64_t B, int64_t H, int64_t W,
-                    int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
+                    const int64_t *taps, int ntaps, float *dx, const float *dx_add, int64_t add_pitch, float *gp,
+                    float *gs, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k,
+                    int64_t groups, int circular, int nthreads) {
   geometry g, adj;
   int64_t flipped[81];
   for (int t = 0; t < ntaps && t < 81; ++t) flipped[t] = k * k - 1 - taps[t];
   if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)
-      || !make_geometry(&adj, flipped, ntaps, B, H, W, co, ci, m, k, groups, circular) || (bg && circular))
+      || !make_geometry(&adj, flipped, ntaps, B, H, W, co, ci, m, k, groups, circular) || (bg && circular)
+      || (dx_add && add_pitch < ci))
     return 0;
+  const addend add = {dx_add, add_pitch};
   const int64_t pixels = B * H * W, cig = g.cig, halo = (k / 2) * (W + 1);
   const int64_t run = bg && 4 * halo > TILE ? (4 * halo + TILE - 1) / TILE * TILE : TILE; /* pixels per window */
   const int64_t runs = (pixels + run - 1) / run;
@@ -527,7 +556,7 @@ static int backward(const float *d, const bn_gradient *bg, const float *x, const
       const float *dw = bg ? window : d;
       for (int64_t p0 = first; p0 < last; p0 += TILE) {
         const int64_t n = last - p0 < TILE ? last - p0 : TILE;
-        if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, NULL);
+        if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, &add);
         weight_grad_tile(&g, dw + (p0 - lo) * co, x, zero, src, p0, n, gq_local, gs_local);
       }
     }
@@ -551,25 +580,29 @@ static int backward(const float *d, const bn_gradient *bg, const float *x, const
 
 /* The backward of y = P x + S x for the output gradient d (B, H, W, co): gp[j, c] = sum_p d[p, j]
    x[p, G(j) cig + c] (shape (co, cig), the layout of P), gs[j, t] = sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape
-   (m, ntaps), the layout of s) and, unless dx is NULL, the input gradient dx = P^T d + S^T d (B, H, W, ci): the
-   forward's tile with the adjoint's geometry and weights (P^T, s on the flipped taps). Each tile computes its
-   part of dx first, so that the weight gradients find d in cache. Returns 0 (and writes nothing) for arguments
-   outside the kernel's range or without memory. */
+   (m, ntaps), the layout of s) and, unless dx is NULL, the input gradient dx = P^T d + S^T d (B, H, W, ci), plus
+   dx_add[p, c] (c < ci, pixel p at dx_add + p add_pitch) unless dx_add is NULL: the forward's tile with the
+   adjoint's geometry and weights (P^T, s on the flipped taps). Each tile computes its part of dx first, so that
+   the weight gradients find d in cache. Returns 0 (and writes nothing) for arguments outside the kernel's range
+   (add_pitch < ci among them) or without memory. */
 int lean_backward(const float *d, const float *x, const float *p, const float *s, const int64_t *taps,
-                  int ntaps, float *dx, float *gp, float *gs, int64_t B, int64_t H, int64_t W, int64_t ci,
-                  int64_t co, int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
-  return backward(d, NULL, x, p, s, taps, ntaps, dx, gp, gs, B, H, W, ci, co, m, k, groups, circular, nthreads);
+                  int ntaps, float *dx, const float *dx_add, int64_t add_pitch, float *gp, float *gs, int64_t B,
+                  int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups, int circular,
+                  int nthreads) {
+  return backward(d, NULL, x, p, s, taps, ntaps, dx, dx_add, add_pitch, gp, gs, B, H, W, ci, co, m, k, groups,
+                  circular, nthreads);
 }
 
 /* lean_backward for the output gradient d = a gm + e z + f of batch norm's backward (bn_gradient: g, z, coef,
    masked), computed tile by tile instead of read: batch norm's elementwise pass and its tensor are saved. Zero
    boundary only. */
 int lean_backward_bn(const float *g_out, const float *z, const float *coef, int masked, const float *x,
-                     const float *p, const float *s, const int64_t *taps, int ntaps, float *dx, float *gp, float *gs,
-                     int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups,
-                     int circular, int nthreads) {
+                     const float *p, const float *s, const int64_t *taps, int ntaps, float *dx, const float *dx_add,
+                     int64_t add_pitch, float *gp, float *gs, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co,
+                     int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
   const bn_gradient bg = {g_out, z, coef, masked};
-  return backward(NULL, &bg, x, p, s, taps, ntaps, dx, gp, gs, B, H, W, ci, co, m, k, groups, circular, nthreads);
+  return backward(NULL, &bg, x, p, s, taps, ntaps, dx, dx_add, add_pitch, gp, gs, B, H, W, ci, co, m, k, groups,
+                  circular, nthreads);
 }
 
 /* The narrowest register block's channel width (VW), for the caller's choice of path: channel counts that are

@@ -140,8 +140,9 @@ class CompiledLibrary:
 def _configure(lib) -> int:
     """Argument types of the lean kernels; returns the block width (``block_channels``)."""
     lib.lean_forward.argtypes = [_PTR] * 4 + [_INT] + [_PTR] * 3 + _GEOMETRY
-    lib.lean_backward.argtypes = [_PTR] * 5 + [_INT] + [_PTR] * 3 + _GEOMETRY
-    lib.lean_backward_bn.argtypes = [_PTR] * 3 + [_INT] + [_PTR] * 4 + [_INT] + [_PTR] * 3 + _GEOMETRY
+    gradients = [_PTR, _PTR, _I64, _PTR, _PTR]  # dx, dx_add, add_pitch, gp, gs
+    lib.lean_backward.argtypes = [_PTR] * 5 + [_INT] + gradients + _GEOMETRY
+    lib.lean_backward_bn.argtypes = [_PTR] * 3 + [_INT] + [_PTR] * 4 + [_INT] + gradients + _GEOMETRY
     for kernel in (lib.lean_forward, lib.lean_backward, lib.lean_backward_bn, lib.lean_block_channels):
         kernel.restype = _INT
     return lib.lean_block_channels()
@@ -237,7 +238,8 @@ def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor
 
 def lean_backward(grad: torch.Tensor, x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor,
                   taps: torch.Tensor, k: int, circular: bool, groups: int, input_grad: bool = True,
-                  bn_gradient: tuple[torch.Tensor, torch.Tensor, bool] | None = None):
+                  bn_gradient: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
+                  input_grad_addend: torch.Tensor | None = None):
     """The backward of ``y = P x + S x`` (arguments as in ``lean_forward``) for the output gradient ``grad``, in one
     pass: ``(∂x, ∂P, ∂s)`` with ``∂x = P^T g + S^T g`` (``None`` unless ``input_grad``),
     ``∂P[o, i] = Σ_n g_o(n) x_{G(o) c_in/g + i}(n)`` in the shape of ``pointwise`` and ``∂s_j[t] = Σ_n g_j(n)
@@ -246,12 +248,25 @@ def lean_backward(grad: torch.Tensor, x: torch.Tensor, pointwise: torch.Tensor, 
     With ``bn_gradient = (z, coefficients, masked)`` the output gradient is not ``grad`` itself but what batch
     norm's backward makes of it, ``g = a ⊙ gm + e ⊙ z + f`` per channel (``coefficients`` (4, c_out): ``a, b, e,
     f``; ``gm = grad`` if ``masked``, else ``grad ⊙ [a z + b > 0]``, ``z`` the operator's output), computed tile by
-    tile in the kernel instead of stored (zero boundary only)."""
+    tile in the kernel instead of stored (zero boundary only).
+
+    With ``input_grad_addend`` (B, c >= c_in, n1, n2), channels-last, its first ``c_in`` channels are added to
+    ``∂x`` as the kernel stores it: ``∂x = P^T g + S^T g + addend[:, :c_in]`` (a shortcut's gradient, without a
+    pass of its own)."""
     c_out, m = pointwise.shape[0], stencil.shape[0]
     p, s, taps = pointwise.contiguous(), stencil.contiguous(), taps.to(torch.int64).contiguous()
     gx = torch.empty_like(x, memory_format=torch.channels_last) if input_grad else None
     gp, gs = torch.empty(pointwise.shape, dtype=x.dtype), torch.empty(m, len(taps), dtype=x.dtype)
+    addend = input_grad_addend
+    if addend is not None and not (
+            input_grad and addend.dim() == 4 and addend.shape[0] == x.shape[0] and addend.shape[1] >= x.shape[1]
+            and addend.shape[2:] == x.shape[2:] and addend.dtype == x.dtype and addend.device == x.device
+            and addend.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"lean kernel: input_grad_addend must be a channels-last {x.dtype} tensor of shape "
+                         f"({x.shape[0]}, >= {x.shape[1]}, {x.shape[2]}, {x.shape[3]}) on {x.device}, with input_grad; "
+                         f"got {tuple(addend.shape)} {addend.dtype} on {addend.device} (input_grad={input_grad})")
     rest = (x.data_ptr(), p.data_ptr(), s.data_ptr(), taps.data_ptr(), len(taps), gx.data_ptr() if input_grad else None,
+            None if addend is None else addend.data_ptr(), 0 if addend is None else addend.shape[1],
             gp.data_ptr(), gs.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
     if bn_gradient is None:
         ok = _kernels().lean_backward(grad.data_ptr(), *rest)
@@ -282,7 +297,7 @@ def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:
 
 def _self_check(lib) -> str:
     """The forward and backward kernels of ``lib`` against a numpy reference on small problems (odd sizes, channel
-    mismatch, groups, both boundaries, the batch-norm output gradient); the first mismatch as text, or ``""``.
+    mismatch, groups, both boundaries, the batch-norm output gradient with a shortcut's gradient added); the first mismatch as text, or ``""``.
     Numpy, not torch: the check may run inside a user's FLOP counter or inference mode, which must not see it."""
     nr = lib.lean_block_channels()
     rng = np.random.default_rng(0)
@@ -318,18 +333,20 @@ def _self_check(lib) -> str:
         ok = lib.lean_forward(*weights, got["forward"].ctypes.data, shift.ctypes.data,
                               got["output moments"].ctypes.data, *geometry)
         grads = [got[k].ctypes.data for k in ("input gradient", "pointwise gradient", "stencil gradient")]
-        ok = ok and lib.lean_backward(d.ctypes.data, *weights, *grads, *geometry)
+        ok = ok and lib.lean_backward(d.ctypes.data, *weights, grads[0], None, 0, *grads[1:], *geometry)
         if not circular:  # the output gradient of batch norm's backward, a gm + e z + f, from (d, z = forward)
             coef, masked, z = rng.standard_normal((4, c_out), dtype=np.float32), c_in % 2, got["forward"]
             d_bn = (d if masked else d * (z * coef[0] + coef[1] > 0)) * coef[0] + z * coef[2] + coef[3]
-            expected["batch-norm input gradient"] = input_grad(d_bn)
+            addend = rng.standard_normal((2, 5, 7, c_in + 2), dtype=np.float32)  # and a shortcut's gradient
+            expected["batch-norm input gradient"] = input_grad(d_bn) + addend[..., :c_in]
             expected["batch-norm pointwise gradient"] = pointwise_grad(d_bn)
             expected["batch-norm stencil gradient"] = np.stack([np.einsum("bhwj,bhwj->j", d_bn[..., :m], sx)
                                                                 for sx in shifted], 1)
             names = ("batch-norm input gradient", "batch-norm pointwise gradient", "batch-norm stencil gradient")
             got.update({name: np.empty_like(like) for name, like in zip(names, (x, p, s))})
+            grads = [got[name].ctypes.data for name in names]
             ok = ok and lib.lean_backward_bn(d.ctypes.data, z.ctypes.data, coef.ctypes.data, masked, *weights,
-                                             *[got[name].ctypes.data for name in names], *geometry)
+                                             grads[0], addend.ctypes.data, c_in + 2, *grads[1:], *geometry)
         if not ok:
             return f"the kernels refused c_in={c_in}, c_out={c_out}, groups={groups}"
         for name, want in expected.items():

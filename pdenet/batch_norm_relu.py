@@ -201,16 +201,25 @@ class _BatchNormReLUFunction(torch.autograd.Function):
         return dz, dr, dw, db, None, None, None, None, None, None
 
 
+def _pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """``Q x``: ``x`` (B, c, n1, n2) with zero channels appended up to ``channels`` (B, channels, n1, n2), in ``x``'s
+    memory format; ``x`` itself when ``channels == c``."""
+    return x if channels == x.shape[1] else F.pad(x, (0, 0, 0, 0, 0, channels - x.shape[1]))
+
+
 class _LeanBatchNormReLUFunction(torch.autograd.Function):
     """``y = max(0, a z + b [+ r])`` with ``z = P x + S x`` the lean operator (zero boundary) and ``a, b`` from the
     batch's statistics of ``z``, which the lean kernel sums as it writes ``z``. Backward: batch norm's reduction
     (``dγ, dβ``, ``dr``, the coefficients of ``dz = a gm + e z + f``), then the lean kernel's backward on that
     ``dz``, computed tile by tile instead of stored (``native.lean_backward`` with ``bn_gradient``): batch norm's
-    elementwise pass and the tensor ``dz`` are saved. Under ``create_graph``, PyTorch's differentiable pieces."""
+    elementwise pass and the tensor ``dz`` are saved. With ``shortcut_channels``, also the shortcut ``Q x`` (``x``
+    with zero channels appended up to that count) as a second output, whose gradient ``g_s`` the kernel adds to
+    ``∂x`` as it stores it (``∂x += Q^T g_s``, the first ``c_in`` channels), so that autograd does not add the
+    two branches' gradients in a pass of its own. Under ``create_graph``, PyTorch's differentiable pieces."""
 
     @staticmethod
     def forward(ctx, x, pointwise, stencil, taps, k, groups, residual, weight, bias, running_mean, running_var,
-                momentum, eps):
+                momentum, eps, shortcut_channels):
         shift = running_mean.clone()
         z, sums = native.lean_forward(x, pointwise, stencil, taps, k, False, groups, moments_about=shift)
         y, mean, invstd = _forward_kernel(z, residual, weight, bias, running_mean, running_var, momentum, eps,
@@ -218,10 +227,10 @@ class _LeanBatchNormReLUFunction(torch.autograd.Function):
         ctx.save_for_backward(x, pointwise, stencil, taps, z, weight, bias, mean, invstd,
                               y if residual is not None else None)
         ctx.k, ctx.groups, ctx.eps, ctx.has_residual = k, groups, eps, residual is not None
-        return y
+        return y if shortcut_channels is None else (y, _pad_channels(x, shortcut_channels))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, shortcut_grad=None):
         x, pointwise, stencil, taps, z, weight, bias, mean, invstd, y = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the lean operator and batch norm, differentiably
             from operators.lean import _LeanConvFunction
@@ -232,16 +241,21 @@ class _LeanBatchNormReLUFunction(torch.autograd.Function):
             inputs = dict(zip((0, 1, 2, 7, 8), (x, pointwise, stencil, weight, bias)))
             wanted = [i for i in inputs if ctx.needs_input_grad[i]]
             grads = dict(zip(wanted, torch.autograd.grad(t, [inputs[i] for i in wanted], masked, create_graph=True)))
+            if shortcut_grad is not None and 0 in grads:
+                grads[0] = grads[0] + shortcut_grad[:, :x.shape[1]]
             dr = masked if ctx.has_residual else None
             return (grads.get(0), grads.get(1), grads.get(2), None, None, None, dr, grads.get(7), grads.get(8),
-                    None, None, None, None)
+                    None, None, None, None, None)
         grad = grad.contiguous(memory_format=torch.channels_last)
         coefficients, dr, dw, db = _backward_coefficients(grad, z, y, weight, bias, mean, invstd)
         gm_or_grad = dr if ctx.has_residual else grad  # with a residual the reduction stored gm
+        input_grad = ctx.needs_input_grad[0]
+        addend = (shortcut_grad.contiguous(memory_format=torch.channels_last)
+                  if input_grad and shortcut_grad is not None else None)
         gx, gp, gs = native.lean_backward(gm_or_grad, x, pointwise, stencil, taps, ctx.k, False, ctx.groups,
-                                          input_grad=ctx.needs_input_grad[0],
-                                          bn_gradient=(z, coefficients, ctx.has_residual))
-        return gx, gp, gs, None, None, None, dr, dw, db, None, None, None, None
+                                          input_grad=input_grad, bn_gradient=(z, coefficients, ctx.has_residual),
+                                          input_grad_addend=addend)
+        return gx, gp, gs, None, None, None, dr, dw, db, None, None, None, None, None
 
 
 def _step_momentum(bn: nn.BatchNorm2d) -> float:
@@ -287,17 +301,37 @@ def conv_batch_norm_relu(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
     batch norm's elementwise pass (``_LeanBatchNormReLUFunction``), otherwise it is
     ``LeanConv.forward_with_moments`` and ``batch_norm_relu``. Anything else: ``batch_norm_relu(bn, conv(x),
     residual)``."""
+    return _conv_batch_norm_relu(conv, bn, x, residual, None)
+
+
+def conv_batch_norm_relu_and_shortcut(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
+                                      channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ReLU(bn(conv(x))), Q x)``, the first half of a residual block: ``conv_batch_norm_relu(conv, bn, x)`` and
+    the shortcut ``Q x``, ``x`` (B, c_in, n1, n2) with zero channels appended up to ``channels`` (the identity
+    when ``channels == c_in``). Where the lean backward takes the call (``_LeanBatchNormReLUFunction``), the
+    shortcut's gradient is added to ``∂x`` in that kernel, not by autograd in a pass of its own."""
+    if isinstance(channels, bool) or not isinstance(channels, int) or x.dim() != 4 or channels < x.shape[1]:
+        raise ValueError(f"the shortcut needs an integer channel count >= the input's for a 4-D input, got "
+                         f"{channels!r} for an input of shape {tuple(x.shape)}")
+    return _conv_batch_norm_relu(conv, bn, x, None, channels)
+
+
+def _conv_batch_norm_relu(conv, bn, x, residual, shortcut_channels):
+    """``conv_batch_norm_relu``, and with ``shortcut_channels`` also ``Q x`` (a pair)."""
     from operators import LeanConv
+
+    def composed(y):
+        return y if shortcut_channels is None else (y, _pad_channels(x, shortcut_channels))
 
     if not (isinstance(conv, LeanConv) and type(conv).forward is LeanConv.forward and _plain(conv)
             and conv.stencil is not None and bn.track_running_stats and conv.out_channels == bn.num_features
             and _kernels_take(bn, x) and native.applies(x, conv.out_channels, conv.groups)
             and _residual_fits(residual, x)):
-        return batch_norm_relu(bn, conv(x), residual)
+        return composed(batch_norm_relu(bn, conv(x), residual))
     if conv.boundary != "zeros" or not native.supports(x, conv.in_channels, conv.groups):
         shift = bn.running_mean.clone()
         z, sums = conv.forward_with_moments(x, shift)
-        return batch_norm_relu(bn, z, residual, (shift, sums))
+        return composed(batch_norm_relu(bn, z, residual, (shift, sums)))
     conv._check_input(x, conv.in_channels, "forward")
     if residual is not None:
         if residual.shape != (x.shape[0], conv.out_channels, *x.shape[2:]):
@@ -306,7 +340,8 @@ def conv_batch_norm_relu(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
         residual = residual.contiguous(memory_format=torch.channels_last)
     return _LeanBatchNormReLUFunction.apply(x, conv.pointwise_kernel(), conv.stencil, conv.stencil_index,
                                             conv.kernel_size, conv.groups, residual, bn.weight, bn.bias,
-                                            bn.running_mean, bn.running_var, _step_momentum(bn), bn.eps)
+                                            bn.running_mean, bn.running_var, _step_momentum(bn), bn.eps,
+                                            shortcut_channels)
 
 
 class BatchNormReLUSequential(nn.Sequential):

@@ -24,13 +24,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from operators.base import as_grid, check_positive_int
 from operators.stability import max_stable_step
 
-from ..batch_norm_relu import BatchNormReLUSequential, conv_batch_norm_relu
+from ..batch_norm_relu import BatchNormReLUSequential, conv_batch_norm_relu, conv_batch_norm_relu_and_shortcut
 from ..blocks import StepStability
 from .layers import ClassifierHead, check_operator_kwargs, downsample2x, make_stem
 
@@ -122,12 +121,11 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:
             x = downsample2x(x)
-        out = conv_batch_norm_relu(self.conv1, self.bn1, x)
         if self.projection is not None:
-            x = self.projection(x)
-        elif self.pad_channels:
-            x = F.pad(x, (0, 0, 0, 0, 0, self.pad_channels))
-        return conv_batch_norm_relu(self.conv2, self.bn2, out, residual=x)
+            out, shortcut = conv_batch_norm_relu(self.conv1, self.bn1, x), self.projection(x)
+        else:  # identity or zero channels; its gradient joins the operator's in the lean backward kernel
+            out, shortcut = conv_batch_norm_relu_and_shortcut(self.conv1, self.bn1, x, x.shape[1] + self.pad_channels)
+        return conv_batch_norm_relu(self.conv2, self.bn2, out, residual=shortcut)
 
 
 class ResNet(nn.Module):

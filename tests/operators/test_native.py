@@ -64,7 +64,7 @@ def test_forward_and_backward_match_conv2d(channels, shape, circular):
 
 def check_forward_and_backward(x, g, p, s, taps, k, groups, circular):
     """``lean_forward`` (with and without the output's moments) and ``lean_backward`` (with and without the input
-    gradient) against autograd through ``reference``."""
+    gradient, and with a shortcut's gradient added to it) against autograd through ``reference``."""
     x, p, s = (t.detach().requires_grad_() for t in (x, p, s))
     ref = reference(x, p, s, taps, k, groups, circular)
     ref_x, ref_p, ref_s = torch.autograd.grad(ref, [x, p, s], g)
@@ -82,12 +82,18 @@ def check_forward_and_backward(x, g, p, s, taps, k, groups, circular):
         gx, gp, gs = native.lean_backward(g, x.detach(), p.detach(), s.detach(), taps, k, circular, groups,
                                           input_grad=input_grad)
         if input_grad:
+            gx_alone, gp_alone = gx, gp
             assert gx.is_contiguous(memory_format=CL)
             torch.testing.assert_close(gx, ref_x, rtol=1e-4, atol=1e-4)
         else:
             assert gx is None
         torch.testing.assert_close(gp, ref_p, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(gs, ref_s, rtol=1e-4, atol=1e-4)
+    # the first c_in channels of a wider addend, added as the kernel stores the input gradient: one rounding, as here
+    addend = torch.randn(x.shape[0], x.shape[1] + 3, *x.shape[2:]).contiguous(memory_format=CL)
+    gx_plus, gp_plus, _ = native.lean_backward(g, x.detach(), p.detach(), s.detach(), taps, k, circular, groups,
+                                               input_grad_addend=addend)
+    assert torch.equal(gx_plus, gx_alone + addend[:, :x.shape[1]]) and torch.equal(gp_plus, gp_alone)
 
 
 # tap counts 9, 25, 13, 6 and 7: the stencil gradient takes five taps per pass and every remainder 0-4
@@ -149,12 +155,16 @@ def test_unsupported_arguments_raise_a_clear_error():
         native.lean_forward(x, p, too_many, cross(3), 3, False, 1)
     with pytest.raises(ValueError, match=r"moments_about must have shape \(4,\)"):
         native.lean_forward(x, p, s, cross(3), 3, False, 1, moments_about=torch.zeros(3))
+    for addend, input_grad in ((torch.zeros(1, 3, 3, 3), True), (torch.zeros(1, 4, 3, 2), True),
+                               (torch.zeros(1, 4, 3, 3, dtype=torch.float64), True), (torch.zeros(1, 4, 3, 3), False)):
+        with pytest.raises(ValueError, match="input_grad_addend must be"):
+            native.lean_backward(x, x, p, s, cross(3), 3, False, 1, input_grad=input_grad, input_grad_addend=addend)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["kernel", "pytorch"])
 def test_forward_with_moments_matches_forward(fast):
     """``LeanConv.forward_with_moments``: the output and gradients of ``forward`` and the moments of the output,
-    from the kernel's epilogue or (kernels disabled) from the output."""
+    summed by the kernel or (kernels disabled) from the output."""
     op = LeanConv(NR + 1, NR, stencil="cross")
     x = torch.randn(3, NR + 1, 7, 6).contiguous(memory_format=CL).requires_grad_()
     shift = torch.randn(NR)

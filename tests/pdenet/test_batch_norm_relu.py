@@ -310,6 +310,58 @@ def test_fused_lean_batch_norm_double_backward():
 
 
 @compiled
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
+@pytest.mark.parametrize("widths", [(16, 16), (8, 16)], ids=["identity", "zero-channels"])
+def test_shortcut_gradient_joins_the_lean_backward(widths, fused):
+    """A residual block ``ReLU(BN(K₂ ReLU(BN(K₁ x))) + Q x)`` through ``conv_batch_norm_relu_and_shortcut``: the
+    shortcut ``Q x`` (identity, or zero channels appended) comes from the fused layer, whose kernel adds its
+    gradient to ``∂x``. Two steps give the outputs, every gradient and second derivatives of the unfused layers
+    with ``F.pad``; with the kernels disabled, the same through PyTorch."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from operators import LeanConv
+
+    c_in, c = widths
+    torch.manual_seed(0)
+    layers = [LeanConv(c_in, c, stencil="cross"), nn.BatchNorm2d(c), LeanConv(c, c, stencil="cross"), nn.BatchNorm2d(c)]
+    twins = copy.deepcopy(layers)
+    gen = torch.Generator().manual_seed(1)
+
+    def block(conv1, bn1, conv2, bn2, x, ours):
+        if ours:
+            out, shortcut = bnr.conv_batch_norm_relu_and_shortcut(conv1, bn1, x, c)
+        else:
+            out, shortcut = batch_norm_relu(bn1, conv1(x)), F.pad(x, (0, 0, 0, 0, 0, c - c_in))
+        return bnr.conv_batch_norm_relu(conv2, bn2, out, shortcut) if ours else batch_norm_relu(bn2, conv2(out),
+                                                                                                shortcut), shortcut
+
+    with contextlib.nullcontext() if fused else native.disabled():
+        for _ in range(2):
+            x = torch.randn(3, c_in, 6, 9, generator=gen).contiguous(memory_format=CL).requires_grad_()
+            y, shortcut = block(*layers, x, True)
+            if fused:
+                assert type(shortcut.grad_fn).__name__ == "_LeanBatchNormReLUFunctionBackward"
+            y_ref, _ = block(*twins, x, False)
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
+            g = torch.randn(y.shape, generator=gen)
+            params = [x] + [p for layer in layers for p in layer.parameters()]
+            twin_params = [x] + [p for layer in twins for p in layer.parameters()]
+            for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, twin_params, g)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+        second = []
+        for conv1, *rest in (layers, twins):
+            y, _ = block(conv1, *rest, x, conv1 is layers[0])
+            (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+            second.append(torch.autograd.grad(gx.square().sum(), [x, conv1.pointwise]))
+        for a, b in zip(*second):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    with pytest.raises(ValueError, match="shortcut needs an integer channel count"):
+        bnr.conv_batch_norm_relu_and_shortcut(layers[0], layers[1], x, c_in - 1)
+
+
+@compiled
 def test_conv_batch_norm_relu_falls_back_where_the_moments_cannot_come_from_the_kernel():
     """A dense operator, a lean one with a hook, evaluation mode and batch norm without running statistics:
     ``batch_norm_relu(bn, conv(x))``, and the hook runs."""
