@@ -210,6 +210,14 @@ def _geometry(x: torch.Tensor, c_out: int, m: int, k: int, groups: int, circular
     return [b, n1, n2, c_in, c_out, m, k, groups, int(circular), torch.get_num_threads()]
 
 
+def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous ``dtype`` tensor outside autograd: ``t`` itself where it is one (a call each way is
+    a few microseconds, and a layer makes several)."""
+    if t.dtype == dtype and t.is_contiguous() and not t.requires_grad:
+        return t
+    return t.detach().to(dtype).contiguous()
+
+
 def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, taps: torch.Tensor, k: int,
                  circular: bool, groups: int, moments_about: torch.Tensor | None = None):
     """``P x + S x`` for channels-last float32 ``x`` (B, c_in, n1, n2); ``pointwise`` (c_out, c_in/g, 1, 1),
@@ -219,13 +227,13 @@ def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor
     ``[0, j] = Σ_n (y_j(n) − k_j)`` and ``[1, j] = Σ_n (y_j(n) − k_j)²`` over the batch and the pixels. Not
     differentiable itself (the caller's autograd Function is)."""
     c_out, m = pointwise.shape[0], stencil.shape[0]
-    p, s, taps = pointwise.contiguous(), stencil.contiguous(), taps.to(torch.int64).contiguous()
+    p, s, taps = pointwise.contiguous(), stencil.contiguous(), _contiguous_as(taps, torch.int64)
     y = torch.empty((x.shape[0], c_out, *x.shape[2:]), dtype=x.dtype, memory_format=torch.channels_last)
     shift = out = None
     if moments_about is not None:
         if moments_about.shape != (c_out,):
             raise ValueError(f"moments_about must have shape ({c_out},), got {tuple(moments_about.shape)}")
-        shift = moments_about.detach().to(torch.float32).contiguous()
+        shift = _contiguous_as(moments_about, torch.float32)
         out = torch.empty(2, c_out, dtype=torch.float64)
     ok = _kernels().lean_forward(x.data_ptr(), p.data_ptr(), s.data_ptr(), taps.data_ptr(), len(taps),
                                  y.data_ptr(), None if shift is None else shift.data_ptr(),
@@ -254,7 +262,7 @@ def lean_backward(grad: torch.Tensor, x: torch.Tensor, pointwise: torch.Tensor, 
     ``∂x`` as the kernel stores it: ``∂x = P^T g + S^T g + addend[:, :c_in]`` (a shortcut's gradient, without a
     pass of its own)."""
     c_out, m = pointwise.shape[0], stencil.shape[0]
-    p, s, taps = pointwise.contiguous(), stencil.contiguous(), taps.to(torch.int64).contiguous()
+    p, s, taps = pointwise.contiguous(), stencil.contiguous(), _contiguous_as(taps, torch.int64)
     gx = torch.empty_like(x, memory_format=torch.channels_last) if input_grad else None
     gp, gs = torch.empty(pointwise.shape, dtype=x.dtype), torch.empty(m, len(taps), dtype=x.dtype)
     addend = input_grad_addend
@@ -276,7 +284,7 @@ def lean_backward(grad: torch.Tensor, x: torch.Tensor, pointwise: torch.Tensor, 
             raise ValueError(f"lean kernel: the batch-norm gradient needs the zero boundary, coefficients (4, {c_out}) "
                              f"and z like grad {tuple(grad.shape)}; got circular={circular}, "
                              f"{tuple(coefficients.shape)}, {tuple(z.shape)}")
-        coefficients = coefficients.to(torch.float32).contiguous()
+        coefficients = _contiguous_as(coefficients, torch.float32)
         ok = _kernels().lean_backward_bn(grad.data_ptr(), z.data_ptr(), coefficients.data_ptr(), int(masked), *rest)
     if not ok:
         raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, pointwise "

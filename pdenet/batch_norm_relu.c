@@ -207,8 +207,9 @@ static void scale_shift(const float *gamma, const float *beta, const float *mean
 
 /* y = max(0, a x + b [+ r]); save_mean and save_invstd (C) are kept for the backward. The batch's moments are
    summed here about the first pixel, or given (`given`, (2, C): sums of x - shift and (x - shift)^2, from the
-   kernel that wrote x). Running statistics are updated when running_mean is not NULL. Returns 0 on failure
-   (P < 1 or no memory), writing nothing. */
+   kernel that wrote x; shift may be running_mean itself, each channel's read before it is updated). Running
+   statistics are updated when running_mean is not NULL. Returns 0 on failure (P < 1 or no memory), writing
+   nothing. */
 int bn_relu_forward(const float *x, const float *r, const float *gamma, const float *beta, float *running_mean,
                     float *running_var, double momentum, double eps, const double *given, const float *shift,
                     float *y, float *save_mean, float *save_invstd, int64_t P, int64_t C, int nthreads) {

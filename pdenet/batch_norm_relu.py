@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from operators import native
+from operators import LeanConv, native
+from operators.lean import _LeanConvFunction
 
 SOURCE = Path(__file__).with_name("batch_norm_relu.c")
 
@@ -140,7 +141,7 @@ def _forward_kernel(z, residual, weight, bias, running_mean, running_var, moment
     """``(y, μ, 1/√(σ² + ε))`` from ``bn_relu_forward``; ``shift`` and ``sums``: moments given, or ``None``."""
     c = z.shape[1]
     y = torch.empty_like(z, memory_format=torch.channels_last)
-    mean, invstd = z.new_empty(c), z.new_empty(c)
+    mean, invstd = z.new_empty(2, c)  # one allocation
     track = running_mean is not None
     ok = KERNELS.get().bn_relu_forward(
         z.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
@@ -220,7 +221,7 @@ class _LeanBatchNormReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pointwise, stencil, taps, k, groups, residual, weight, bias, running_mean, running_var,
                 momentum, eps, shortcut_channels):
-        shift = running_mean.clone()
+        shift = running_mean  # the kernels read each channel's shift before batch norm's kernel updates it
         z, sums = native.lean_forward(x, pointwise, stencil, taps, k, False, groups, moments_about=shift)
         y, mean, invstd = _forward_kernel(z, residual, weight, bias, running_mean, running_var, momentum, eps,
                                           shift, sums)
@@ -233,9 +234,8 @@ class _LeanBatchNormReLUFunction(torch.autograd.Function):
     def backward(ctx, grad, shortcut_grad=None):
         x, pointwise, stencil, taps, z, weight, bias, mean, invstd, y = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the lean operator and batch norm, differentiably
-            from operators.lean import _LeanConvFunction
-
-            t = F.batch_norm(_LeanConvFunction.apply(x, pointwise, stencil, taps, ctx.k, "zeros", ctx.groups),
+            t = F.batch_norm(_LeanConvFunction.apply(x, pointwise[:, :, None, None], stencil, taps, ctx.k, "zeros",
+                                                     ctx.groups),
                              None, None, weight, bias, True, 0.0, ctx.eps)
             masked = grad * ((t if y is None else y) > 0)
             inputs = dict(zip((0, 1, 2, 7, 8), (x, pointwise, stencil, weight, bias)))
@@ -318,8 +318,6 @@ def conv_batch_norm_relu_and_shortcut(conv: nn.Module, bn: nn.BatchNorm2d, x: to
 
 def _conv_batch_norm_relu(conv, bn, x, residual, shortcut_channels):
     """``conv_batch_norm_relu``, and with ``shortcut_channels`` also ``Q x`` (a pair)."""
-    from operators import LeanConv
-
     def composed(y):
         return y if shortcut_channels is None else (y, _pad_channels(x, shortcut_channels))
 
@@ -338,7 +336,7 @@ def _conv_batch_norm_relu(conv, bn, x, residual, shortcut_channels):
             raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the output "
                              f"{(x.shape[0], conv.out_channels, *x.shape[2:])}")
         residual = residual.contiguous(memory_format=torch.channels_last)
-    return _LeanBatchNormReLUFunction.apply(x, conv.pointwise_kernel(), conv.stencil, conv.stencil_index,
+    return _LeanBatchNormReLUFunction.apply(x, conv.pointwise, conv.stencil, conv.stencil_index,
                                             conv.kernel_size, conv.groups, residual, bn.weight, bn.bias,
                                             bn.running_mean, bn.running_var, _step_momentum(bn), bn.eps,
                                             shortcut_channels)
