@@ -8,32 +8,12 @@ from torch import nn
 from ..batch_norm_relu import BatchNormReLUSequential
 
 
-class _Downsample2xFunction(torch.autograd.Function):
-    """``D x`` on an even grid, with ``D^T g`` (each pixel gets a quarter of its window's gradient) as the
-    nearest-neighbour upsampling of ``g/4``: every input pixel's gradient written once. PyTorch's average-pooling
-    backward fills the input gradient with zeros first and then adds into it, at twice the time. The backward is
-    differentiable (double backward)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return F.avg_pool2d(x, kernel_size=2, stride=2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return F.interpolate(grad * 0.25, scale_factor=2, mode="nearest")
-
-
 def downsample2x(x: torch.Tensor) -> torch.Tensor:
     """``(B, c, n1, n2) -> (B, c, ⌈n1/2⌉, ⌈n2/2⌉)``: mean over each 2 x 2 window (clipped at an odd edge).
 
     The output size is that of a 3x3 convolution with stride 2 and padding 1, so that 28x28 inputs go
-    28 -> 14 -> 7 -> 4 -> 2 -> 1 like 32x32 ones go 32 -> 16 -> 8 -> 4 -> 2 -> 1. On an even grid with a
-    gradient to compute (outside forward-mode AD and ``torch.func``) its backward is ``_Downsample2xFunction``'s.
+    28 -> 14 -> 7 -> 4 -> 2 -> 1 like 32x32 ones go 32 -> 16 -> 8 -> 4 -> 2 -> 1.
     """
-    if (x.dim() == 4 and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and x.requires_grad
-            and torch.is_grad_enabled() and torch.autograd.forward_ad._current_level < 0
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
-        return _Downsample2xFunction.apply(x)
     return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
 
 

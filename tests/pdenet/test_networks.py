@@ -76,24 +76,6 @@ def test_downsample2x_averages_windows_and_matches_strided_conv_size(n):
     torch.testing.assert_close(y[..., -1, -1], x[..., 2 * m - 2:, 2 * m - 2:].mean(dim=(-1, -2)))
 
 
-@pytest.mark.parametrize("n", [(6, 8), (7, 8), (7, 9)], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
-def test_downsample2x_gradient_is_average_poolings(n, channels_last):
-    """The backward of even grids (nearest upsampling of g/4) gives ``F.avg_pool2d``'s gradients exactly, in the
-    input's memory format, and passes gradcheck and gradgradcheck in float64; odd grids are ``F.avg_pool2d``."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 3, *n).contiguous(memory_format=fmt).requires_grad_()
-    g = torch.randn(2, 3, (n[0] + 1) // 2, (n[1] + 1) // 2).contiguous(memory_format=fmt)
-    (ours,) = torch.autograd.grad(downsample2x(x), x, g)
-    (ref,) = torch.autograd.grad(F.avg_pool2d(x, 2, 2, ceil_mode=True), x, g)
-    assert torch.equal(ours, ref) and ours.is_contiguous(memory_format=fmt)
-    even = n[0] % 2 == 0 and n[1] % 2 == 0
-    assert (type(downsample2x(x).grad_fn).__name__ == "_Downsample2xFunctionBackward") == even
-    x64 = torch.randn(1, 2, *n, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(downsample2x, (x64,))
-    assert torch.autograd.gradgradcheck(downsample2x, (x64,))
-
-
 def test_downsampling_block_applies_operator_to_pooled_input():
     torch.manual_seed(0)
     block = BasicBlock(4, 8, stride=2, operator="dense", shortcut="B").double().eval()
