@@ -24,6 +24,9 @@
    (still in cache), and the backward can compute batch norm's output gradient d tile by tile
    (lean_backward_bn). For a residual block's shortcut, the backward's register blocks can add the shortcut's
    gradient to dx as they store it. */
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -119,11 +122,32 @@ static inline void accumulate(float *o, vec v0, vec v1, const int nv) {
 }
 
 /* Another tensor's channels, added to y as a register block stores it: y_j += add_j (pixel q's at add + q pitch,
-   pitch >= co; add NULL for none). */
+   pitch >= co; add NULL for none), only where mask_j is set unless mask is NULL (bytes -1 or 0, the layout of
+   add). */
 typedef struct {
   const float *add;
   int64_t pitch;
+  const int8_t *mask;
 } addend;
+typedef int8_t mask_bytes __attribute__((vector_size(VW)));
+typedef int32_t lanes __attribute__((vector_size(VW * 4)));
+
+/* the VW bytes at m (-1 or 0) sign-extended to lanes: one instruction with AVX2 or AVX-512 (GCC assembles a
+   __builtin_convertvector of bytes lane by lane) */
+static inline lanes widen_mask(const int8_t *m) {
+#if defined(__AVX512F__)
+  return (lanes)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)m));
+#elif defined(__AVX2__)
+  return (lanes)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)m));
+#else
+  mask_bytes b;
+  memcpy(&b, m, VW);
+  return __builtin_convertvector(b, lanes);
+#endif
+}
+
+/* v where the VW bytes at m are set (-1), else 0 */
+static inline vec keep_where_set(const int8_t *m, vec v) { return (vec)(widen_mask(m) & (lanes)v); }
 
 /* sums[j] += sum_{i < n} (y_ij - k_j), sums[co + j] += sum_i (y_ij - k_j)^2 for a tile's output y (pitch co) and a
    shift k (co), in float, from cache after the tile's stores (summed in the register blocks, they would spill
@@ -190,13 +214,15 @@ static inline __attribute__((always_inline)) void forward_block(const geometry *
     c40 += w0 * vload(s4); if (nv > 1) c41 += w1 * vload(s4 + VW);
     c50 += w0 * vload(s5); if (nv > 1) c51 += w1 * vload(s5 + VW);
   }
-  if (ad && ad->add) { /* y_j += add_j over the block's mr pixels */
+  if (ad && ad->add) { /* y_j += add_j [mask_j] over the block's mr pixels */
     const float *row = ad->add + q * ad->pitch + j0;
+    const int8_t *keep = ad->mask ? ad->mask + q * ad->pitch + j0 : NULL;
     const int64_t pitch = ad->pitch;
 #define ADD(i, ci0, ci1)                                                                                         \
   if (mr > i) {                                                                                                  \
-    ci0 += vload(row + i * pitch);                                                                               \
-    if (nv > 1) ci1 += vload(row + i * pitch + VW);                                                              \
+    const vec add0 = vload(row + i * pitch), add1 = nv > 1 ? vload(row + i * pitch + VW) : add0;                 \
+    ci0 += keep ? keep_where_set(keep + i * pitch, add0) : add0;                                                 \
+    if (nv > 1) ci1 += keep ? keep_where_set(keep + i * pitch + VW, add1) : add1;                                \
   }
     ADD(0, c00, c01) ADD(1, c10, c11) ADD(2, c20, c21) ADD(3, c30, c31) ADD(4, c40, c41) ADD(5, c50, c51)
 #undef ADD
@@ -221,7 +247,8 @@ static void forward_scalar(const geometry *g, const float *x_pixel, const float 
       for (int64_t c = 0; c < g->cig; ++c) acc += a[c] * pt[c * g->co + j];
       if (j < g->m)
         for (int t = 0; t < g->ntaps; ++t) acc += wt[t * g->m + j] * src[t * TILE + i][j];
-      if (ad && ad->add) acc += ad->add[(q + i) * ad->pitch + j];
+      const int64_t at = (q + i) * (ad ? ad->pitch : 0) + j;
+      if (ad && ad->add && (!ad->mask || ad->mask[at])) acc += ad->add[at];
       y[i * g->co + j] = acc;
     }
 }
@@ -484,11 +511,13 @@ static void weight_grad_tile(const geometry *g, const float *d_tile, const float
 }
 
 /* The output gradient given by batch norm's backward instead of stored (lean_backward_bn): d = a gm + e z + f per
-   channel (coef: a, b, e, f, each (co)), with gm = g where g is masked already, else g [a z + b > 0] (the ReLU
-   mask recomputed from the operator's output z, as batch norm's kernel computes it). */
+   channel (coef: a, b, e, f, each (co)), with gm = g [mask] given the forward's mask bytes (the layout of g),
+   gm = g where g is masked already, else g [a z + b > 0] (the ReLU mask recomputed from the operator's output z,
+   as batch norm's kernel computes it). */
 typedef struct {
   const float *g, *z, *coef;
   int masked;
+  const int8_t *mask;
 } bn_gradient;
 
 /* d for the pixels [lo, hi) into window (pitch co). */
@@ -500,11 +529,13 @@ static void bn_gradient_window(const bn_gradient *bg, int64_t co, int64_t lo, in
     int64_t j = 0;
     for (; j + VW <= co; j += VW) {
       const vec aj = vload(a + j), zj = vload(z + j), gj = vload(g + j);
-      const vec gm = bg->masked ? gj : (vec)((zj * aj + vload(b + j) > 0) & (__typeof__(zj > 0))gj);
+      const vec gm = bg->mask ? keep_where_set(bg->mask + q * co + j, gj)
+                     : bg->masked ? gj
+                                  : (vec)((zj * aj + vload(b + j) > 0) & (__typeof__(zj > 0))gj);
       vstore(d + j, gm * aj + zj * vload(e + j) + vload(f + j));
     }
     for (; j < co; ++j) {
-      const float gm = bg->masked || z[j] * a[j] + b[j] > 0 ? g[j] : 0.f;
+      const float gm = (bg->mask ? bg->mask[q * co + j] : bg->masked || z[j] * a[j] + b[j] > 0) ? g[j] : 0.f;
       d[j] = gm * a[j] + z[j] * e[j] + f[j];
     }
   }
@@ -512,14 +543,14 @@ static void bn_gradient_window(const bn_gradient *bg, int64_t co, int64_t lo, in
 
 /* The backward of y = P x + S x for the output gradient d (B, H, W, co), or for the one bg describes (then d is
    NULL, zero boundary only): gp, gs and unless dx is NULL dx (plus dx_add's first ci channels where it is not
-   NULL, pitch add_pitch), as lean_backward states. With bg each thread
+   NULL, pitch add_pitch, where add_mask is set unless it is NULL), as lean_backward states. With bg each thread
    writes d into a window of its own for a run of consecutive tiles and the r rows and pixels around them (the
    adjoint's taps), then runs those tiles on it; a run spans at least four halos, so that at most a third of
    the window is computed again by the neighbouring run. */
 static int backward(const float *d, const bn_gradient *bg, const float *x, const float *p, const float *s,
-                    const int64_t *taps, int ntaps, float *dx, const float *dx_add, int64_t add_pitch, float *gp,
-                    float *gs, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k,
-                    int64_t groups, int circular, int nthreads) {
+                    const int64_t *taps, int ntaps, float *dx, const float *dx_add, const int8_t *add_mask,
+                    int64_t add_pitch, float *gp, float *gs, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co,
+                    int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
   geometry g, adj;
   int64_t flipped[81];
   for (int t = 0; t < ntaps && t < 81; ++t) flipped[t] = k * k - 1 - taps[t];
@@ -527,7 +558,7 @@ static int backward(const float *d, const bn_gradient *bg, const float *x, const
       || !make_geometry(&adj, flipped, ntaps, B, H, W, co, ci, m, k, groups, circular) || (bg && circular)
       || (dx_add && add_pitch < ci))
     return 0;
-  const addend add = {dx_add, add_pitch};
+  const addend add = {dx_add, add_pitch, add_mask};
   const int64_t pixels = B * H * W, cig = g.cig, halo = (k / 2) * (W + 1);
   const int64_t run = bg && 4 * halo > TILE ? (4 * halo + TILE - 1) / TILE * TILE : TILE; /* pixels per window */
   const int64_t runs = (pixels + run - 1) / run;
@@ -581,28 +612,30 @@ static int backward(const float *d, const bn_gradient *bg, const float *x, const
 /* The backward of y = P x + S x for the output gradient d (B, H, W, co): gp[j, c] = sum_p d[p, j]
    x[p, G(j) cig + c] (shape (co, cig), the layout of P), gs[j, t] = sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape
    (m, ntaps), the layout of s) and, unless dx is NULL, the input gradient dx = P^T d + S^T d (B, H, W, ci), plus
-   dx_add[p, c] (c < ci, pixel p at dx_add + p add_pitch) unless dx_add is NULL: the forward's tile with the
+   dx_add[p, c] (c < ci, pixel p at dx_add + p add_pitch; where add_mask[p, c] is set, if add_mask is not NULL)
+   unless dx_add is NULL: the forward's tile with the
    adjoint's geometry and weights (P^T, s on the flipped taps). Each tile computes its part of dx first, so that
    the weight gradients find d in cache. Returns 0 (and writes nothing) for arguments outside the kernel's range
    (add_pitch < ci among them) or without memory. */
 int lean_backward(const float *d, const float *x, const float *p, const float *s, const int64_t *taps,
-                  int ntaps, float *dx, const float *dx_add, int64_t add_pitch, float *gp, float *gs, int64_t B,
-                  int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups, int circular,
-                  int nthreads) {
-  return backward(d, NULL, x, p, s, taps, ntaps, dx, dx_add, add_pitch, gp, gs, B, H, W, ci, co, m, k, groups,
-                  circular, nthreads);
+                  int ntaps, float *dx, const float *dx_add, const int8_t *add_mask, int64_t add_pitch, float *gp,
+                  float *gs, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k,
+                  int64_t groups, int circular, int nthreads) {
+  return backward(d, NULL, x, p, s, taps, ntaps, dx, dx_add, add_mask, add_pitch, gp, gs, B, H, W, ci, co, m, k,
+                  groups, circular, nthreads);
 }
 
 /* lean_backward for the output gradient d = a gm + e z + f of batch norm's backward (bn_gradient: g, z, coef,
-   masked), computed tile by tile instead of read: batch norm's elementwise pass and its tensor are saved. Zero
-   boundary only. */
-int lean_backward_bn(const float *g_out, const float *z, const float *coef, int masked, const float *x,
-                     const float *p, const float *s, const int64_t *taps, int ntaps, float *dx, const float *dx_add,
-                     int64_t add_pitch, float *gp, float *gs, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co,
-                     int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
-  const bn_gradient bg = {g_out, z, coef, masked};
-  return backward(NULL, &bg, x, p, s, taps, ntaps, dx, dx_add, add_pitch, gp, gs, B, H, W, ci, co, m, k, groups,
-                  circular, nthreads);
+   masked, mask), computed tile by tile instead of read: batch norm's elementwise pass and its tensor are saved.
+   Zero boundary only. */
+int lean_backward_bn(const float *g_out, const float *z, const float *coef, int masked, const int8_t *mask,
+                     const float *x, const float *p, const float *s, const int64_t *taps, int ntaps, float *dx,
+                     const float *dx_add, const int8_t *add_mask, int64_t add_pitch, float *gp, float *gs, int64_t B,
+                     int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups, int circular,
+                     int nthreads) {
+  const bn_gradient bg = {g_out, z, coef, masked, mask};
+  return backward(NULL, &bg, x, p, s, taps, ntaps, dx, dx_add, add_mask, add_pitch, gp, gs, B, H, W, ci, co, m, k,
+                  groups, circular, nthreads);
 }
 
 /* The narrowest register block's channel width (VW), for the caller's choice of path: channel counts that are

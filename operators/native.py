@@ -140,9 +140,9 @@ class CompiledLibrary:
 def _configure(lib) -> int:
     """Argument types of the lean kernels; returns the block width (``block_channels``)."""
     lib.lean_forward.argtypes = [_PTR] * 4 + [_INT] + [_PTR] * 3 + _GEOMETRY
-    gradients = [_PTR, _PTR, _I64, _PTR, _PTR]  # dx, dx_add, add_pitch, gp, gs
+    gradients = [_PTR, _PTR, _PTR, _I64, _PTR, _PTR]  # dx, dx_add, add_mask, add_pitch, gp, gs
     lib.lean_backward.argtypes = [_PTR] * 5 + [_INT] + gradients + _GEOMETRY
-    lib.lean_backward_bn.argtypes = [_PTR] * 3 + [_INT] + [_PTR] * 4 + [_INT] + gradients + _GEOMETRY
+    lib.lean_backward_bn.argtypes = [_PTR] * 3 + [_INT] + [_PTR] * 5 + [_INT] + gradients + _GEOMETRY
     for kernel in (lib.lean_forward, lib.lean_backward, lib.lean_backward_bn, lib.lean_block_channels):
         kernel.restype = _INT
     return lib.lean_block_channels()
@@ -246,21 +246,22 @@ def lean_forward(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor
 
 def lean_backward(grad: torch.Tensor, x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor,
                   taps: torch.Tensor, k: int, circular: bool, groups: int, input_grad: bool = True,
-                  bn_gradient: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
-                  input_grad_addend: torch.Tensor | None = None):
+                  bn_gradient: tuple[torch.Tensor, torch.Tensor, bool | torch.Tensor] | None = None,
+                  input_grad_addend: torch.Tensor | None = None, addend_mask: torch.Tensor | None = None):
     """The backward of ``y = P x + S x`` (arguments as in ``lean_forward``) for the output gradient ``grad``, in one
     pass: ``(∂x, ∂P, ∂s)`` with ``∂x = P^T g + S^T g`` (``None`` unless ``input_grad``),
     ``∂P[o, i] = Σ_n g_o(n) x_{G(o) c_in/g + i}(n)`` in the shape of ``pointwise`` and ``∂s_j[t] = Σ_n g_j(n)
     x_j(n + t)`` in the shape of ``stencil``. ``grad`` and ``x`` channels-last float32.
 
-    With ``bn_gradient = (z, coefficients, masked)`` the output gradient is not ``grad`` itself but what batch
+    With ``bn_gradient = (z, coefficients, mask)`` the output gradient is not ``grad`` itself but what batch
     norm's backward makes of it, ``g = a ⊙ gm + e ⊙ z + f`` per channel (``coefficients`` (4, c_out): ``a, b, e,
-    f``; ``gm = grad`` if ``masked``, else ``grad ⊙ [a z + b > 0]``, ``z`` the operator's output), computed tile by
+    f``; ``gm = grad`` if ``mask`` is ``True``, ``grad ⊙ [a z + b > 0]`` if ``False``, ``z`` the operator's output,
+    and ``grad ⊙ mask`` for an int8 tensor of -1 or 0 like ``grad``: the forward's ReLU mask), computed tile by
     tile in the kernel instead of stored (zero boundary only).
 
     With ``input_grad_addend`` (B, c >= c_in, n1, n2), channels-last, its first ``c_in`` channels are added to
     ``∂x`` as the kernel stores it: ``∂x = P^T g + S^T g + addend[:, :c_in]`` (a shortcut's gradient, without a
-    pass of its own)."""
+    pass of its own), only where ``addend_mask`` (int8 of -1 or 0 like the addend) is set, unless it is ``None``."""
     c_out, m = pointwise.shape[0], stencil.shape[0]
     p, s, taps = pointwise.contiguous(), stencil.contiguous(), _contiguous_as(taps, torch.int64)
     gx = torch.empty_like(x, memory_format=torch.channels_last) if input_grad else None
@@ -273,23 +274,39 @@ def lean_backward(grad: torch.Tensor, x: torch.Tensor, pointwise: torch.Tensor, 
         raise ValueError(f"lean kernel: input_grad_addend must be a channels-last {x.dtype} tensor of shape "
                          f"({x.shape[0]}, >= {x.shape[1]}, {x.shape[2]}, {x.shape[3]}) on {x.device}, with input_grad; "
                          f"got {tuple(addend.shape)} {addend.dtype} on {addend.device} (input_grad={input_grad})")
+    if addend_mask is not None:
+        _check_mask(addend_mask, addend, "addend_mask")
     rest = (x.data_ptr(), p.data_ptr(), s.data_ptr(), taps.data_ptr(), len(taps), gx.data_ptr() if input_grad else None,
-            None if addend is None else addend.data_ptr(), 0 if addend is None else addend.shape[1],
+            None if addend is None else addend.data_ptr(), None if addend_mask is None else addend_mask.data_ptr(),
+            0 if addend is None else addend.shape[1],
             gp.data_ptr(), gs.data_ptr(), *_geometry(x, c_out, m, k, groups, circular))
     if bn_gradient is None:
         ok = _kernels().lean_backward(grad.data_ptr(), *rest)
     else:
-        z, coefficients, masked = bn_gradient
+        z, coefficients, mask = bn_gradient
         if circular or coefficients.shape != (4, c_out) or z.shape != grad.shape:
             raise ValueError(f"lean kernel: the batch-norm gradient needs the zero boundary, coefficients (4, {c_out}) "
                              f"and z like grad {tuple(grad.shape)}; got circular={circular}, "
                              f"{tuple(coefficients.shape)}, {tuple(z.shape)}")
         coefficients = _contiguous_as(coefficients, torch.float32)
-        ok = _kernels().lean_backward_bn(grad.data_ptr(), z.data_ptr(), coefficients.data_ptr(), int(masked), *rest)
+        mask_bytes = mask if isinstance(mask, torch.Tensor) else None
+        if mask_bytes is not None:
+            _check_mask(mask_bytes, grad, "the batch-norm gradient's mask")
+        ok = _kernels().lean_backward_bn(grad.data_ptr(), z.data_ptr(), coefficients.data_ptr(),
+                                         int(mask_bytes is None and bool(mask)),
+                                         None if mask_bytes is None else mask_bytes.data_ptr(), *rest)
     if not ok:
         raise ValueError(f"lean kernel: unsupported arguments (x {tuple(x.shape)}, pointwise "
                          f"{tuple(pointwise.shape)}, stencil {tuple(stencil.shape)}, k {k}, groups {groups})")
     return gx, gp, gs
+
+
+def _check_mask(mask: torch.Tensor, like: torch.Tensor | None, name: str) -> None:
+    """A ReLU mask for the kernels: int8 (-1 or 0), channels-last, of ``like``'s shape (``like`` not ``None``)."""
+    if like is None or not (mask.dtype == torch.int8 and mask.shape == like.shape and mask.device == like.device
+                            and mask.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"lean kernel: {name} must be a channels-last int8 tensor like "
+                         f"{None if like is None else tuple(like.shape)}, got {mask.dtype} {tuple(mask.shape)}")
 
 
 def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:
@@ -341,20 +358,25 @@ def _self_check(lib) -> str:
         ok = lib.lean_forward(*weights, got["forward"].ctypes.data, shift.ctypes.data,
                               got["output moments"].ctypes.data, *geometry)
         grads = [got[k].ctypes.data for k in ("input gradient", "pointwise gradient", "stencil gradient")]
-        ok = ok and lib.lean_backward(d.ctypes.data, *weights, grads[0], None, 0, *grads[1:], *geometry)
+        ok = ok and lib.lean_backward(d.ctypes.data, *weights, grads[0], None, None, 0, *grads[1:], *geometry)
         if not circular:  # the output gradient of batch norm's backward, a gm + e z + f, from (d, z = forward)
-            coef, masked, z = rng.standard_normal((4, c_out), dtype=np.float32), c_in % 2, got["forward"]
-            d_bn = (d if masked else d * (z * coef[0] + coef[1] > 0)) * coef[0] + z * coef[2] + coef[3]
-            addend = rng.standard_normal((2, 5, 7, c_in + 2), dtype=np.float32)  # and a shortcut's gradient
-            expected["batch-norm input gradient"] = input_grad(d_bn) + addend[..., :c_in]
+            coef, mode, z = rng.standard_normal((4, c_out), dtype=np.float32), c_in % 3, got["forward"]
+            relu_mask = np.where(rng.random(d.shape) < 0.5, -1, 0).astype(np.int8)  # mode 2: the forward's mask
+            keep = [z * coef[0] + coef[1] > 0, True, relu_mask != 0][mode]  # mode 1: d masked already
+            d_bn = d * keep * coef[0] + z * coef[2] + coef[3]
+            addend = rng.standard_normal((2, 5, 7, c_in + 2), dtype=np.float32)  # and a shortcut's masked gradient
+            addend_mask = np.where(rng.random(addend.shape) < 0.5, -1, 0).astype(np.int8)
+            expected["batch-norm input gradient"] = input_grad(d_bn) + (addend * (addend_mask != 0))[..., :c_in]
             expected["batch-norm pointwise gradient"] = pointwise_grad(d_bn)
             expected["batch-norm stencil gradient"] = np.stack([np.einsum("bhwj,bhwj->j", d_bn[..., :m], sx)
                                                                 for sx in shifted], 1)
             names = ("batch-norm input gradient", "batch-norm pointwise gradient", "batch-norm stencil gradient")
             got.update({name: np.empty_like(like) for name, like in zip(names, (x, p, s))})
             grads = [got[name].ctypes.data for name in names]
-            ok = ok and lib.lean_backward_bn(d.ctypes.data, z.ctypes.data, coef.ctypes.data, masked, *weights,
-                                             grads[0], addend.ctypes.data, c_in + 2, *grads[1:], *geometry)
+            ok = ok and lib.lean_backward_bn(d.ctypes.data, z.ctypes.data, coef.ctypes.data, int(mode == 1),
+                                             relu_mask.ctypes.data if mode == 2 else None, *weights, grads[0],
+                                             addend.ctypes.data, addend_mask.ctypes.data, c_in + 2, *grads[1:],
+                                             *geometry)
         if not ok:
             return f"the kernels refused c_in={c_in}, c_out={c_out}, groups={groups}"
         for name, want in expected.items():

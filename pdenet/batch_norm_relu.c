@@ -4,7 +4,8 @@
    forward:  mean_c = sum_p x / P, var_c = sum_p (x - mean)^2 / P, invstd = 1 / sqrt(var + eps),
              a = gamma invstd, b = beta - mean a, y = max(0, a x + b [+ r]);
              running_mean += momentum (mean - running_mean), running_var likewise with var P / (P - 1).
-   backward: gm = g [y > 0] (the mask from y, or recomputed as a x + b > 0 without a residual), dr = gm,
+   backward: gm = g [y > 0] (the mask from y, from the forward's mask bytes, or recomputed as a x + b > 0
+             without a residual), dr = gm,
              dbeta = sum_p gm, dgamma = sum_p gm xhat = invstd sum_p gm (x - mean),
              dx = a (gm - dbeta / P - xhat dgamma / P) = a gm + e x + f.
 
@@ -12,6 +13,9 @@
    The reductions sum in float over a block, in double across blocks, and across threads in thread order, so
    the result does not depend on the schedule; they sum x - k (k = the first pixel's x) and gm (x - mean), so
    that a mean large against the spread loses no precision. */
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -55,6 +59,7 @@ static int reduce(block_sums pass, const void *args, int64_t P, int64_t C, doubl
 typedef struct {
   const float *x, *g, *y, *a, *b, *shift;
   float *gr;
+  const int8_t *mask; /* the forward's [y > 0] as bytes (-1 or 0), or NULL */
   int64_t C;
 } tensors;
 
@@ -73,6 +78,7 @@ typedef struct {
 typedef float vec __attribute__((vector_size(W * 4)));
 typedef float vecu __attribute__((vector_size(W * 4), aligned(4), may_alias)); /* unaligned access */
 typedef int32_t mask __attribute__((vector_size(W * 4)));
+typedef int8_t mask_bytes __attribute__((vector_size(W)));
 #define CHUNK static inline __attribute__((always_inline))
 #define FOR_CHUNKS(call)                                                                                         \
   do {                                                                                                           \
@@ -93,6 +99,32 @@ CHUNK void store(float *p, vec v, int width) {
     *(vecu *)p = v;
   else
     memcpy(p, &v, sizeof(float) * (size_t)width);
+}
+
+/* width mask bytes (-1 or 0) as a lane mask, and back */
+CHUNK mask load_mask(const int8_t *p, int width) {
+#if defined(__AVX512F__)
+  if (width == W) return (mask)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__AVX2__)
+  if (width == W) return (mask)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#endif
+  mask_bytes m = {0}; /* GCC widens this lane by lane: the last chunk only, where the processor has AVX2 */
+  memcpy(&m, p, (size_t)width);
+  return __builtin_convertvector(m, mask);
+}
+
+/* the lanes' low bytes (each lane is 0 or -1, so any byte is the lane's value): a byte shuffle, where GCC
+   narrows a __builtin_convertvector one lane at a time */
+typedef int8_t lane_bytes __attribute__((vector_size(W * 4)));
+#if W == 16
+#define LOW_BYTES 0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60
+#else
+#define LOW_BYTES 0, 4, 8, 12, 16, 20, 24, 28
+#endif
+CHUNK void store_mask(int8_t *p, mask m, int width) {
+  const lane_bytes all = (lane_bytes)m;
+  const mask_bytes b = __builtin_shufflevector(all, all, LOW_BYTES);
+  memcpy(p, &b, (size_t)width);
 }
 
 /* v where keep, else 0 */
@@ -132,15 +164,18 @@ static void moments(const void *args, int64_t p0, int64_t p1, float *su, float *
 #undef MOMENTS
 }
 
-/* g [mask] at the element offset i: the mask y > 0 (with a residual), or a x + b > 0 recomputed without one */
+/* g [mask] at the element offset i: with a residual the mask y > 0 (residual = 1) or the forward's mask bytes
+   (residual = 2), else a x + b > 0 recomputed */
 CHUNK vec masked_at(const tensors *t, int64_t i, int width, vec a, vec b, int residual) {
   const vec g = load(t->g + i, width);
-  return residual ? keep_where(load(t->y + i, width) > 0, g)
-                  : keep_where(affine(load(t->x + i, width), a, b) > 0, g);
+  return residual == 2 ? keep_where(load_mask(t->mask + i, width), g)
+         : residual    ? keep_where(load(t->y + i, width) > 0, g)
+                       : keep_where(affine(load(t->x + i, width), a, b) > 0, g);
 }
 
 /* gm = g [mask]; su += gm, sv += gm (x - mean) with mean = shift, for the channels [c0, c0 + width); with a
-   residual gm is also stored to gr (the residual's gradient). `residual` is a constant where it is called. */
+   residual and y (residual = 1) gm is also stored to gr (the residual's gradient). `residual` (0, 1 or 2, as in
+   masked_at) is a constant where it is called. */
 CHUNK void masked_chunk(const tensors *t, int64_t p0, int64_t p1, int64_t c0, int width, float *su, float *sv,
                         const int residual) {
   const int64_t C = t->C;
@@ -150,14 +185,14 @@ CHUNK void masked_chunk(const tensors *t, int64_t p0, int64_t p1, int64_t c0, in
   for (; p + 2 <= p1; p += 2) {
     const int64_t i0 = p * C + c0, i1 = i0 + C;
     const vec m0 = masked_at(t, i0, width, a, b, residual), m1 = masked_at(t, i1, width, a, b, residual);
-    if (residual) store(t->gr + i0, m0, width), store(t->gr + i1, m1, width);
+    if (residual == 1) store(t->gr + i0, m0, width), store(t->gr + i1, m1, width);
     u0 += m0, v0 += m0 * (load(t->x + i0, width) - k);
     u1 += m1, v1 += m1 * (load(t->x + i1, width) - k);
   }
   if (p < p1) {
     const int64_t i = p * C + c0;
     const vec m = masked_at(t, i, width, a, b, residual);
-    if (residual) store(t->gr + i, m, width);
+    if (residual == 1) store(t->gr + i, m, width);
     u0 += m, v0 += m * (load(t->x + i, width) - k);
   }
   store(su + c0, load(su + c0, width) + u0 + u1, width);
@@ -167,19 +202,24 @@ CHUNK void masked_chunk(const tensors *t, int64_t p0, int64_t p1, int64_t c0, in
 static void masked_sums(const void *args, int64_t p0, int64_t p1, float *su, float *sv) {
   const tensors *t = args;
   const int64_t C = t->C;
-#define MASKED_SUMS(c0, width) \
-  (t->y ? masked_chunk(t, p0, p1, c0, width, su, sv, 1) : masked_chunk(t, p0, p1, c0, width, su, sv, 0))
+#define MASKED_SUMS(c0, width)                                                                                   \
+  (t->mask ? masked_chunk(t, p0, p1, c0, width, su, sv, 2)                                                       \
+   : t->y  ? masked_chunk(t, p0, p1, c0, width, su, sv, 1)                                                       \
+           : masked_chunk(t, p0, p1, c0, width, su, sv, 0))
   FOR_CHUNKS(MASKED_SUMS);
 #undef MASKED_SUMS
 }
 
-/* y = max(0, a x + b [+ r]) over the pixels [p0, p1) and the channels [c0, c0 + width) */
+/* y = max(0, a x + b [+ r]) over the pixels [p0, p1) and the channels [c0, c0 + width), and the bytes [y > 0]
+   where mask_out is not NULL */
 CHUNK void output_chunk(const float *x, const float *r, const float *coef_a, const float *coef_b, float *y,
-                        int64_t C, int64_t p0, int64_t p1, int64_t c0, int width, const int with_r) {
+                        int8_t *mask_out, int64_t C, int64_t p0, int64_t p1, int64_t c0, int width,
+                        const int with_r) {
   const vec a = load(coef_a + c0, width), b = load(coef_b + c0, width);
   for (int64_t i = p0 * C + c0; i < p1 * C; i += C) {
-    const vec z = affine(load(x + i, width), a, b);
-    store(y + i, relu(with_r ? z + load(r + i, width) : z), width);
+    const vec z = affine(load(x + i, width), a, b), v = with_r ? z + load(r + i, width) : z;
+    store(y + i, relu(v), width);
+    if (mask_out) store_mask(mask_out + i, v > 0, width);
   }
 }
 
@@ -208,15 +248,17 @@ static void scale_shift(const float *gamma, const float *beta, const float *mean
 /* y = max(0, a x + b [+ r]); save_mean and save_invstd (C) are kept for the backward. The batch's moments are
    summed here about the first pixel, or given (`given`, (2, C): sums of x - shift and (x - shift)^2, from the
    kernel that wrote x; shift may be running_mean itself, each channel's read before it is updated). Running
-   statistics are updated when running_mean is not NULL. Returns 0 on failure (P < 1 or no memory), writing
-   nothing. */
+   statistics are updated when running_mean is not NULL. Unless mask_out is NULL it receives [y > 0] as bytes
+   (-1 or 0, the layout of y), the mask of the backward without y. Returns 0 on failure (P < 1 or no memory),
+   writing nothing. */
 int bn_relu_forward(const float *x, const float *r, const float *gamma, const float *beta, float *running_mean,
                     float *running_var, double momentum, double eps, const double *given, const float *shift,
-                    float *y, float *save_mean, float *save_invstd, int64_t P, int64_t C, int nthreads) {
+                    float *y, int8_t *mask_out, float *save_mean, float *save_invstd, int64_t P, int64_t C,
+                    int nthreads) {
   if (P < 1 || C < 1 || !given != !shift) return 0;
   double *sums = given ? NULL : malloc(sizeof(double) * (size_t)(2 * C));
   float *a = malloc(sizeof(float) * (size_t)(2 * C)), *b = a ? a + C : NULL;
-  const tensors t = {x, NULL, NULL, NULL, NULL, x, NULL, C}; /* shifted by the first pixel */
+  const tensors t = {x, NULL, NULL, NULL, NULL, x, NULL, NULL, C}; /* shifted by the first pixel */
   if (!a || (!given && (!sums || !reduce(moments, &t, P, C, sums, nthreads)))) {
     free(sums);
     free(a);
@@ -237,8 +279,9 @@ int bn_relu_forward(const float *x, const float *r, const float *gamma, const fl
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t p0 = 0; p0 < P; p0 += BLOCK) {
     const int64_t p1 = p0 + BLOCK < P ? p0 + BLOCK : P;
-#define OUTPUT(c0, width) \
-  (r ? output_chunk(x, r, a, b, y, C, p0, p1, c0, width, 1) : output_chunk(x, r, a, b, y, C, p0, p1, c0, width, 0))
+#define OUTPUT(c0, width)                                                                                        \
+  (r ? output_chunk(x, r, a, b, y, mask_out, C, p0, p1, c0, width, 1)                                            \
+     : output_chunk(x, r, a, b, y, mask_out, C, p0, p1, c0, width, 0))
     FOR_CHUNKS(OUTPUT);
 #undef OUTPUT
   }
@@ -248,17 +291,19 @@ int bn_relu_forward(const float *x, const float *r, const float *gamma, const fl
 }
 
 /* The backward's reduction: dgamma, dbeta, gr = gm with a residual (then y is the forward's output, which gives
-   the mask; y and gr come together or not at all), and the coefficients of dx = a gm + e x + f in coef (4 C: a,
-   b, e, f; a and b those of the forward), from the output gradient g, the input x and the forward's saved mean
-   and invstd. Returns 0 on failure. */
-int bn_relu_backward_coefficients(const float *g, const float *x, const float *y, const float *gamma,
-                                  const float *beta, const float *mean, const float *invstd, float *gr, float *coef,
-                                  float *dgamma, float *dbeta, int64_t P, int64_t C, int nthreads) {
-  if (P < 1 || C < 1 || !y != !gr) return 0;
+   the mask; y and gr come together or not at all) or, with mask (the forward's mask bytes, then y and gr are
+   NULL), the mask alone, and the coefficients of dx = a gm + e x + f in coef (4 C: a, b, e, f; a and b those of
+   the forward), from the output gradient g, the input x and the forward's saved mean and invstd. Returns 0 on
+   failure. */
+int bn_relu_backward_coefficients(const float *g, const float *x, const float *y, const int8_t *mask,
+                                  const float *gamma, const float *beta, const float *mean, const float *invstd,
+                                  float *gr, float *coef, float *dgamma, float *dbeta, int64_t P, int64_t C,
+                                  int nthreads) {
+  if (P < 1 || C < 1 || !y != !gr || (mask && y)) return 0;
   double *sums = malloc(sizeof(double) * (size_t)(2 * C));
   float *a = coef, *b = coef + C, *e = coef + 2 * C, *f = coef + 3 * C;
   scale_shift(gamma, beta, mean, invstd, C, a, b);
-  const tensors t = {x, g, y, a, b, mean, gr, C};
+  const tensors t = {x, g, y, a, b, mean, gr, mask, C};
   if (!sums || !reduce(masked_sums, &t, P, C, sums, nthreads)) {
     free(sums);
     return 0;
@@ -280,13 +325,13 @@ int bn_relu_backward(const float *g, const float *x, const float *y, const float
                      const float *mean, const float *invstd, float *gr, float *dx, float *dgamma, float *dbeta,
                      int64_t P, int64_t C, int nthreads) {
   float *coef = P >= 1 && C >= 1 ? malloc(sizeof(float) * (size_t)(4 * C)) : NULL;
-  if (!coef || !bn_relu_backward_coefficients(g, x, y, gamma, beta, mean, invstd, gr, coef, dgamma, dbeta, P, C,
-                                              nthreads)) {
+  if (!coef || !bn_relu_backward_coefficients(g, x, y, NULL, gamma, beta, mean, invstd, gr, coef, dgamma, dbeta, P,
+                                              C, nthreads)) {
     free(coef);
     return 0;
   }
   const float *e = coef + 2 * C, *f = coef + 3 * C;
-  const tensors t = {x, g, y, coef, coef + C, mean, gr, C};
+  const tensors t = {x, g, y, coef, coef + C, mean, gr, NULL, C};
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t p0 = 0; p0 < P; p0 += BLOCK) {
     const int64_t p1 = p0 + BLOCK < P ? p0 + BLOCK : P;

@@ -10,7 +10,9 @@ PyTorch's batch norm, addition and ReLU take five passes forward and four backwa
 bn, x, residual)`` goes further where ``conv`` is a lean operator: its kernel sums the batch's moments about the
 running mean as it writes ``z = conv(x)``, so that the forward is the elementwise pass alone, and (zero boundary)
 the lean backward computes ``∂z = a gm + e z + f`` tile by tile from batch norm's coefficients, so that the
-backward is the reduction alone and ``∂z`` is never stored. Elsewhere (evaluation, other
+backward is the reduction alone and ``∂z`` is never stored. ``residual_block(conv1, bn1, conv2, bn2, x, channels)``
+runs a residual block's two such layers with the shortcut ``Q x`` (identity or zero channels), the shortcut's
+gradient handed between their kernels instead of formed and added by autograd. Elsewhere (evaluation, other
 devices and dtypes, ``torch.func`` transforms, forward-mode AD, a ``bn`` with hooks or its own ``forward`` such as
 the distributed ``GlobalBatchNorm2d``) it is that composition, through ``bn`` itself.
 Under ``create_graph`` the backward is PyTorch's, so double backward works.
@@ -33,8 +35,9 @@ SOURCE = Path(__file__).with_name("batch_norm_relu.c")
 
 def _configure(lib) -> None:
     p, i64, c_int, c_double = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    lib.bn_relu_forward.argtypes = [p] * 6 + [c_double, c_double] + [p] * 5 + [i64, i64, c_int]
-    lib.bn_relu_backward.argtypes = lib.bn_relu_backward_coefficients.argtypes = [p] * 11 + [i64, i64, c_int]
+    lib.bn_relu_forward.argtypes = [p] * 6 + [c_double, c_double] + [p] * 6 + [i64, i64, c_int]
+    lib.bn_relu_backward.argtypes = [p] * 11 + [i64, i64, c_int]
+    lib.bn_relu_backward_coefficients.argtypes = [p] * 12 + [i64, i64, c_int]
     for kernel in (lib.bn_relu_forward, lib.bn_relu_backward, lib.bn_relu_backward_coefficients):
         kernel.restype = c_int
 
@@ -60,8 +63,8 @@ def _reference(x, r, gamma, beta, eps, g):
 
 def _self_check(lib) -> str:
     """Both kernels against numpy on a small problem (odd channel count, with and without a residual, running
-    statistics, the moments summed here or given); the first mismatch as text, or ``""``. Numpy, not torch, as
-    in ``operators.native``."""
+    statistics, the moments summed here or given, the mask bytes out and back in); the first mismatch as text, or
+    ``""``. Numpy, not torch, as in ``operators.native``."""
     rng = np.random.default_rng(0)
     P, C, eps, momentum = 70, 19, 1e-5, 0.1
     x = (rng.standard_normal((P, C)) * 3 + 5).astype(np.float32)
@@ -75,15 +78,23 @@ def _self_check(lib) -> str:
         shift = None if r is None else np.full(C, 4.0, np.float32)  # with the residual: moments given
         given = None if r is None else np.stack([(x - shift).sum(0, dtype=np.float64),
                                                  ((x - shift).astype(np.float64) ** 2).sum(0)])
+        mask = np.empty((P, C), np.int8)
         ok = (lib.bn_relu_forward(ptr(x), ptr(r), ptr(gamma), ptr(beta), ptr(rm), ptr(rv), momentum, eps,
-                                  ptr(given), ptr(shift), ptr(y), ptr(mean), ptr(invstd), P, C, 2)
+                                  ptr(given), ptr(shift), ptr(y), ptr(mask), ptr(mean), ptr(invstd), P, C, 2)
               and lib.bn_relu_backward(ptr(g), ptr(x), None if r is None else ptr(y), ptr(gamma), ptr(beta),
                                        ptr(mean), ptr(invstd), None if r is None else ptr(dr), ptr(dx),
                                        ptr(dgamma), ptr(dbeta), P, C, 2))
+        coef, dgamma_from_mask, dbeta_from_mask = np.empty((4, C), np.float32), np.empty_like(dgamma), np.empty_like(dbeta)
+        ok = ok and lib.bn_relu_backward_coefficients(ptr(g), ptr(x), None, ptr(mask), ptr(gamma), ptr(beta),
+                                                      ptr(mean), ptr(invstd), None, ptr(coef), ptr(dgamma_from_mask),
+                                                      ptr(dbeta_from_mask), P, C, 2)
         if not ok:
             return "the kernels refused a small problem"
         ref = _reference(x.astype(np.float64), 0 if r is None else r, gamma, beta, eps, g)
-        checks = [("output", y, ref[0]), ("input gradient", dx, ref[1]), ("weight gradient", dgamma, ref[3]),
+        checks = [("output", y, ref[0]), ("mask bytes", mask, np.where(ref[0] > 0, -1, 0)),
+                  ("weight gradient from the mask bytes", dgamma_from_mask, ref[3]),
+                  ("bias gradient from the mask bytes", dbeta_from_mask, ref[4]),
+                  ("input gradient", dx, ref[1]), ("weight gradient", dgamma, ref[3]),
                   ("bias gradient", dbeta, ref[4]), ("running mean", rm, momentum * x.mean(0)),
                   ("running variance", rv, 1 - momentum + momentum * x.astype(np.float64).var(0, ddof=1))]
         if r is not None:
@@ -137,8 +148,10 @@ def _pixels(z: torch.Tensor) -> int:
     return z.shape[0] * z.shape[2] * z.shape[3]
 
 
-def _forward_kernel(z, residual, weight, bias, running_mean, running_var, momentum, eps, shift, sums):
-    """``(y, μ, 1/√(σ² + ε))`` from ``bn_relu_forward``; ``shift`` and ``sums``: moments given, or ``None``."""
+def _forward_kernel(z, residual, weight, bias, running_mean, running_var, momentum, eps, shift, sums,
+                    mask_out=None):
+    """``(y, μ, 1/√(σ² + ε))`` from ``bn_relu_forward``; ``shift`` and ``sums``: moments given, or ``None``;
+    ``mask_out`` (int8, like ``z``) receives ``[y > 0]`` as -1 or 0 unless ``None``."""
     c = z.shape[1]
     y = torch.empty_like(z, memory_format=torch.channels_last)
     mean, invstd = z.new_empty(2, c)  # one allocation
@@ -147,21 +160,24 @@ def _forward_kernel(z, residual, weight, bias, running_mean, running_var, moment
         z.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
         running_mean.data_ptr() if track else None, running_var.data_ptr() if track else None, momentum, eps,
         None if sums is None else sums.data_ptr(), None if shift is None else shift.data_ptr(),
-        y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), _pixels(z), c, torch.get_num_threads())
+        y.data_ptr(), None if mask_out is None else mask_out.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+        _pixels(z), c, torch.get_num_threads())
     if not ok:
         raise MemoryError(f"fused batch norm: out of memory for input {tuple(z.shape)}")
     return y, mean, invstd
 
 
-def _backward_coefficients(grad, z, y, weight, bias, mean, invstd):
+def _backward_coefficients(grad, z, y, weight, bias, mean, invstd, mask=None):
     """The backward's reduction (``bn_relu_backward_coefficients``): ``(coefficients, dr, dγ, dβ)`` with
     ``coefficients`` (4, C) the ``a, b, e, f`` of ``dz = a gm + e z + f`` and ``dr = gm`` where the forward had a
-    residual (``y`` given), else ``None``."""
+    residual (``y`` given), else ``None``; with the forward's ``mask`` bytes instead of ``y``, the mask comes from
+    them and ``dr`` is not formed."""
     coefficients = torch.empty(4, z.shape[1], dtype=z.dtype)
     dr = torch.empty_like(z, memory_format=torch.channels_last) if y is not None else None
     dw, db = torch.empty_like(weight), torch.empty_like(bias)
     ok = KERNELS.get().bn_relu_backward_coefficients(
-        grad.data_ptr(), z.data_ptr(), None if y is None else y.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+        grad.data_ptr(), z.data_ptr(), None if y is None else y.data_ptr(),
+        None if mask is None else mask.data_ptr(), weight.data_ptr(), bias.data_ptr(),
         mean.data_ptr(), invstd.data_ptr(), None if dr is None else dr.data_ptr(), coefficients.data_ptr(),
         dw.data_ptr(), db.data_ptr(), _pixels(z), z.shape[1], torch.get_num_threads())
     if not ok:
@@ -208,53 +224,83 @@ def _pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x if channels == x.shape[1] else F.pad(x, (0, 0, 0, 0, 0, channels - x.shape[1]))
 
 
+class _ShortcutLink:
+    """A residual block's shortcut gradient, handed from its second fused layer's backward to its first's (which
+    runs after it: the second layer's input is the first's output). ``gradient = (g, mask)``: the shortcut's
+    gradient is ``g ⊙ mask`` (``mask`` the second layer's ReLU mask as int8 bytes, or ``None`` where ``g`` is
+    masked already), or ``None`` before that backward."""
+
+    __slots__ = ("gradient",)
+
+    def __init__(self):
+        self.gradient = None
+
+
 class _LeanBatchNormReLUFunction(torch.autograd.Function):
     """``y = max(0, a z + b [+ r])`` with ``z = P x + S x`` the lean operator (zero boundary) and ``a, b`` from the
     batch's statistics of ``z``, which the lean kernel sums as it writes ``z``. Backward: batch norm's reduction
     (``dγ, dβ``, ``dr``, the coefficients of ``dz = a gm + e z + f``), then the lean kernel's backward on that
     ``dz``, computed tile by tile instead of stored (``native.lean_backward`` with ``bn_gradient``): batch norm's
-    elementwise pass and the tensor ``dz`` are saved. With ``shortcut_channels``, also the shortcut ``Q x`` (``x``
-    with zero channels appended up to that count) as a second output, whose gradient ``g_s`` the kernel adds to
-    ``∂x`` as it stores it (``∂x += Q^T g_s``, the first ``c_in`` channels), so that autograd does not add the
-    two branches' gradients in a pass of its own. Under ``create_graph``, PyTorch's differentiable pieces."""
+    elementwise pass and the tensor ``dz`` are saved.
+
+    With a ``link`` (``residual_block``) the layer is half of a residual block ``ReLU(BN(K₂ ReLU(BN(K₁ x))) +
+    Q x)``. The second half (a residual ``r = Q x``, not differentiable here) keeps its ReLU mask as bytes instead
+    of ``y`` and hands the shortcut's gradient ``g ⊙ mask`` to the first half through the link, never forming it;
+    the first half's kernel adds its first ``c_in`` channels to ``∂x`` as it stores it (``∂x += Q^T (g ⊙ mask)``).
+    Under ``create_graph``, PyTorch's differentiable pieces."""
 
     @staticmethod
     def forward(ctx, x, pointwise, stencil, taps, k, groups, residual, weight, bias, running_mean, running_var,
-                momentum, eps, shortcut_channels):
+                momentum, eps, link):
         shift = running_mean  # the kernels read each channel's shift before batch norm's kernel updates it
         z, sums = native.lean_forward(x, pointwise, stencil, taps, k, False, groups, moments_about=shift)
+        mask = (torch.empty(z.shape, dtype=torch.int8, memory_format=torch.channels_last)
+                if residual is not None and link is not None else None)
         y, mean, invstd = _forward_kernel(z, residual, weight, bias, running_mean, running_var, momentum, eps,
-                                          shift, sums)
+                                          shift, sums, mask)
         ctx.save_for_backward(x, pointwise, stencil, taps, z, weight, bias, mean, invstd,
-                              y if residual is not None else None)
-        ctx.k, ctx.groups, ctx.eps, ctx.has_residual = k, groups, eps, residual is not None
-        return y if shortcut_channels is None else (y, _pad_channels(x, shortcut_channels))
+                              mask if mask is not None else y if residual is not None else None)
+        ctx.k, ctx.groups, ctx.eps, ctx.has_residual, ctx.link = k, groups, eps, residual is not None, link
+        return y
 
     @staticmethod
-    def backward(ctx, grad, shortcut_grad=None):
-        x, pointwise, stencil, taps, z, weight, bias, mean, invstd, y = ctx.saved_tensors
+    def backward(ctx, grad):
+        x, pointwise, stencil, taps, z, weight, bias, mean, invstd, y_or_mask = ctx.saved_tensors
+        link = ctx.link
+        hands_on, takes = link is not None and ctx.has_residual, link is not None and not ctx.has_residual
+        shortcut = link.gradient if takes else None
+        if takes:
+            link.gradient = None
         if torch.is_grad_enabled():  # create_graph: the lean operator and batch norm, differentiably
             t = F.batch_norm(_LeanConvFunction.apply(x, pointwise[:, :, None, None], stencil, taps, ctx.k, "zeros",
                                                      ctx.groups),
                              None, None, weight, bias, True, 0.0, ctx.eps)
-            masked = grad * ((t if y is None else y) > 0)
+            keep = (y_or_mask != 0) if hands_on else (t if y_or_mask is None else y_or_mask) > 0  # mask, y or t
+            masked = grad * keep
             inputs = dict(zip((0, 1, 2, 7, 8), (x, pointwise, stencil, weight, bias)))
             wanted = [i for i in inputs if ctx.needs_input_grad[i]]
             grads = dict(zip(wanted, torch.autograd.grad(t, [inputs[i] for i in wanted], masked, create_graph=True)))
-            if shortcut_grad is not None and 0 in grads:
-                grads[0] = grads[0] + shortcut_grad[:, :x.shape[1]]
-            dr = masked if ctx.has_residual else None
+            if shortcut is not None and 0 in grads:
+                g, mask = shortcut
+                grads[0] = grads[0] + (g if mask is None else g * (mask != 0))[:, :x.shape[1]]
+            if hands_on:
+                link.gradient = (masked, None)
+            dr = masked if ctx.has_residual and not hands_on else None
             return (grads.get(0), grads.get(1), grads.get(2), None, None, None, dr, grads.get(7), grads.get(8),
                     None, None, None, None, None)
         grad = grad.contiguous(memory_format=torch.channels_last)
-        coefficients, dr, dw, db = _backward_coefficients(grad, z, y, weight, bias, mean, invstd)
-        gm_or_grad = dr if ctx.has_residual else grad  # with a residual the reduction stored gm
+        if hands_on:  # the mask from its bytes; the shortcut's gradient g ⊙ mask is not formed
+            coefficients, dr, dw, db = _backward_coefficients(grad, z, None, weight, bias, mean, invstd, y_or_mask)
+            link.gradient = (grad, y_or_mask)
+            mask = y_or_mask
+        else:
+            coefficients, dr, dw, db = _backward_coefficients(grad, z, y_or_mask, weight, bias, mean, invstd)
+            mask = ctx.has_residual  # with a residual the reduction stored gm = dr
         input_grad = ctx.needs_input_grad[0]
-        addend = (shortcut_grad.contiguous(memory_format=torch.channels_last)
-                  if input_grad and shortcut_grad is not None else None)
-        gx, gp, gs = native.lean_backward(gm_or_grad, x, pointwise, stencil, taps, ctx.k, False, ctx.groups,
-                                          input_grad=input_grad, bn_gradient=(z, coefficients, ctx.has_residual),
-                                          input_grad_addend=addend)
+        addend, addend_mask = shortcut if input_grad and shortcut is not None else (None, None)
+        gx, gp, gs = native.lean_backward(dr if dr is not None else grad, x, pointwise, stencil, taps, ctx.k, False,
+                                          ctx.groups, input_grad=input_grad, bn_gradient=(z, coefficients, mask),
+                                          input_grad_addend=addend, addend_mask=addend_mask)
         return gx, gp, gs, None, None, None, dr, dw, db, None, None, None, None, None
 
 
@@ -301,45 +347,58 @@ def conv_batch_norm_relu(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
     batch norm's elementwise pass (``_LeanBatchNormReLUFunction``), otherwise it is
     ``LeanConv.forward_with_moments`` and ``batch_norm_relu``. Anything else: ``batch_norm_relu(bn, conv(x),
     residual)``."""
-    return _conv_batch_norm_relu(conv, bn, x, residual, None)
+    if not (_fused_operator(conv, bn, x) and _residual_fits(residual, x)):
+        return batch_norm_relu(bn, conv(x), residual)
+    if not _lean_kernel_path(conv, bn, x):
+        shift = bn.running_mean.clone()
+        z, sums = conv.forward_with_moments(x, shift)
+        return batch_norm_relu(bn, z, residual, (shift, sums))
+    return _lean_batch_norm_relu(conv, bn, x, residual, None)
 
 
-def conv_batch_norm_relu_and_shortcut(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor,
-                                      channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ReLU(bn(conv(x))), Q x)``, the first half of a residual block: ``conv_batch_norm_relu(conv, bn, x)`` and
-    the shortcut ``Q x``, ``x`` (B, c_in, n1, n2) with zero channels appended up to ``channels`` (the identity
-    when ``channels == c_in``). Where the lean backward takes the call (``_LeanBatchNormReLUFunction``), the
-    shortcut's gradient is added to ``∂x`` in that kernel, not by autograd in a pass of its own."""
+def residual_block(conv1: nn.Module, bn1: nn.BatchNorm2d, conv2: nn.Module, bn2: nn.BatchNorm2d, x: torch.Tensor,
+                   channels: int) -> torch.Tensor:
+    """``ReLU(bn2(conv2(ReLU(bn1(conv1(x))))) + Q x)``, a residual block's body, with the shortcut ``Q x``: ``x``
+    (B, c_in, n1, n2) with zero channels appended up to ``channels`` (the identity when ``channels == c_in``).
+    Where both layers take the lean kernels with the zero boundary (``_LeanBatchNormReLUFunction``), the second
+    keeps its ReLU mask as bytes and the first's backward kernel adds the shortcut's gradient to ``∂x``: the
+    residual's gradient is never formed and autograd adds no branches. Anything else: two
+    ``conv_batch_norm_relu`` calls with ``Q x`` as the second's residual."""
     if isinstance(channels, bool) or not isinstance(channels, int) or x.dim() != 4 or channels < x.shape[1]:
         raise ValueError(f"the shortcut needs an integer channel count >= the input's for a 4-D input, got "
                          f"{channels!r} for an input of shape {tuple(x.shape)}")
-    return _conv_batch_norm_relu(conv, bn, x, None, channels)
+    if not (_lean_kernel_path(conv1, bn1, x) and _lean_kernel_path(conv2, bn2, x) and conv2.out_channels == channels):
+        return conv_batch_norm_relu(conv2, bn2, conv_batch_norm_relu(conv1, bn1, x), _pad_channels(x, channels))
+    link = _ShortcutLink()
+    out = _lean_batch_norm_relu(conv1, bn1, x, None, link)
+    shortcut = _pad_channels(x.detach(), channels).contiguous(memory_format=torch.channels_last)
+    return _lean_batch_norm_relu(conv2, bn2, out, shortcut, link)
 
 
-def _conv_batch_norm_relu(conv, bn, x, residual, shortcut_channels):
-    """``conv_batch_norm_relu``, and with ``shortcut_channels`` also ``Q x`` (a pair)."""
-    def composed(y):
-        return y if shortcut_channels is None else (y, _pad_channels(x, shortcut_channels))
-
-    if not (isinstance(conv, LeanConv) and type(conv).forward is LeanConv.forward and _plain(conv)
+def _fused_operator(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> bool:
+    """Whether ``conv`` is a plain lean operator whose kernel sums ``bn``'s moments for inputs like ``x``."""
+    return (isinstance(conv, LeanConv) and type(conv).forward is LeanConv.forward and _plain(conv)
             and conv.stencil is not None and bn.track_running_stats and conv.out_channels == bn.num_features
-            and _kernels_take(bn, x) and native.applies(x, conv.out_channels, conv.groups)
-            and _residual_fits(residual, x)):
-        return composed(batch_norm_relu(bn, conv(x), residual))
-    if conv.boundary != "zeros" or not native.supports(x, conv.in_channels, conv.groups):
-        shift = bn.running_mean.clone()
-        z, sums = conv.forward_with_moments(x, shift)
-        return composed(batch_norm_relu(bn, z, residual, (shift, sums)))
+            and _kernels_take(bn, x) and native.applies(x, conv.out_channels, conv.groups))
+
+
+def _lean_kernel_path(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> bool:
+    """Whether ``_LeanBatchNormReLUFunction`` takes ``conv`` and ``bn`` for inputs like ``x``: zero boundary."""
+    return (_fused_operator(conv, bn, x) and conv.boundary == "zeros"
+            and native.supports(x, conv.in_channels, conv.groups))
+
+
+def _lean_batch_norm_relu(conv, bn, x, residual, link):
+    """``_LeanBatchNormReLUFunction`` on ``conv`` and ``bn`` (checked: ``_lean_kernel_path``)."""
     conv._check_input(x, conv.in_channels, "forward")
     if residual is not None:
         if residual.shape != (x.shape[0], conv.out_channels, *x.shape[2:]):
             raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the output "
                              f"{(x.shape[0], conv.out_channels, *x.shape[2:])}")
         residual = residual.contiguous(memory_format=torch.channels_last)
-    return _LeanBatchNormReLUFunction.apply(x, conv.pointwise, conv.stencil, conv.stencil_index,
-                                            conv.kernel_size, conv.groups, residual, bn.weight, bn.bias,
-                                            bn.running_mean, bn.running_var, _step_momentum(bn), bn.eps,
-                                            shortcut_channels)
+    return _LeanBatchNormReLUFunction.apply(x, conv.pointwise, conv.stencil, conv.stencil_index, conv.kernel_size,
+                                            conv.groups, residual, bn.weight, bn.bias, bn.running_mean,
+                                            bn.running_var, _step_momentum(bn), bn.eps, link)
 
 
 class BatchNormReLUSequential(nn.Sequential):

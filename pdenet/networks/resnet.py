@@ -29,7 +29,7 @@ from torch import nn
 from operators.base import as_grid, check_positive_int
 from operators.stability import max_stable_step
 
-from ..batch_norm_relu import BatchNormReLUSequential, conv_batch_norm_relu, conv_batch_norm_relu_and_shortcut
+from ..batch_norm_relu import BatchNormReLUSequential, conv_batch_norm_relu, residual_block
 from ..blocks import StepStability
 from .layers import ClassifierHead, check_operator_kwargs, downsample2x, make_stem
 
@@ -121,11 +121,10 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:
             x = downsample2x(x)
-        if self.projection is not None:
-            out, shortcut = conv_batch_norm_relu(self.conv1, self.bn1, x), self.projection(x)
-        else:  # identity or zero channels; its gradient joins the operator's in the lean backward kernel
-            out, shortcut = conv_batch_norm_relu_and_shortcut(self.conv1, self.bn1, x, x.shape[1] + self.pad_channels)
-        return conv_batch_norm_relu(self.conv2, self.bn2, out, residual=shortcut)
+        if self.projection is None:  # identity or zero channels: the shortcut's gradient stays in the kernels
+            return residual_block(self.conv1, self.bn1, self.conv2, self.bn2, x, x.shape[1] + self.pad_channels)
+        out = conv_batch_norm_relu(self.conv1, self.bn1, x)
+        return conv_batch_norm_relu(self.conv2, self.bn2, out, residual=self.projection(x))
 
 
 class ResNet(nn.Module):

@@ -187,7 +187,7 @@ def test_self_check_detects_wrong_kernels():
         def bn_relu_forward(self, *args):
             return 1
 
-        bn_relu_backward = bn_relu_forward
+        bn_relu_backward = bn_relu_backward_coefficients = bn_relu_forward
 
     assert bnr._self_check(WritesNothing()).startswith("output differs from numpy")
 
@@ -312,11 +312,11 @@ def test_fused_lean_batch_norm_double_backward():
 @compiled
 @pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
 @pytest.mark.parametrize("widths", [(16, 16), (8, 16)], ids=["identity", "zero-channels"])
-def test_shortcut_gradient_joins_the_lean_backward(widths, fused):
-    """A residual block ``ReLU(BN(K₂ ReLU(BN(K₁ x))) + Q x)`` through ``conv_batch_norm_relu_and_shortcut``: the
-    shortcut ``Q x`` (identity, or zero channels appended) comes from the fused layer, whose kernel adds its
-    gradient to ``∂x``. Two steps give the outputs, every gradient and second derivatives of the unfused layers
-    with ``F.pad``; with the kernels disabled, the same through PyTorch."""
+def test_residual_block_matches_the_unfused_layers(widths, fused):
+    """``residual_block``, ``ReLU(BN(K₂ ReLU(BN(K₁ x))) + Q x)`` with the shortcut ``Q x`` (identity, or zero
+    channels appended): the second layer keeps its ReLU mask as bytes and hands the shortcut's gradient to the
+    first layer's kernel. Two steps give the outputs, every gradient, the running statistics and second
+    derivatives of the unfused layers with ``F.pad``; with the kernels disabled, the same through PyTorch."""
     import contextlib
 
     import torch.nn.functional as F
@@ -331,34 +331,35 @@ def test_shortcut_gradient_joins_the_lean_backward(widths, fused):
 
     def block(conv1, bn1, conv2, bn2, x, ours):
         if ours:
-            out, shortcut = bnr.conv_batch_norm_relu_and_shortcut(conv1, bn1, x, c)
-        else:
-            out, shortcut = batch_norm_relu(bn1, conv1(x)), F.pad(x, (0, 0, 0, 0, 0, c - c_in))
-        return bnr.conv_batch_norm_relu(conv2, bn2, out, shortcut) if ours else batch_norm_relu(bn2, conv2(out),
-                                                                                                shortcut), shortcut
+            return bnr.residual_block(conv1, bn1, conv2, bn2, x, c)
+        return batch_norm_relu(bn2, conv2(batch_norm_relu(bn1, conv1(x))), F.pad(x, (0, 0, 0, 0, 0, c - c_in)))
 
     with contextlib.nullcontext() if fused else native.disabled():
         for _ in range(2):
             x = torch.randn(3, c_in, 6, 9, generator=gen).contiguous(memory_format=CL).requires_grad_()
-            y, shortcut = block(*layers, x, True)
+            y = block(*layers, x, True)
             if fused:
-                assert type(shortcut.grad_fn).__name__ == "_LeanBatchNormReLUFunctionBackward"
-            y_ref, _ = block(*twins, x, False)
+                assert type(y.grad_fn).__name__ == "_LeanBatchNormReLUFunctionBackward"
+                assert y.grad_fn.saved_tensors[-1].dtype == torch.int8  # the mask bytes, not y
+            y_ref = block(*twins, x, False)
             torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * float(y_ref.abs().max()))
             g = torch.randn(y.shape, generator=gen)
             params = [x] + [p for layer in layers for p in layer.parameters()]
             twin_params = [x] + [p for layer in twins for p in layer.parameters()]
             for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, twin_params, g)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+            for bn, twin in ((layers[1], twins[1]), (layers[3], twins[3])):
+                torch.testing.assert_close(bn.running_mean, twin.running_mean)
+                torch.testing.assert_close(bn.running_var, twin.running_var)
         second = []
         for conv1, *rest in (layers, twins):
-            y, _ = block(conv1, *rest, x, conv1 is layers[0])
+            y = block(conv1, *rest, x, conv1 is layers[0])
             (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
             second.append(torch.autograd.grad(gx.square().sum(), [x, conv1.pointwise]))
         for a, b in zip(*second):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
     with pytest.raises(ValueError, match="shortcut needs an integer channel count"):
-        bnr.conv_batch_norm_relu_and_shortcut(layers[0], layers[1], x, c_in - 1)
+        bnr.residual_block(*layers, x, c_in - 1)
 
 
 @compiled
