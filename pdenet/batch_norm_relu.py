@@ -154,7 +154,7 @@ def _forward_kernel(z, residual, weight, bias, running_mean, running_var, moment
     ``mask_out`` (int8, like ``z``) receives ``[y > 0]`` as -1 or 0 unless ``None``."""
     c = z.shape[1]
     y = torch.empty_like(z, memory_format=torch.channels_last)
-    mean, invstd = z.new_empty(2, c)  # one allocation
+    mean, invstd = z.new_empty(c), z.new_empty(c)
     track = running_mean is not None
     ok = KERNELS.get().bn_relu_forward(
         z.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), bias.data_ptr(),
