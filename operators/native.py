@@ -322,8 +322,9 @@ def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:
 
 def _self_check(lib) -> str:
     """The forward and backward kernels of ``lib`` against a numpy reference on small problems (odd sizes, channel
-    mismatch, groups, both boundaries, the batch-norm output gradient with a shortcut's gradient added); the first mismatch as text, or ``""``.
-    Numpy, not torch: the check may run inside a user's FLOP counter or inference mode, which must not see it."""
+    mismatch, groups, both boundaries, the batch-norm output gradient in its three mask modes with a shortcut's
+    masked gradient added); the first mismatch as text, or ``""``. Numpy, not torch: the check may run inside a
+    user's FLOP counter or inference mode, which must not see it."""
     nr = lib.lean_block_channels()
     rng = np.random.default_rng(0)
     taps = np.array([1, 3, 4, 5, 7], dtype=np.int64)  # the 3x3 cross

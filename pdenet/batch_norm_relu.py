@@ -84,7 +84,8 @@ def _self_check(lib) -> str:
               and lib.bn_relu_backward(ptr(g), ptr(x), None if r is None else ptr(y), ptr(gamma), ptr(beta),
                                        ptr(mean), ptr(invstd), None if r is None else ptr(dr), ptr(dx),
                                        ptr(dgamma), ptr(dbeta), P, C, 2))
-        coef, dgamma_from_mask, dbeta_from_mask = np.empty((4, C), np.float32), np.empty_like(dgamma), np.empty_like(dbeta)
+        coef = np.empty((4, C), np.float32)
+        dgamma_from_mask, dbeta_from_mask = np.empty(C, np.float32), np.empty(C, np.float32)
         ok = ok and lib.bn_relu_backward_coefficients(ptr(g), ptr(x), None, ptr(mask), ptr(gamma), ptr(beta),
                                                       ptr(mean), ptr(invstd), None, ptr(coef), ptr(dgamma_from_mask),
                                                       ptr(dbeta_from_mask), P, C, 2)
@@ -267,9 +268,10 @@ class _LeanBatchNormReLUFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, pointwise, stencil, taps, z, weight, bias, mean, invstd, y_or_mask = ctx.saved_tensors
         link = ctx.link
-        hands_on, takes = link is not None and ctx.has_residual, link is not None and not ctx.has_residual
-        shortcut = link.gradient if takes else None
-        if takes:
+        # a residual block's second half hands the shortcut's gradient on, its first half receives it
+        hands_on, receives = link is not None and ctx.has_residual, link is not None and not ctx.has_residual
+        shortcut = link.gradient if receives else None
+        if receives:
             link.gradient = None
         if torch.is_grad_enabled():  # create_graph: the lean operator and batch norm, differentiably
             t = F.batch_norm(_LeanConvFunction.apply(x, pointwise[:, :, None, None], stencil, taps, ctx.k, "zeros",

@@ -94,6 +94,10 @@ def check_forward_and_backward(x, g, p, s, taps, k, groups, circular):
     gx_plus, gp_plus, _ = native.lean_backward(g, x.detach(), p.detach(), s.detach(), taps, k, circular, groups,
                                                input_grad_addend=addend)
     assert torch.equal(gx_plus, gx_alone + addend[:, :x.shape[1]]) and torch.equal(gp_plus, gp_alone)
+    mask = torch.where(torch.rand(addend.shape) < 0.5, -1, 0).to(torch.int8).contiguous(memory_format=CL)
+    gx_masked, _, _ = native.lean_backward(g, x.detach(), p.detach(), s.detach(), taps, k, circular, groups,
+                                           input_grad_addend=addend, addend_mask=mask)  # only where the mask is set
+    assert torch.equal(gx_masked, gx_alone + (addend * (mask != 0))[:, :x.shape[1]])
 
 
 # tap counts 9, 25, 13, 6 and 7: the stencil gradient takes five taps per pass and every remainder 0-4
@@ -159,6 +163,11 @@ def test_unsupported_arguments_raise_a_clear_error():
                                (torch.zeros(1, 4, 3, 3, dtype=torch.float64), True), (torch.zeros(1, 4, 3, 3), False)):
         with pytest.raises(ValueError, match="input_grad_addend must be"):
             native.lean_backward(x, x, p, s, cross(3), 3, False, 1, input_grad=input_grad, input_grad_addend=addend)
+    with pytest.raises(ValueError, match="addend_mask must be a channels-last int8 tensor"):
+        native.lean_backward(x, x, p, s, cross(3), 3, False, 1, input_grad_addend=x, addend_mask=x > 0)
+    with pytest.raises(ValueError, match="mask must be a channels-last int8 tensor"):
+        native.lean_backward(x, x, p, s, cross(3), 3, False, 1,
+                             bn_gradient=(x, torch.zeros(4, 4), x.to(torch.int8)[:, :2]))
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["kernel", "pytorch"])
