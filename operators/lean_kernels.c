@@ -349,17 +349,19 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
   float *wt, *pt = tile_weights(&g, p, s, 0, &wt);
   channel_block *plan = plan_blocks(&g);
   double *partial = out ? calloc((size_t)(nthreads * 2 * co), sizeof(double)) : NULL;
-  if (!pt || !plan || (out && !partial)) {
+  float *tile_sums = out ? calloc((size_t)(nthreads * 2 * co), sizeof(float)) : NULL; /* a tile's, per thread */
+  if (!pt || !plan || (out && (!partial || !tile_sums))) {
     free(pt);
     free(plan);
     free(partial);
+    free(tile_sums);
     return 0;
   }
 #pragma omp parallel num_threads(nthreads)
   {
     float *zero = calloc((size_t)(co + NR), sizeof(float));
     const float **src = alloc_sources(ntaps);
-    float *sums = out ? calloc((size_t)(2 * co), sizeof(float)) : NULL;
+    float *sums = out ? tile_sums + (size_t)omp_get_thread_num() * 2 * co : NULL;
     double *mine = out ? partial + (size_t)omp_get_thread_num() * 2 * co : NULL;
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -371,7 +373,6 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
         memset(sums, 0, sizeof(float) * (size_t)(2 * co));
       }
     }
-    free(sums);
     free(src);
     free(zero);
   }
@@ -381,6 +382,7 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
       for (int64_t j = 0; j < 2 * co; ++j) out[j] += partial[(size_t)t * 2 * co + j];
   }
   free(partial);
+  free(tile_sums);
   free(plan);
   free(pt);
   return 1;
