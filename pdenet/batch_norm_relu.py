@@ -283,8 +283,8 @@ class _LeanBatchNormReLUFunction(torch.autograd.Function):
             wanted = [i for i in inputs if ctx.needs_input_grad[i]]
             grads = dict(zip(wanted, torch.autograd.grad(t, [inputs[i] for i in wanted], masked, create_graph=True)))
             if shortcut is not None and 0 in grads:
-                g, mask = shortcut
-                grads[0] = grads[0] + (g if mask is None else g * (mask != 0))[:, :x.shape[1]]
+                g, shortcut_mask = shortcut
+                grads[0] = grads[0] + (g if shortcut_mask is None else g * (shortcut_mask != 0))[:, :x.shape[1]]
             if hands_on:
                 link.gradient = (masked, None)
             dr = masked if ctx.has_residual and not hands_on else None
@@ -294,14 +294,14 @@ class _LeanBatchNormReLUFunction(torch.autograd.Function):
         if hands_on:  # the mask from its bytes; the shortcut's gradient g ⊙ mask is not formed
             coefficients, dr, dw, db = _backward_coefficients(grad, z, None, weight, bias, mean, invstd, y_or_mask)
             link.gradient = (grad, y_or_mask)
-            mask = y_or_mask
+            gm_mask = y_or_mask
         else:
             coefficients, dr, dw, db = _backward_coefficients(grad, z, y_or_mask, weight, bias, mean, invstd)
-            mask = ctx.has_residual  # with a residual the reduction stored gm = dr
+            gm_mask = ctx.has_residual  # with a residual the reduction stored gm = dr
         input_grad = ctx.needs_input_grad[0]
         addend, addend_mask = shortcut if input_grad and shortcut is not None else (None, None)
         gx, gp, gs = native.lean_backward(dr if dr is not None else grad, x, pointwise, stencil, taps, ctx.k, False,
-                                          ctx.groups, input_grad=input_grad, bn_gradient=(z, coefficients, mask),
+                                          ctx.groups, input_grad=input_grad, bn_gradient=(z, coefficients, gm_mask),
                                           input_grad_addend=addend, addend_mask=addend_mask)
         return gx, gp, gs, None, None, None, dr, dw, db, None, None, None, None, None
 
@@ -373,8 +373,7 @@ def residual_block(conv1: nn.Module, bn1: nn.BatchNorm2d, conv2: nn.Module, bn2:
         return conv_batch_norm_relu(conv2, bn2, conv_batch_norm_relu(conv1, bn1, x), _pad_channels(x, channels))
     link = _ShortcutLink()
     out = _lean_batch_norm_relu(conv1, bn1, x, None, link)
-    shortcut = _pad_channels(x.detach(), channels).contiguous(memory_format=torch.channels_last)
-    return _lean_batch_norm_relu(conv2, bn2, out, shortcut, link)
+    return _lean_batch_norm_relu(conv2, bn2, out, _pad_channels(x.detach(), channels), link)
 
 
 def _fused_operator(conv: nn.Module, bn: nn.BatchNorm2d, x: torch.Tensor) -> bool:
