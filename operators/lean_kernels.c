@@ -13,13 +13,14 @@
    (circular = 0) or periodic.
 
    The kernels work on tiles of TILE consecutive pixels, split over OpenMP threads (the same OpenMP runtime
-   as PyTorch's, libgomp). Inside a tile a register block of MR pixels x nv VW channels (nv = 2 vectors, or 1
-   for a remainder of VW channels: 16-channel layers with AVX-512) accumulates the GEMM and the stencil taps
-   before a single store, so x is read and y written once; narrower remainders run a scalar loop. The taps
+   as PyTorch's, libgomp). Inside a tile a register block of WIDE pixels (MR for the tile's last few, and on
+   AVX2 for two vectors) x nv VW channels (nv = 2 vectors, or 1 for a remainder of VW channels: 16-channel
+   layers with AVX-512) accumulates the GEMM and the stencil taps before a single store, so x is read and y
+   written once; narrower remainders run a scalar loop. The taps
    one image row down are prefetched one block ahead: they are the first touch of that row and would
    otherwise stall the block. The weight gradients sum over a tile's pixels in registers: the coupling's,
-   transposed to (cig, co) so that its rows are contiguous like d, in blocks of MR input channels x nv VW
-   output channels; the stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once).
+   transposed to (cig, co) so that its rows are contiguous like d, in blocks of up to GRAD_ROWS(nv) input
+   channels x nv VW output channels; the stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once).
    For a batch norm after the operator, the forward can sum its output's moments over each tile just stored
    (still in cache), and the backward can compute batch norm's output gradient d tile by tile
    (lean_backward_bn). For a residual block's shortcut, the backward's register blocks can add the shortcut's
@@ -41,7 +42,11 @@ typedef float vec __attribute__((vector_size(VW * 4)));
 typedef float vecu __attribute__((vector_size(VW * 4), aligned(4), may_alias)); /* unaligned access */
 #define MR 6        /* pixels (forward) or input channels (weight gradient) per register block */
 #define NR (2 * VW) /* channels per full register block (nv = 2 vectors) */
-#define TILE 96     /* pixels per tile, a multiple of MR */
+#define WIDE 12     /* pixels or input channels per wide register block: 2 MR */
+#define TILE 96     /* pixels per tile, a multiple of WIDE */
+/* input channels per register block of the coupling's gradient with nv vectors: WIDE where its 2 WIDE + 3 vector
+   registers fit (nv = 1, or AVX-512's 32 registers), else MR */
+#define GRAD_ROWS(nv) ((nv) == 1 || VW == 16 ? WIDE : MR)
 
 static inline vec vload(const float *p) { return *(const vecu *)p; }
 static inline void vstore(float *p, vec v) { *(vecu *)p = v; }
@@ -108,9 +113,11 @@ static void tile_sources(const geometry *g, const float *x, int64_t origin, cons
   }
 }
 
-/* The pixels one block ahead and r rows down: the lowest taps of the next block (x from pixel origin to end). */
-static inline void prefetch_ahead(const geometry *g, const float *x, int64_t origin, int64_t end, int64_t p) {
-  const int64_t q0 = p + MR + (g->k / 2) * g->W, q1 = q0 + MR < end ? q0 + MR : end;
+/* The pixels [p + w, p + 2 w) r rows down, for a block of w pixels at p: the lowest taps of the next block (x
+   from pixel origin to end). */
+static inline void prefetch_ahead(const geometry *g, const float *x, int64_t origin, int64_t end, int64_t p,
+                                  int64_t w) {
+  const int64_t q0 = p + w + (g->k / 2) * g->W, q1 = q0 + w < end ? q0 + w : end;
   for (int64_t q = q0; q < q1; ++q)
     for (int64_t c = 0; c < g->ci; c += 64 / sizeof(float)) __builtin_prefetch(x + (q - origin) * g->ci + c);
 }
@@ -179,61 +186,61 @@ static void tile_moments(const float *y, int64_t n, int64_t co, const float *shi
 
 /* ------------------------------------------------------------------------------------------- forward */
 /* y[i, j0 : j0 + nv VW] = sum_c a[i, c] pt[c, j0 :] + sum_{t < ntaps} wt[t, j0 :] src[t][i][j0 :] for the
-   pixels i < mr, plus ad's channels; `a` points at input channel G cig of the block's first pixel q. nv (1 or 2)
-   is a constant at every call, so each width compiles to its own code. */
+   pixels i < mr, plus ad's channels; `a` points at input channel G cig of the block's first pixel q. rows (MR or
+   WIDE, with mr = WIDE for WIDE) and nv (1 or 2) are constants at every call, so each shape compiles to its own
+   code: rows nv accumulators, WIDE rows where 2 WIDE + 2 registers fit (nv = 1, or nv = 2 with AVX-512), enough
+   independent sums to cover the FMA's latency on both ports. */
 static inline __attribute__((always_inline)) void forward_block(const geometry *g, const float *a, const float *pt,
                                                                 const float *wt, int ntaps, const float *const *src,
                                                                 int64_t j0, int64_t q, float *y, int mr,
-                                                                const int nv, const addend *ad) {
-  vec c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0};
-  vec c30 = {0}, c31 = {0}, c40 = {0}, c41 = {0}, c50 = {0}, c51 = {0};
+                                                                const int rows, const int nv, const addend *ad) {
+  vec c[WIDE][2];
+  const float *row[WIDE]; /* pixels past mr repeat pixel 0: computed, never stored */
   const int64_t ci = g->ci, co = g->co;
-  /* pixels past mr repeat pixel 0: computed, never stored */
-  const float *a0 = a, *a1 = a + (mr > 1) * ci, *a2 = a + (mr > 2) * 2 * ci, *a3 = a + (mr > 3) * 3 * ci;
-  const float *a4 = a + (mr > 4) * 4 * ci, *a5 = a + (mr > 5) * 5 * ci;
+#pragma GCC unroll 12
+  for (int i = 0; i < rows; ++i) {
+    c[i][0] = c[i][1] = (vec){0};
+    row[i] = a + (i < mr) * i * ci;
+  }
   const float *b = pt + j0;
-  for (int64_t c = 0; c < g->cig; ++c, b += co) {
+  for (int64_t k = 0; k < g->cig; ++k, b += co) {
     const vec b0 = vload(b), b1 = nv > 1 ? vload(b + VW) : b0;
-    vec s;
-    s = vsplat(a0[c]); c00 += s * b0; if (nv > 1) c01 += s * b1;
-    s = vsplat(a1[c]); c10 += s * b0; if (nv > 1) c11 += s * b1;
-    s = vsplat(a2[c]); c20 += s * b0; if (nv > 1) c21 += s * b1;
-    s = vsplat(a3[c]); c30 += s * b0; if (nv > 1) c31 += s * b1;
-    s = vsplat(a4[c]); c40 += s * b0; if (nv > 1) c41 += s * b1;
-    s = vsplat(a5[c]); c50 += s * b0; if (nv > 1) c51 += s * b1;
+#pragma GCC unroll 12
+    for (int i = 0; i < rows; ++i) {
+      const vec s = vsplat(row[i][k]);
+      c[i][0] += s * b0;
+      if (nv > 1) c[i][1] += s * b1;
+    }
   }
   for (int t = 0; t < ntaps; ++t) {
     const vec w0 = vload(wt + t * g->m + j0), w1 = nv > 1 ? vload(wt + t * g->m + j0 + VW) : w0;
     const float *const *st = src + t * TILE;
-    const float *s0 = st[0] + j0, *s1 = st[mr > 1] + j0, *s2 = st[(mr > 2) * 2] + j0;
-    const float *s3 = st[(mr > 3) * 3] + j0, *s4 = st[(mr > 4) * 4] + j0, *s5 = st[(mr > 5) * 5] + j0;
-    c00 += w0 * vload(s0); if (nv > 1) c01 += w1 * vload(s0 + VW);
-    c10 += w0 * vload(s1); if (nv > 1) c11 += w1 * vload(s1 + VW);
-    c20 += w0 * vload(s2); if (nv > 1) c21 += w1 * vload(s2 + VW);
-    c30 += w0 * vload(s3); if (nv > 1) c31 += w1 * vload(s3 + VW);
-    c40 += w0 * vload(s4); if (nv > 1) c41 += w1 * vload(s4 + VW);
-    c50 += w0 * vload(s5); if (nv > 1) c51 += w1 * vload(s5 + VW);
+#pragma GCC unroll 12
+    for (int i = 0; i < rows; ++i) {
+      const float *s = st[(i < mr) * i] + j0;
+      c[i][0] += w0 * vload(s);
+      if (nv > 1) c[i][1] += w1 * vload(s + VW);
+    }
   }
   if (ad && ad->add) { /* y_j += add_j [mask_j] over the block's mr pixels */
-    const float *row = ad->add + q * ad->pitch + j0;
+    const float *add = ad->add + q * ad->pitch + j0;
     const int8_t *keep = ad->mask ? ad->mask + q * ad->pitch + j0 : NULL;
     const int64_t pitch = ad->pitch;
-#define ADD(i, ci0, ci1)                                                                                         \
-  if (mr > i) {                                                                                                  \
-    const vec add0 = vload(row + i * pitch), add1 = nv > 1 ? vload(row + i * pitch + VW) : add0;                 \
-    ci0 += keep ? keep_where_set(keep + i * pitch, add0) : add0;                                                 \
-    if (nv > 1) ci1 += keep ? keep_where_set(keep + i * pitch + VW, add1) : add1;                                \
-  }
-    ADD(0, c00, c01) ADD(1, c10, c11) ADD(2, c20, c21) ADD(3, c30, c31) ADD(4, c40, c41) ADD(5, c50, c51)
-#undef ADD
+#pragma GCC unroll 12
+    for (int i = 0; i < rows; ++i)
+      if (i < mr) {
+        const vec add0 = vload(add + i * pitch), add1 = nv > 1 ? vload(add + i * pitch + VW) : add0;
+        c[i][0] += keep ? keep_where_set(keep + i * pitch, add0) : add0;
+        if (nv > 1) c[i][1] += keep ? keep_where_set(keep + i * pitch + VW, add1) : add1;
+      }
   }
   y += j0;
-  vstore(y, c00); if (nv > 1) vstore(y + VW, c01);
-  if (mr > 1) { vstore(y + co, c10); if (nv > 1) vstore(y + co + VW, c11); }
-  if (mr > 2) { vstore(y + 2 * co, c20); if (nv > 1) vstore(y + 2 * co + VW, c21); }
-  if (mr > 3) { vstore(y + 3 * co, c30); if (nv > 1) vstore(y + 3 * co + VW, c31); }
-  if (mr > 4) { vstore(y + 4 * co, c40); if (nv > 1) vstore(y + 4 * co + VW, c41); }
-  if (mr > 5) { vstore(y + 5 * co, c50); if (nv > 1) vstore(y + 5 * co + VW, c51); }
+#pragma GCC unroll 12
+  for (int i = 0; i < rows; ++i)
+    if (i < mr) {
+      vstore(y + i * co, c[i][0]);
+      if (nv > 1) vstore(y + i * co + VW, c[i][1]);
+    }
 }
 
 /* The same for the output channels j0 <= j < j1 one at a time (blocks cut by co, m or a group boundary). */
@@ -294,17 +301,30 @@ static void forward_tile(const geometry *g, const channel_block *plan, const flo
                          int64_t n, float *y, const addend *ad) {
   const int64_t ci = g->ci, co = g->co;
   tile_sources(g, x, origin, zero, p0, n, src);
-  for (int64_t i = 0; i < n; i += MR) {
-    const int mr = (int)(n - i < MR ? n - i : MR);
+  for (int64_t i = 0; i < n;) {
+    const int wide = n - i >= WIDE, mr = (int)(wide ? WIDE : n - i < MR ? n - i : MR);
     const float *x_pixel = x + (p0 + i - origin) * ci;
     float *y_pixel = y + (p0 + i) * co;
-    prefetch_ahead(g, x, origin, end, p0 + i);
+    prefetch_ahead(g, x, origin, end, p0 + i, mr);
     for (const channel_block *b = plan; b->j0 < co; ++b) {
       const float *a = x_pixel + b->input;
-      if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, p0 + i, y_pixel, mr, 2, ad);
-      else if (b->nv == 1) forward_block(g, a, pt, wt, b->ntaps, src + i, b->j0, p0 + i, y_pixel, mr, 1, ad);
-      else forward_scalar(g, x_pixel, pt, wt, src + i, b->j0, b[1].j0, p0 + i, y_pixel, mr, ad);
+      const int64_t j0 = b->j0, q = p0 + i;
+      if (b->nv == 0) {
+        forward_scalar(g, x_pixel, pt, wt, src + i, j0, b[1].j0, q, y_pixel, mr, ad);
+      } else if (!wide) {
+        if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, mr, MR, 2, ad);
+        else forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, mr, MR, 1, ad);
+      } else if (b->nv == 1) {
+        forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, WIDE, WIDE, 1, ad);
+      } else if (VW == 16) { /* AVX-512: 24 accumulators fit its 32 registers */
+        forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, WIDE, WIDE, 2, ad);
+      } else { /* AVX2: two blocks of MR pixels */
+        forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, MR, MR, 2, ad);
+        forward_block(g, a + MR * ci, pt, wt, b->ntaps, src + i + MR, j0, q + MR, y_pixel + MR * co, MR, MR, 2,
+                      ad);
+      }
     }
+    i += mr;
   }
 }
 
@@ -392,40 +412,47 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
 /* gq[c0 + u, j0 : j0 + nv VW] += sum_{i < n} a[i, c0 + u] d[i, j0 :] for u < nc: the coupling's gradient
    transposed (gq[c, j] = gp[j, c], shape (cig, co), contiguous in j like d), where d points at the output
    gradient of the tile's first pixel and a at input channel G cig of the same pixel. The nc broadcasts come
-   from one pixel at fixed offsets; nc (<= MR) and nv (1 or 2) are constants at every call. */
+   from one pixel at fixed offsets; nc (<= GRAD_ROWS(nv)) and nv (1 or 2) are constants at every call. */
 static inline __attribute__((always_inline)) void pointwise_grad_block(const geometry *g, const float *d,
                                                                        const float *a, int64_t n, int64_t j0,
                                                                        int64_t c0, float *gq, const int nc,
                                                                        const int nv) {
-  vec acc[MR][2];
+  vec acc[WIDE][2];
+#pragma GCC unroll 12
   for (int u = 0; u < nc; ++u) acc[u][0] = acc[u][1] = (vec){0};
   const int64_t ci = g->ci, co = g->co;
   d += j0;
   a += c0;
   for (int64_t i = 0; i < n; ++i, d += co, a += ci) {
     const vec d0 = vload(d), d1 = nv > 1 ? vload(d + VW) : d0;
+#pragma GCC unroll 12
     for (int u = 0; u < nc; ++u) {
       const vec s = vsplat(a[u]);
       acc[u][0] += s * d0;
       if (nv > 1) acc[u][1] += s * d1;
     }
   }
+#pragma GCC unroll 12
   for (int u = 0; u < nc; ++u) accumulate(gq + (c0 + u) * co + j0, acc[u][0], acc[u][1], nv);
 }
 
-/* pointwise_grad_block for the input channels c0 .. c0 + nc - 1 of group G, any nc <= MR. */
+/* pointwise_grad_block for the input channels c0 .. c0 + nc - 1 of group G, any nc <= GRAD_ROWS(nv). */
 static inline __attribute__((always_inline)) void pointwise_grad_channels(const geometry *g, const float *d,
                                                                           const float *a, int64_t n, int64_t j0,
                                                                           int64_t c0, float *gq, int nc,
                                                                           const int nv) {
-  switch (nc) {
-    case 6: pointwise_grad_block(g, d, a, n, j0, c0, gq, 6, nv); break;
-    case 5: pointwise_grad_block(g, d, a, n, j0, c0, gq, 5, nv); break;
-    case 4: pointwise_grad_block(g, d, a, n, j0, c0, gq, 4, nv); break;
-    case 3: pointwise_grad_block(g, d, a, n, j0, c0, gq, 3, nv); break;
-    case 2: pointwise_grad_block(g, d, a, n, j0, c0, gq, 2, nv); break;
-    default: pointwise_grad_block(g, d, a, n, j0, c0, gq, 1, nv); break;
+#define CASE(r)                                                                                                  \
+  case r: pointwise_grad_block(g, d, a, n, j0, c0, gq, r, nv); break;
+  if (GRAD_ROWS(nv) > MR) {
+    switch (nc) {
+      CASE(12) CASE(11) CASE(10) CASE(9) CASE(8) CASE(7) default: break;
+    }
+    if (nc > MR) return;
   }
+  switch (nc) {
+    CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) default: pointwise_grad_block(g, d, a, n, j0, c0, gq, 1, nv); break;
+  }
+#undef CASE
 }
 
 /* gs[t0 + u, j0 : j0 + nv VW] += sum_{i < n} d[i, j0 :] src[t0 + u][i][j0 :] for u < tn (tn <= TAPS_PER_PASS
@@ -478,7 +505,7 @@ static void weight_grad_tile(const geometry *g, const float *d_tile, const float
   const float *x_tile = x + p0 * ci;
   tile_sources(g, x, 0, zero, p0, n, src);
   /* the stencil: gs[t, j] += sum_i d[i, j] src[t][i][j], channels in register blocks over the tile */
-  for (int64_t i = 0; i < n; i += MR) prefetch_ahead(g, x, 0, pixels, p0 + i);
+  for (int64_t i = 0; i < n; i += MR) prefetch_ahead(g, x, 0, pixels, p0 + i, MR);
   int64_t js = 0;
   for (; js + NR <= m; js += NR) stencil_grad_channels(g, d_tile, src, n, js, gs_local, 2);
   for (; js + VW <= m; js += VW) stencil_grad_channels(g, d_tile, src, n, js, gs_local, 1);
@@ -489,14 +516,15 @@ static void weight_grad_tile(const geometry *g, const float *d_tile, const float
       gs_local[t * m + js] += acc;
     }
   /* the coupling, transposed: gq[c, j] += sum_i x[i, G cig + c] d[i, j], output channels in register blocks
-     inside a group, input channels MR at a time */
+     inside a group, input channels in balanced chunks of at most GRAD_ROWS(nv) */
   for (int64_t G = 0; G < g->groups; ++G) {
     const float *a = x_tile + G * cig;
     const int64_t end = (G + 1) * cog;
     for (int64_t j0 = G * cog; j0 < end;) {
       const int nv = j0 + NR <= end ? 2 : j0 + VW <= end ? 1 : 0;
-      for (int64_t c0 = 0; c0 < cig; c0 += MR) {
-        const int nc = (int)(cig - c0 < MR ? cig - c0 : MR);
+      const int64_t rows = nv ? GRAD_ROWS(nv) : MR, chunks = (cig + rows - 1) / rows;
+      for (int64_t chunk = 0, c0 = 0; chunk < chunks; ++chunk) { /* balanced: 16 = 8 + 8, not 12 + 4 */
+        const int nc = (int)(cig / chunks + (chunk < cig % chunks));
         if (nv == 2) pointwise_grad_channels(g, d_tile, a, n, j0, c0, gq_local, nc, 2);
         else if (nv == 1) pointwise_grad_channels(g, d_tile, a, n, j0, c0, gq_local, nc, 1);
         else
@@ -506,6 +534,7 @@ static void weight_grad_tile(const geometry *g, const float *d_tile, const float
               for (int64_t i = 0; i < n; ++i) acc += d_tile[i * co + j] * a[i * ci + c0 + u];
               gq_local[(c0 + u) * co + j] += acc;
             }
+        c0 += nc;
       }
       j0 = nv ? j0 + nv * VW : end;
     }
