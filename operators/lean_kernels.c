@@ -16,11 +16,11 @@
    as PyTorch's, libgomp). Inside a tile a register block of WIDE pixels (MR for the tile's last few, and on
    AVX2 for two vectors) x nv VW channels (nv = 2 vectors, or 1 for a remainder of VW channels: 16-channel
    layers with AVX-512) accumulates the GEMM and the stencil taps before a single store, so x is read and y
-   written once; narrower remainders run a scalar loop. The taps
-   one image row down are prefetched one block ahead: they are the first touch of that row and would
-   otherwise stall the block. The weight gradients sum over a tile's pixels in registers: the coupling's,
-   transposed to (cig, co) so that its rows are contiguous like d, in blocks of up to GRAD_ROWS(nv) input
-   channels x nv VW output channels; the stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once).
+   written once; narrower remainders run a scalar loop. The taps one image row down are prefetched PREFETCH_LEAD
+   pixels beyond the next block: they are the first touch of that row and would otherwise stall the block. The
+   weight gradients sum over a tile's pixels in registers: the coupling's, transposed to (cig, co) so that its
+   rows are contiguous like d, in blocks of up to GRAD_ROWS(nv) input channels x nv VW output channels; the
+   stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once).
    For a batch norm after the operator, the forward can sum its output's moments over each tile just stored
    (still in cache), and the backward can compute batch norm's output gradient d tile by tile
    (lean_backward_bn). For a residual block's shortcut, the backward's register blocks can add the shortcut's
@@ -44,6 +44,7 @@ typedef float vecu __attribute__((vector_size(VW * 4), aligned(4), may_alias)); 
 #define NR (2 * VW) /* channels per full register block (nv = 2 vectors) */
 #define WIDE 12     /* pixels or input channels per wide register block: 2 MR */
 #define TILE 96     /* pixels per tile, a multiple of WIDE */
+#define PREFETCH_LEAD 48 /* pixels beyond the next register block at which the row r below is prefetched */
 /* input channels per register block of the coupling's gradient with nv vectors: WIDE where its 2 WIDE + 3 vector
    registers fit (nv = 1, or AVX-512's 32 registers), else MR */
 #define GRAD_ROWS(nv) ((nv) == 1 || VW == 16 ? WIDE : MR)
@@ -113,11 +114,12 @@ static void tile_sources(const geometry *g, const float *x, int64_t origin, cons
   }
 }
 
-/* The pixels [p + w, p + 2 w) r rows down, for a block of w pixels at p: the lowest taps of the next block (x
-   from pixel origin to end). */
+/* The pixels [p + w + L, p + 2 w + L) r rows down (L = PREFETCH_LEAD), for a block of w pixels at p: the lowest
+   taps of a block L pixels after the next one, early enough for their memory latency (x from pixel origin to
+   end). */
 static inline void prefetch_ahead(const geometry *g, const float *x, int64_t origin, int64_t end, int64_t p,
                                   int64_t w) {
-  const int64_t q0 = p + w + (g->k / 2) * g->W, q1 = q0 + w < end ? q0 + w : end;
+  const int64_t q0 = p + w + (g->k / 2) * g->W + PREFETCH_LEAD, q1 = q0 + w < end ? q0 + w : end;
   for (int64_t q = q0; q < q1; ++q)
     for (int64_t c = 0; c < g->ci; c += 64 / sizeof(float)) __builtin_prefetch(x + (q - origin) * g->ci + c);
 }
