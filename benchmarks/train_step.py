@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         return alternate(args.configs, (c, h, w), args.batch_size, args.rounds)
     for name in args.configs:
         torch.manual_seed(0)
-        model = build_model(name, num_classes=10, in_channels=c).to(memory_format=torch.channels_last)
+        model = build_model(name, num_classes=10, in_channels=c)
         shape = (c, h, w)
         median = 1e3 * measure_train_step(model, shape, args.batch_size, warmup=5, repeats=args.steps,
                                           channels_last=True)
@@ -100,7 +100,7 @@ def alternate(configs, shape, batch_size: int, rounds: int) -> int:
     steps = {}
     for name in configs:
         torch.manual_seed(0)
-        model = build_model(name, num_classes=10, in_channels=shape[0]).to(memory_format=torch.channels_last)
+        model = build_model(name, num_classes=10, in_channels=shape[0])
         steps[name], _ = training_step(model, shape, batch_size, channels_last=True)
     times = {name: [] for name in configs}
     for _ in range(rounds):

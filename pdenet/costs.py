@@ -6,6 +6,7 @@ model's own device, with CUDA synchronised around every timed call.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +38,13 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"input_shape must be (channels, height, width) of one image, got {tuple(input_shape)}")
     return shape
+
+
+def _nhwc_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its 4-D weights in NHWC, for a channels-last batch. A 1-channel batch is both
+    NCHW and NHWC to PyTorch, whose convolution then follows its weight's layout: with NCHW weights, a
+    Fashion-MNIST network given a channels-last batch would run in NCHW throughout."""
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 def _input(model: nn.Module, input_shape, batch_size: int, channels_last: bool) -> torch.Tensor:
@@ -78,7 +86,9 @@ def _median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
 
 def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, warmup: int = 5,
                     repeats: int = 20, channels_last: bool = False) -> float:
-    """Median wall time in seconds of one inference forward pass on a batch (eval mode, no grad)."""
+    """Median wall time in seconds of one inference forward pass on a batch (eval mode, no grad); with
+    ``channels_last`` the batch and (a copy of) the model in NHWC."""
+    model = _nhwc_copy(model) if channels_last else model
     x = _input(model, input_shape, batch_size, channels_last)
     was_training = model.training
     model.eval()
@@ -92,10 +102,8 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: in
 def training_step(model: nn.Module, input_shape: Sequence[int], batch_size: int, channels_last: bool = False):
     """A callable running one training step (forward, backward, SGD update) on a fixed random batch, and the
     device it runs on. The step trains a copy of the model, so the model's weights and statistics are left
-    untouched."""
-    import copy
-
-    net = copy.deepcopy(model).train()
+    untouched; with ``channels_last`` the batch and the copy are in NHWC."""
+    net = (_nhwc_copy(model) if channels_last else copy.deepcopy(model)).train()
     x = _input(net, input_shape, batch_size, channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9, foreach=True)  # as pdenet.training's
 

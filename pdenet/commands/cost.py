@@ -5,7 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
 from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, restored_threads,
                       set_threads)
@@ -55,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
 
     rows = {}
     for name, model in models.items():
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         rows[name] = measure_costs(model, shape, args.batch_size, train=args.train, repeats=args.repeats,
                                    channels_last=args.channels_last)
     print(f"input {shape[0]}x{shape[1]}x{shape[2]}, {classes} classes")

@@ -107,3 +107,33 @@ def test_measurements_leave_the_global_random_state_alone():
     state = torch.get_rng_state()
     measure_costs(net, (3, 8, 8), batch_size=4, train=True, warmup=0, repeats=1)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class LayoutRecorder(nn.Module):
+    """The identity; records whether each input it sees is NHWC in memory (channel stride 1), also from a deep
+    copy (``seen.append`` is kept, not copied)."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.record = seen.append
+
+    def forward(self, x):
+        self.record(x.stride(1) == 1)
+        return x
+
+
+@pytest.mark.parametrize("measure", ["latency", "train_step"])
+def test_channels_last_timing_runs_a_one_channel_network_in_nhwc(measure):
+    """A 1-channel batch is NCHW and NHWC at once; the timed network must still run NHWC after its first
+    convolution (its weights converted), as training with --channels-last does, and the model keeps its layout."""
+    seen = []
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), LayoutRecorder(seen), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    if measure == "latency":
+        measure_latency(net, (1, 8, 8), batch_size=4, warmup=0, repeats=1, channels_last=True)
+    else:
+        measure_train_step(net, (1, 8, 8), batch_size=4, warmup=0, repeats=1, channels_last=True)
+    assert seen and all(seen)
+    assert net[0].weight.is_contiguous()  # the caller's model is not converted
+    seen.clear()
+    measure_latency(net, (1, 8, 8), batch_size=4, warmup=0, repeats=1)
+    assert seen and not any(seen)
