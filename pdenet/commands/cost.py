@@ -5,7 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, restored_threads,
                       set_threads)
 
