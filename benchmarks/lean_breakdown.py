@@ -6,9 +6,11 @@ forward with batch norm's moments (``lean_forward``), batch norm's elementwise p
 reduction in the backward (``bn backward reduction``) and the lean backward fed by batch norm's gradient
 (``lean_backward``). The script wraps the four with timers, runs ``--steps`` training steps
 (``pdenet.costs.training_step``: channels-last, batch ``--batch-size``) and reports each kernel's milliseconds per
-step grouped by the layer's channel count ("in the step"). It then calls each kernel again on the arguments of its
-last call in the step, ``--repeats`` times in a row ("warm": the inputs were just read, so they come from the
-caches), and reports the ratio. The gap between the two is the cost of the step's order of work: every layer's
+step grouped by the layer's output channel count ("in the step"; "bn forward" also counts the stem's batch norm).
+It then calls each kernel again on the arguments of its last call in one more step, ``--repeats`` times in a row
+("warm": the inputs were just read, so they come from the caches), and reports the ratio. A width's calls differ
+a little (a stage's first layer reads a narrower input; a block's two layers differ in residual and mask): the
+warm time is that of its last call. The gap between the two is the cost of the step's order of work: every layer's
 tensors were written long before they are read again, and come from memory.
 
     python benchmarks/lean_breakdown.py                         # lean-resnet20, 1x28x28, batch 128
@@ -42,10 +44,11 @@ KERNELS = (
 )
 
 
-def instrument(totals: dict, calls: dict, last_call: dict | None) -> None:
+def instrument(totals: dict, calls: dict, last_call: dict, recording: dict) -> None:
     """Wrap the kernels, keyed by ``(label, output channels)``: ``totals`` sums the seconds of their calls,
-    ``calls`` counts them, ``last_call`` (unless ``None``) keeps the kernel and arguments of the latest. (Keeping
-    them holds a step's tensors into the next, which then allocates anew: only an untimed step keeps them.)"""
+    ``calls`` counts them and, while ``recording["on"]``, ``last_call`` keeps the (unwrapped) kernel and the
+    arguments of the latest. Keeping them holds a step's tensors into the next, which then allocates anew: only an
+    untimed step records."""
     for label, module, name, (arg, dim) in KERNELS:
         kernel = getattr(module, name)
 
@@ -56,7 +59,7 @@ def instrument(totals: dict, calls: dict, last_call: dict | None) -> None:
             key = (_label, args[_arg].shape[_dim])
             totals[key] += elapsed
             calls[key] += 1
-            if last_call is not None:
+            if recording["on"]:
                 last_call[key] = (_kernel, args, kwargs)
             return result
 
@@ -99,13 +102,14 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         step()
         plain.append(time.perf_counter() - start)
-    totals, calls, last_call = defaultdict(float), defaultdict(int), {}
-    instrument(totals, calls, None)
+    totals, calls, last_call, recording = defaultdict(float), defaultdict(int), {}, {"on": False}
+    instrument(totals, calls, last_call, recording)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     instrumented = (time.perf_counter() - start) / args.steps
-    instrument(defaultdict(float), defaultdict(int), last_call)  # wraps the wrapped kernels: one more step, untimed
+    per_step_calls = {key: count // args.steps for key, count in calls.items()}
+    recording["on"] = True  # one more step, untimed
     step()
     if not totals:
         print(f"{args.config} makes no fused lean kernel calls")
@@ -115,14 +119,13 @@ def main(argv=None) -> int:
     print("\n| kernel | channels | in the step ms | warm ms (per call x calls) | in the step / warm |")
     print("|---|---|---|---|---|")
     step_total = warm_total = 0.0
-    for (label, width), seconds in sorted(totals.items(), key=lambda item: (item[0][1], item[0][0])):
+    for (label, width), seconds in sorted(dict(totals).items(), key=lambda item: (item[0][1], item[0][0])):
         kernel, call_args, call_kwargs = last_call[label, width]
-        per_step, per_step_calls = seconds / args.steps, calls[label, width] // args.steps
+        per_step, n = seconds / args.steps, per_step_calls[label, width]
         one = warm_time(kernel, call_args, call_kwargs, args.repeats)
         step_total += per_step
-        warm_total += one * per_step_calls
-        print(f"| {label} | {width} | {1e3 * per_step:.2f} | {1e3 * one:.3f} x {per_step_calls} | "
-              f"{per_step / (one * per_step_calls):.2f} |")
+        warm_total += one * n
+        print(f"| {label} | {width} | {1e3 * per_step:.2f} | {1e3 * one:.3f} x {n} | {per_step / (one * n):.2f} |")
     print(f"\nthe four kernels: {1e3 * step_total:.1f} ms of the {1e3 * instrumented:.1f} ms step, "
           f"{1e3 * warm_total:.1f} ms warm ({step_total / warm_total:.2f}x); outside them: "
           f"{1e3 * (instrumented - step_total):.1f} ms")
