@@ -66,14 +66,15 @@ def instrument(totals: dict, calls: dict, last_call: dict, recording: dict) -> N
         setattr(module, name, timed)
 
 
-def warm_time(kernel, args, kwargs, repeats: int) -> float:
-    """Median seconds of ``kernel(*args, **kwargs)`` called ``repeats`` times in a row after two warm-up calls."""
-    for _ in range(2):
-        kernel(*args, **kwargs)
+def median_time(fn, repeats: int, warmup: int = 2, args=(), kwargs=None) -> float:
+    """Median seconds of ``fn(*args, **kwargs)`` called ``repeats`` times in a row after ``warmup`` calls."""
+    kwargs = kwargs or {}
+    for _ in range(warmup):
+        fn(*args, **kwargs)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        kernel(*args, **kwargs)
+        fn(*args, **kwargs)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -95,13 +96,7 @@ def main(argv=None) -> int:
     shape = tuple(args.input_shape)
     model = build_model(args.config, num_classes=10, in_channels=shape[0])
     step, _ = training_step(model, shape, args.batch_size, channels_last=True)
-    for _ in range(5):
-        step()
-    plain = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        plain.append(time.perf_counter() - start)
+    plain = median_time(step, args.steps, warmup=5)
     totals, calls, last_call, recording = defaultdict(float), defaultdict(int), {}, {"on": False}
     instrument(totals, calls, last_call, recording)
     start = time.perf_counter()
@@ -115,14 +110,14 @@ def main(argv=None) -> int:
         print(f"{args.config} makes no fused lean kernel calls")
         return 1
     print(f"{args.config}, batch {args.batch_size}, input {'x'.join(map(str, shape))}, {torch.get_num_threads()} "
-          f"threads: median step {1e3 * statistics.median(plain):.1f} ms ({1e3 * instrumented:.1f} ms instrumented)")
+          f"threads: median step {1e3 * plain:.1f} ms ({1e3 * instrumented:.1f} ms instrumented)")
     print("\n| kernel | channels | in the step ms | warm ms (per call x calls) | in the step / warm |")
     print("|---|---|---|---|---|")
     step_total = warm_total = 0.0
-    for (label, width), seconds in sorted(dict(totals).items(), key=lambda item: (item[0][1], item[0][0])):
+    for (label, width), seconds in sorted(totals.items(), key=lambda item: (item[0][1], item[0][0])):
         kernel, call_args, call_kwargs = last_call[label, width]
         per_step, n = seconds / args.steps, per_step_calls[label, width]
-        one = warm_time(kernel, call_args, call_kwargs, args.repeats)
+        one = median_time(kernel, args.repeats, args=call_args, kwargs=call_kwargs)
         step_total += per_step
         warm_total += one * n
         print(f"| {label} | {width} | {1e3 * per_step:.2f} | {1e3 * one:.3f} x {n} | {per_step / (one * n):.2f} |")
