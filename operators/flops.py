@@ -1,8 +1,8 @@
 """FLOPs of a forward pass as PyTorch's counter measures them, plus the work it cannot see.
 
-``torch.utils.flop_counter.FlopCounterMode`` counts matrix products and convolutions (2 FLOPs per
-multiply-add) and nothing else: FFTs and work inside custom kernels count as zero. A module that does such
-work reports it through ``uncounted_flops(input_shape) -> int``; ``count_flops`` adds those reports, taken
+``torch.utils.flop_counter.FlopCounterMode`` counts matrix products, convolutions and registered operators
+with a FLOP formula, such as pdenet's compiled kernels (2 FLOPs per multiply-add), and nothing else: FFTs count
+as zero. A module that does such work reports it through ``uncounted_flops(input_shape) -> int``; ``count_flops`` adds those reports, taken
 with forward pre-hooks on every submodule that defines the method, for every call. Calls of such a module's
 ``adjoint`` (the time-stepping layers apply ``K^T`` directly) are counted too, with the same report: ``K^T``
 has ``K``'s structure and runs through the same kernels.

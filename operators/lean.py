@@ -1,241 +1,29 @@
 """The lean operator of LeanConvNets: ``K = P + S``, a 1x1 channel coupling plus a per-channel stencil.
 
-Speed is the point of this operator, so the forward and backward passes are written by hand
-(``_LeanConvFunction``). On CPU in float32 the input is taken in channels-last layout and, in order of
-preference:
-
-1. the compiled kernels of ``operators.native`` compute ``P x + S x`` in one pass over ``x`` and ``y`` (the
-   1x1 coupling and the stencil taps accumulate in registers before one store), and both weight gradients
-   in one pass over the output gradient and ``x``;
-2. without them, two oneDNN kernels: the 1x1 convolution writes the output and the depthwise stencil is added
-   into it by a convolution with a "sum" post-op;
-3. everywhere else (float64, CUDA, oneDNN disabled, inside ``torch.func`` transforms) plain ``F.conv2d``.
-
-The input gradient reuses the forward (``P^T g + S^T g``). All paths are checked against the dense
-reference ``conv_same(x, equivalent_dense_weight())`` in the tests.
+``K x`` runs through the registered operator ``torch.ops.pdenet.lean_conv`` (``pdenet_kernels``): on the CPU in
+float32 a compiled kernel computes ``P x + S x`` in one pass over channels-last ``x`` and ``y`` (the 1x1 coupling
+and the stencil taps accumulate in registers before one store), and its backward both weight gradients and the
+input gradient in one pass; elsewhere two ``F.conv2d`` calls. The operator carries its fake implementation,
+autograd and FLOP formulas, so ``torch.compile``, ``torch.export``, autocast, ``torch.func`` and PyTorch's FLOP
+counter see it. The adjoint is the same operator with ``P^T`` and the flipped stencil. All paths are checked
+against the dense reference ``conv_same(x, equivalent_dense_weight())`` in the tests.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from pdenet_kernels import lean_conv, stencil_as_kernel
+from pdenet_kernels.ops import adjoint_coupling, flipped_taps
+
 from .base import ConvOperator, check_positive_int
-from .functional import adjoint_weight, conv_same, kernel_symbol, pad_same
+from .functional import kernel_symbol
 from .spectral import batched_lapack, half_spectrum, max_hermitian_eigenvalue
 
 STENCILS = ("cross", "full", "none")
-
-
-# ---------------------------------------------------------------------------------------- primitives
-def _onednn_conv(x: torch.Tensor, weight: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
-    """``conv2d(x, weight)`` by oneDNN directly (PyTorch may route a 1x1 convolution elsewhere)."""
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, weight, None, [padding, padding], [1, 1], [1, 1], groups, "none", [], "")
-
-
-def _onednn_conv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int,
-                      groups: int) -> torch.Tensor:
-    """``out += conv2d(x, weight)`` in place: one oneDNN convolution with a "sum" post-op."""
-    return torch.ops.mkldnn._convolution_pointwise_.binary(
-        out, x, weight, None, [padding, padding], [1, 1], [1, 1], groups, "add", None, None, [], None)
-
-
-@functools.cache
-def _onednn_works() -> bool:
-    """Whether the two oneDNN entry points exist here and agree with ``F.conv2d``; probed once on tiny
-    inputs, so a PyTorch without them (or with a changed signature) falls back cleanly."""
-    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise_") or not torch.backends.mkldnn.is_available():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
-    pointwise, stencil = torch.randn(4, 2, 1, 1, generator=gen), torch.randn(4, 1, 3, 3, generator=gen)
-    try:
-        out = _onednn_conv_add_(_onednn_conv(x, pointwise, 0, 2), x, stencil, 1, 4)
-    except (RuntimeError, TypeError):
-        return False
-    expected = F.conv2d(x, pointwise, groups=2) + F.conv2d(x, stencil, padding=1, groups=4)
-    return bool(torch.allclose(out, expected, rtol=1e-5, atol=1e-5))
-
-
-def _use_fused(t: torch.Tensor) -> bool:
-    """The oneDNN fast path applies to float32 CPU tensors with oneDNN enabled."""
-    return (t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.enabled
-            and _onednn_works())
-
-
-def _fast_device(t: torch.Tensor) -> bool:
-    """Float32 CPU tensors, where the compiled kernels or the oneDNN pair run."""
-    return t.device.type == "cpu" and t.dtype == torch.float32 and (native.available() or _use_fused(t))
-
-
-def _fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in channels-last layout where a fast path will run (a no-op if it already is); unchanged
-    elsewhere and inside ``torch.func`` transforms (``vmap`` has no memory formats)."""
-    if _fast_device(x) and not torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def stencil_as_kernel(stencil: torch.Tensor, taps: torch.Tensor, k: int) -> torch.Tensor:
-    """The depthwise ``(m, 1, k, k)`` kernel of the stencil weights ``(m, ntaps)`` on the flat indices
-    ``taps`` of the ``k x k`` square (zeros elsewhere)."""
-    m = stencil.shape[0]
-    return stencil.new_zeros(m, k * k).index_copy(1, taps, stencil).view(m, 1, k, k)
-
-
-def lean_apply(x: torch.Tensor, pointwise: torch.Tensor, stencil: torch.Tensor, taps: torch.Tensor, k: int,
-               boundary: str, groups: int) -> torch.Tensor:
-    """``P x + S x`` without autograd bookkeeping of its own.
-
-    ``pointwise`` is the 1x1 kernel ``(c_out, c_in/g, 1, 1)``; ``stencil`` ``(m, ntaps)`` holds the weights
-    of the ``k x k`` stencil at the flat indices ``taps``, acting on channels ``j < m``:
-    ``(S x)_j = s_j ⋆ x_j``. With channels-last float32 CPU input it runs the compiled kernel of
-    ``operators.native``; without it, and if ``m = c_out``, two oneDNN kernels, the 1x1 convolution into a
-    new channels-last tensor and the stencil added into it by a depthwise convolution with a "sum" post-op
-    (the post-op costs the memory-bound stencil about 25%, the compute-bound 1x1 kernel about 60%, so this
-    order); otherwise plain ``F.conv2d`` calls.
-    """
-    if native.applies(x, pointwise.shape[0], groups):
-        return native.lean_forward(x, pointwise, stencil, taps, k, boundary == "circular", groups)
-    m, r = stencil.shape[0], k // 2
-    kernel = stencil_as_kernel(stencil, taps, k)
-    head = x if m == x.shape[1] else x[:, :m]
-    if m == pointwise.shape[0] and x.is_contiguous(memory_format=torch.channels_last) and _use_fused(x):
-        out = _onednn_conv(x, pointwise, 0, groups)
-        if boundary == "circular":
-            head, r = pad_same(head, r, boundary).contiguous(memory_format=torch.channels_last), 0
-        return _onednn_conv_add_(out, head, kernel, r, m)
-    out = F.conv2d(x, pointwise, groups=groups)
-    if m == out.shape[1]:
-        return out + conv_same(head, kernel, boundary, groups=m)
-    out.narrow(1, 0, m).add_(conv_same(head, kernel, boundary, groups=m))
-    return out
-
-
-def _conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, boundary: str,
-                     groups: int) -> torch.Tensor:
-    """``∂<grad_out, conv_same(x, W)>/∂W``: ``Σ_{b,n} grad_out[b, o, n] x[b, i, n + (p − r, q − r)]``."""
-    r = weight.shape[-1] // 2
-    if boundary == "circular":
-        x, padding = pad_same(x, r, boundary), 0
-    else:
-        padding = r
-    return torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], groups,
-        [False, True, False])[1]
-
-
-def flipped_taps(taps: torch.Tensor, k: int) -> torch.Tensor:
-    """The support of the flipped ``k x k`` stencil (the adjoint's): index ``p k + q`` goes to
-    ``(k − 1 − p) k + (k − 1 − q) = k² − 1 − (p k + q)``."""
-    return k * k - 1 - taps
-
-
-class _LeanConvFunction(torch.autograd.Function):
-    """``y = P x + S x`` with a hand-written backward and forward-mode derivative; the stencil enters as
-    its weights ``(m, ntaps)`` on the flat indices ``taps`` of the ``k x k`` square.
-
-    Backward: ``∂x = P^T g + S^T g`` (the same kernel with the transposed 1x1 and the same stencil weights
-    on the flipped taps), ``∂P[o, i] = Σ g_o x_i``, ``∂s_j[t] = Σ g_j x_j(· + t)``: all three in one pass of the
-    compiled kernel. Under ``create_graph`` the input gradient goes through this Function again and the weight
-    gradients are differentiable convolutions, so double backward works.
-    """
-
-    @staticmethod
-    def forward(x, pointwise, stencil, taps, k, boundary, groups):
-        return lean_apply(x, pointwise, stencil, taps, k, boundary, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, pointwise, stencil, taps, k, boundary, groups = inputs
-        ctx.save_for_backward(x, pointwise, stencil, taps)
-        ctx.save_for_forward(x, pointwise, stencil, taps)
-        ctx.k, ctx.boundary, ctx.groups = k, boundary, groups
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, pointwise, stencil, taps = ctx.saved_tensors
-        k, groups = ctx.k, ctx.groups
-        grad = _fast_layout(grad)
-        wants_weights = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        if (wants_weights and not torch.is_grad_enabled() and native.applies(x, pointwise.shape[0], groups)
-                and native.applies(grad, x.shape[1], groups)):
-            gx, gp, gs = native.lean_backward(grad, x, pointwise, stencil, taps, k, ctx.boundary == "circular",
-                                              groups, input_grad=ctx.needs_input_grad[0])
-            return gx, gp, gs, None, None, None, None
-        gx = gp = gs = None
-        if ctx.needs_input_grad[0]:
-            gx = _LeanConvFunction.apply(grad, adjoint_weight(pointwise, groups), stencil, flipped_taps(taps, k),
-                                         k, ctx.boundary, groups)
-        if wants_weights:
-            m = stencil.shape[0]
-            gp = _conv_weight_grad(grad, x, pointwise, "zeros", groups)
-            kernel_grad = _conv_weight_grad(grad[:, :m], x[:, :m], stencil_as_kernel(stencil, taps, k),
-                                            ctx.boundary, m)
-            gs = kernel_grad.view(m, k * k).index_select(1, taps)
-        return gx, gp, gs, None, None, None, None
-
-    @staticmethod
-    def jvp(ctx, tx, tp, ts, _taps, _k, _boundary, _groups):
-        x, pointwise, stencil, taps = ctx.saved_tensors
-        tx = torch.zeros_like(x) if tx is None else tx
-        tp = torch.zeros_like(pointwise) if tp is None else tp
-        ts = torch.zeros_like(stencil) if ts is None else ts
-        args = (taps, ctx.k, ctx.boundary, ctx.groups)
-        return lean_apply(tx, pointwise, stencil, *args) + lean_apply(x, tp, ts, *args)
-
-    @staticmethod
-    def vmap(info, in_dims, x, pointwise, stencil, taps, k, boundary, groups):
-        """``torch.func.vmap``: a mapped input alone joins the batch axis (one call); mapped weights are
-        applied one slice at a time."""
-        x_dim, p_dim, s_dim = in_dims[:3]
-        rest = (taps, k, boundary, groups)
-        if p_dim is None and s_dim is None:
-            x = x.movedim(x_dim, 0)
-            y = _LeanConvFunction.apply(x.flatten(0, 1), pointwise, stencil, *rest)
-            return y.unflatten(0, x.shape[:2]), 0
-
-        def slice_(t, dim, i):
-            return t if dim is None else t.select(dim, i)
-
-        return torch.stack([_LeanConvFunction.apply(slice_(x, x_dim, i), slice_(pointwise, p_dim, i),
-                                                    slice_(stencil, s_dim, i), *rest)
-                            for i in range(info.batch_size)]), 0
-
-
-class _LeanConvMomentsFunction(_LeanConvFunction):
-    """``(y, moments)`` with ``y = P x + S x`` and its per-channel moments about ``shift`` from the compiled
-    kernel tile by tile (``native.lean_forward``); the moments are not differentiable, ``y``'s backward is
-    ``_LeanConvFunction``'s."""
-
-    @staticmethod
-    def forward(x, pointwise, stencil, taps, k, boundary, groups, shift):
-        return native.lean_forward(x, pointwise, stencil, taps, k, boundary == "circular", groups,
-                                   moments_about=shift)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _LeanConvFunction.setup_context(ctx, inputs[:-1], output[0])
-        ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx, grad, _moments_grad):
-        return _LeanConvFunction.backward(ctx, grad) + (None,)
-
-
-def _lean(x, pointwise, stencil, taps: torch.Tensor, k: int, boundary: str, groups: int) -> torch.Tensor:
-    """``P x + S x``: through ``_LeanConvFunction`` where autograd (reverse or forward mode) or ``torch.func``
-    may differentiate it, directly otherwise (inference: the Function's bookkeeping is a large share of a
-    batch-1 call)."""
-    if (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
-            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
-        return _LeanConvFunction.apply(x, pointwise, stencil, taps, k, boundary, groups)
-    return lean_apply(x, pointwise, stencil, taps, k, boundary, groups)
 
 
 # ---------------------------------------------------------------------------------------- the operator
@@ -258,14 +46,13 @@ class LeanConv(ConvOperator):
     of channel ``j``'s stencil; ``K^T = P^T + S^T`` with the stencils flipped.
 
     Multiply-adds per pixel: ``c_out c_in/g + k² m``; PyTorch's convolutions run the stencil as a ``k x k``
-    depthwise kernel (the cross with zero corners), so that is what they execute and what is counted (the
-    compiled kernel skips the zero taps: ``c_out c_in/g + points · m``). On CPU in float32 the compiled
-    kernel and the oneDNN pair are calls that PyTorch's FLOP counter does not see; ``uncounted_flops``
-    reports them.
+    depthwise kernel (the cross with zero corners), so that is what they execute and what is counted, by
+    ``flops`` and by the registered operator's FLOP formula that PyTorch's counter uses (the compiled kernel
+    skips the zero taps: ``c_out c_in/g + points · m``).
 
-    Memory format: on CPU in float32 the input is converted to channels-last (free if it already is) and
-    the output is channels-last, as ``nn.Conv2d`` returns with a channels-last weight; a network that keeps
-    channels-last pays no conversion. Elsewhere the output follows ``F.conv2d``'s choice.
+    Memory format: where the compiled kernel runs (CPU, float32) the output is channels-last, as
+    ``nn.Conv2d`` returns with a channels-last weight; a network that keeps channels-last pays no conversion.
+    Elsewhere the output follows ``F.conv2d``'s choice.
 
     Initialisation as ``nn.Conv2d``: every weight uniform in ``±1/√fan_in`` with
     ``fan_in = c_in/g + points`` (the number of terms summed into one output).
@@ -326,40 +113,19 @@ class LeanConv(ConvOperator):
             w[torch.arange(m), torch.arange(m)] += s[:, 0]
         return w
 
-    def forward_with_moments(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(K x, moments)``: the output ``y`` (B, c_out, n1, n2) and its moments about ``shift`` (c_out,),
-        float64 (2, c_out): ``[0, j] = Σ (y_j − shift_j)``, ``[1, j] = Σ (y_j − shift_j)²`` over the batch and
-        the pixels, not differentiable. The compiled kernel sums them as it writes ``y`` (batch norm's
-        statistics without a pass of their own) where it runs and autograd records plainly (no forward-mode AD
-        or ``torch.func``); elsewhere they are computed from ``y``. Module hooks are not called."""
-        self._check_input(x, self.in_channels, "forward")
-        if shift.shape != (self.out_channels,):
-            raise ValueError(f"shift must have shape ({self.out_channels},), got {tuple(shift.shape)}")
-        x = _fast_layout(x)
-        if (self.stencil is not None and native.applies(x, self.out_channels, self.groups)
-                and torch.autograd.forward_ad._current_level < 0
-                and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
-            return _LeanConvMomentsFunction.apply(x, self.pointwise_kernel(), self.stencil, self.stencil_index,
-                                                  self.kernel_size, self.boundary, self.groups, shift)
-        y = self._forward(x)
-        e = y.detach().double() - shift.detach().double()[:, None, None]
-        return y, torch.stack([e.sum((0, 2, 3)), e.square().sum((0, 2, 3))])
-
     # ------------------------------------------------------------------ operator hooks
     def _forward(self, x):
-        x = _fast_layout(x)
         if self.stencil is None:
-            return F.conv2d(x, self.pointwise_kernel(), groups=self.groups)
-        return _lean(x, self.pointwise_kernel(), self.stencil, self.stencil_index, self.kernel_size,
-                     self.boundary, self.groups)
+            return F.conv2d(x, self.pointwise_kernel().to(x.dtype), groups=self.groups)
+        return lean_conv(x, self.pointwise, self.stencil, self.stencil_index, self.kernel_size,
+                         self.boundary == "circular", self.groups)
 
     def _adjoint(self, y):
-        y = _fast_layout(y)
-        pt = adjoint_weight(self.pointwise_kernel(), self.groups)
+        pt = adjoint_coupling(self.pointwise, self.groups)
         if self.stencil is None:
-            return F.conv2d(y, pt, groups=self.groups)
+            return F.conv2d(y, pt[:, :, None, None].to(y.dtype), groups=self.groups)
         taps = flipped_taps(self.stencil_index, self.kernel_size)
-        return _lean(y, pt, self.stencil, taps, self.kernel_size, self.boundary, self.groups)
+        return lean_conv(y, pt, self.stencil, taps, self.kernel_size, self.boundary == "circular", self.groups)
 
     def _symbol(self, n1, n2):
         p = self.pointwise_matrix()
@@ -428,17 +194,6 @@ class LeanConv(ConvOperator):
         if self.stencil is not None:
             macs += self.kernel_size ** 2 * self.stencil.shape[0]
         return macs
-
-    def uncounted_flops(self, input_shape) -> int:
-        """FLOPs of ``forward`` that PyTorch's FLOP counter does not see: all of them when the forward runs
-        the compiled kernel or the direct oneDNN calls (CPU, float32; for oneDNN a stencil on every output
-        channel), else 0."""
-        p, s = self.pointwise, self.stencil
-        if s is None:
-            return 0
-        if native.supports(p, self.out_channels, self.groups):
-            return self.flops(input_shape)
-        return self.flops(input_shape) if len(s) == self.out_channels and _use_fused(p) else 0
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stencil={self.stencil_type!r}, groups={self.groups}"

@@ -5,6 +5,7 @@ The public surface: time-stepping blocks and their stability analysis, networks 
 """
 from .blocks import SCHEMES, TimeSteppingBlock, build_block
 from .configs import build_model, describe, list_configs
+from .fusion import FusionReport, fuse, unfuse
 from .data import Augmentation, BatchLoader, Dataset, DatasetError, load_dataset
 from .jacobian import jacobian_eigenvalues, perturbation_growth, step_spectra
 from .leanify import LeanifyReport, leanify
@@ -18,6 +19,7 @@ __all__ = [
     "build_model", "describe", "list_configs",
     "Augmentation", "BatchLoader", "Dataset", "DatasetError", "load_dataset",
     "jacobian_eigenvalues", "perturbation_growth", "step_spectra", "stability_report",
+    "FusionReport", "fuse", "unfuse",
     "LeanifyReport", "leanify",
     "MobileNetV2", "PDEResNet", "ResNet", "ShuffleNetV2", "match_width",
 ]

@@ -10,7 +10,7 @@ import sys
 
 from .allocator import keep_freed_memory
 
-COMMANDS = ("train", "evaluate", "cost", "stability")
+COMMANDS = ("train", "evaluate", "cost", "stability", "kernels")
 
 
 def build_parser() -> argparse.ArgumentParser:

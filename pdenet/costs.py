@@ -1,8 +1,9 @@
 """Measured costs of a network: parameters, FLOPs per image, latency and throughput.
 
 Nothing is estimated by hand. FLOPs come from PyTorch's counter (``operators.flops.count_flops``, which adds
-what the counter cannot see, such as FFTs); times are medians over repeated runs after a warm-up, on the
-model's own device, with CUDA synchronised around every timed call.
+what the counter cannot see, such as FFTs; the compiled kernels are registered operators it counts itself);
+times are medians over repeated runs after a warm-up, on the model's own device, with CUDA synchronised around
+every timed call.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from operators.flops import count_flops
+
+from .fusion import fuse
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -99,11 +102,15 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: in
         model.train(was_training)
 
 
-def training_step(model: nn.Module, input_shape: Sequence[int], batch_size: int, channels_last: bool = False):
+def training_step(model: nn.Module, input_shape: Sequence[int], batch_size: int, channels_last: bool = False,
+                  fused: bool = True):
     """A callable running one training step (forward, backward, SGD update) on a fixed random batch, and the
     device it runs on. The step trains a copy of the model, so the model's weights and statistics are left
-    untouched; with ``channels_last`` the batch and the copy are in NHWC."""
+    untouched; with ``channels_last`` the batch and the copy are in NHWC; with ``fused`` the copy is rewritten by
+    ``pdenet.fuse``, as the trainer trains it."""
     net = (_nhwc_copy(model) if channels_last else copy.deepcopy(model)).train()
+    if fused:
+        fuse(net)
     x = _input(net, input_shape, batch_size, channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.9, foreach=True)  # as pdenet.training's
 
@@ -117,9 +124,9 @@ def training_step(model: nn.Module, input_shape: Sequence[int], batch_size: int,
 
 
 def measure_train_step(model: nn.Module, input_shape: Sequence[int], batch_size: int, warmup: int = 2,
-                       repeats: int = 5, channels_last: bool = False) -> float:
+                       repeats: int = 5, channels_last: bool = False, fused: bool = True) -> float:
     """Median wall time in seconds of one ``training_step`` on a batch."""
-    step, device = training_step(model, input_shape, batch_size, channels_last)
+    step, device = training_step(model, input_shape, batch_size, channels_last, fused)
     return _median_time(step, device, warmup, repeats)
 
 

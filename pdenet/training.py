@@ -27,6 +27,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .distributed import DistContext
+from .fusion import fuse
 from .progress import Progress
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -275,7 +276,8 @@ class Trainer:
     ``loaders`` yield ``(x, y)`` batches on the model's device and have ``set_epoch(epoch)`` (data order and
     augmentation depend only on seed and epoch) and ``len()``. ``dist`` makes it data-parallel (the model is
     wrapped in DistributedDataParallel and metrics are summed over ranks). ``channels_last`` trains in the
-    NHWC memory layout.
+    NHWC memory layout. With ``fuse`` (default) the model is rewritten by ``pdenet.fuse`` for the fused CPU
+    training path (``fusion`` holds its report); parameters and ``state_dict`` keys stay as they are.
     """
 
     model: nn.Module
@@ -285,10 +287,12 @@ class Trainer:
     dist: DistContext = field(default_factory=DistContext)
     channels_last: bool = False
     log_every: int = 10
+    fuse: bool = True
 
     def __post_init__(self):
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
+        self.fusion = fuse(self.model) if self.fuse else None
         self.net = self.dist.wrap(self.model)
         self.optimizer = build_optimizer(self.model, self.config)
         self.scheduler = build_scheduler(self.optimizer, self.config, self.steps_per_epoch)

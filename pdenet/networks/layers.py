@@ -5,8 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batch_norm_relu import BatchNormReLUSequential
-
 
 def downsample2x(x: torch.Tensor) -> torch.Tensor:
     """``(B, c, n1, n2) -> (B, c, ⌈n1/2⌉, ⌈n2/2⌉)``: mean over each 2 x 2 window (clipped at an odd edge).
@@ -40,8 +38,7 @@ def check_operator_kwargs(operator_kwargs) -> dict:
 
 def make_stem(in_channels: int, out_channels: int, stem_operator: str, operator,
               operator_kwargs: dict) -> nn.Sequential:
-    """Opening layer ``ReLU(BN(K x))`` with ``K`` a stride-1 3x3 operator of kind ``stem_operator`` (batch norm
-    and ReLU fused in training, ``pdenet.batch_norm_relu``).
+    """Opening layer ``ReLU(BN(K x))`` with ``K`` a stride-1 3x3 operator of kind ``stem_operator``.
 
     ``K`` takes the network's ``operator_kwargs`` when it is of the network's own kind; otherwise only
     the boundary condition carries over (the other keywords belong to the other kind).
@@ -52,7 +49,7 @@ def make_stem(in_channels: int, out_channels: int, stem_operator: str, operator,
         kwargs = operator_kwargs
     else:
         kwargs = {k: v for k, v in operator_kwargs.items() if k == "boundary"}
-    return BatchNormReLUSequential(
+    return nn.Sequential(
         make_operator(stem_operator, in_channels, out_channels, **kwargs),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),

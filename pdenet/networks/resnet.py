@@ -24,12 +24,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from operators.base import as_grid, check_positive_int
 from operators.stability import max_stable_step
 
-from ..batch_norm_relu import BatchNormReLUSequential, conv_batch_norm_relu, residual_block
 from ..blocks import StepStability
 from .layers import ClassifierHead, check_operator_kwargs, downsample2x, make_stem
 
@@ -118,13 +118,17 @@ class BasicBlock(nn.Module):
         growth = f"largest amplification |1 + λ| of the linearized step: {float(np.abs(1 + eigenvalues).max()):.4g}"
         return StepStability(float(max_stable_step("euler", eigenvalues)), norm, (law, growth, norm_text))
 
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q x``: ``x``, ``x`` with zero channels appended, or the projection."""
+        if self.projection is not None:
+            return self.projection(x)
+        return F.pad(x, (0, 0, 0, 0, 0, self.pad_channels)) if self.pad_channels else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:
             x = downsample2x(x)
-        if self.projection is None:  # identity or zero channels: the shortcut's gradient stays in the kernels
-            return residual_block(self.conv1, self.bn1, self.conv2, self.bn2, x, x.shape[1] + self.pad_channels)
-        out = conv_batch_norm_relu(self.conv1, self.bn1, x)
-        return conv_batch_norm_relu(self.conv2, self.bn2, out, residual=self.projection(x))
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ResNet(nn.Module):
@@ -159,7 +163,7 @@ class ResNet(nn.Module):
         if stem == "small":
             self.stem = make_stem(in_channels, widths[0], stem_operator, operator, kwargs)
         else:
-            self.stem = BatchNormReLUSequential(
+            self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False),
                 nn.BatchNorm2d(widths[0]),
                 nn.ReLU(inplace=True),

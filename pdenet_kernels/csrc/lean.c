@@ -25,21 +25,11 @@
    (still in cache), and the backward can compute batch norm's output gradient d tile by tile
    (lean_backward_bn). For a residual block's shortcut, the backward's register blocks can add the shortcut's
    gradient to dx as they store it. */
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-#if defined(__AVX512F__)
-#define VW 16
-#else
-#define VW 8
-#endif
-typedef float vec __attribute__((vector_size(VW * 4)));
-typedef float vecu __attribute__((vector_size(VW * 4), aligned(4), may_alias)); /* unaligned access */
+#include "kernels.h"
+
 #define MR 6        /* pixels (forward) or input channels (weight gradient) per register block */
 #define NR (2 * VW) /* channels per full register block (nv = 2 vectors) */
 #define WIDE 12     /* pixels or input channels per wide register block: 2 MR */
@@ -49,9 +39,15 @@ typedef float vecu __attribute__((vector_size(VW * 4), aligned(4), may_alias)); 
    registers fit (nv = 1, or AVX-512's 32 registers), else MR */
 #define GRAD_ROWS(nv) ((nv) == 1 || VW == 16 ? WIDE : MR)
 
-static inline vec vload(const float *p) { return *(const vecu *)p; }
-static inline void vstore(float *p, vec v) { *(vecu *)p = v; }
-static inline vec vsplat(float a) { return a - (vec){0}; }
+/* The problem as the caller states it (pdenet_kernels/lean.py mirrors this structure): x (batch, height, width,
+   in_channels) channels-last; P (out_channels, in_channels / groups); the stencil (stencil_channels, ntaps) on
+   the flat indices taps of the kernel_size x kernel_size square; zero (circular = 0) or periodic boundary; the
+   work split over `threads` OpenMP threads. */
+typedef struct {
+  int64_t batch, height, width, in_channels, out_channels, stencil_channels, kernel_size, groups, circular, threads,
+      ntaps;
+  const int64_t *taps;
+} lean_shape;
 
 typedef struct {
   int64_t B, H, W, ci, co, m, k, groups, cig, cog;
@@ -59,15 +55,22 @@ typedef struct {
   int64_t dy[81], dx[81];
 } geometry;
 
-static int make_geometry(geometry *g, const int64_t *taps, int ntaps, int64_t B, int64_t H, int64_t W, int64_t ci,
-                         int64_t co, int64_t m, int64_t k, int64_t groups, int circular) {
-  if (ntaps < 0 || ntaps > 81 || k < 1 || k > 9 || groups < 1 || ci % groups || co % groups || m > ci || m > co)
+/* The kernels' geometry of the operator `shape` states, or with `adjoint` of its adjoint x = P^T y + S^T y (the
+   channels swapped, the taps flipped); 0 for a shape outside the kernels' range. */
+static int make_geometry(geometry *g, const lean_shape *shape, int adjoint) {
+  const int64_t k = shape->kernel_size, groups = shape->groups, m = shape->stencil_channels;
+  const int64_t ci = adjoint ? shape->out_channels : shape->in_channels;
+  const int64_t co = adjoint ? shape->in_channels : shape->out_channels;
+  if (shape->ntaps < 0 || shape->ntaps > 81 || k < 1 || k > 9 || groups < 1 || ci % groups || co % groups || m > ci
+      || m > co || shape->batch < 0 || shape->height < 1 || shape->width < 1 || shape->threads < 1)
     return 0;
-  *g = (geometry){B, H, W, ci, co, m, k, groups, ci / groups, co / groups, circular, ntaps, {0}, {0}};
-  for (int t = 0; t < ntaps; ++t) {
-    if (taps[t] < 0 || taps[t] >= k * k) return 0;
-    g->dy[t] = taps[t] / k - k / 2;
-    g->dx[t] = taps[t] % k - k / 2;
+  *g = (geometry){shape->batch, shape->height, shape->width, ci, co, m, k, groups, ci / groups, co / groups,
+                  shape->circular != 0, (int)shape->ntaps, {0}, {0}};
+  for (int t = 0; t < g->ntaps; ++t) {
+    const int64_t tap = adjoint ? k * k - 1 - shape->taps[t] : shape->taps[t];
+    if (tap < 0 || tap >= k * k) return 0;
+    g->dy[t] = tap / k - k / 2;
+    g->dx[t] = tap % k - k / 2;
   }
   return 1;
 }
@@ -138,25 +141,8 @@ typedef struct {
   int64_t pitch;
   const int8_t *mask;
 } addend;
-typedef int8_t mask_bytes __attribute__((vector_size(VW)));
-typedef int32_t lanes __attribute__((vector_size(VW * 4)));
-
-/* the VW bytes at m (-1 or 0) sign-extended to lanes: one instruction with AVX2 or AVX-512 (GCC assembles a
-   __builtin_convertvector of bytes lane by lane) */
-static inline lanes widen_mask(const int8_t *m) {
-#if defined(__AVX512F__)
-  return (lanes)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)m));
-#elif defined(__AVX2__)
-  return (lanes)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)m));
-#else
-  mask_bytes b;
-  memcpy(&b, m, VW);
-  return __builtin_convertvector(b, lanes);
-#endif
-}
-
 /* v where the VW bytes at m are set (-1), else 0 */
-static inline vec keep_where_set(const int8_t *m, vec v) { return (vec)(widen_mask(m) & (lanes)v); }
+static inline vec keep_where_set(const int8_t *m, vec v) { return keep_where(widen_mask(m), v); }
 
 /* sums[j] += sum_{i < n} (y_ij - k_j), sums[co + j] += sum_i (y_ij - k_j)^2 for a tile's output y (pitch co) and a
    shift k (co), in float, from cache after the tile's stores (summed in the register blocks, they would spill
@@ -285,7 +271,7 @@ typedef struct {
 
 /* The blocks of g's output channels, ended by a block with j0 = co; NULL without memory (the caller frees). */
 static channel_block *plan_blocks(const geometry *g) {
-  channel_block *plan = malloc(sizeof(channel_block) * (size_t)(g->co + 1)), *b = plan;
+  channel_block *plan = kernel_malloc(sizeof(channel_block) * (size_t)(g->co + 1)), *b = plan;
   if (!plan) return NULL;
   for (int64_t j0 = 0; j0 < g->co; ++b) {
     const int nv = block_fits(g, j0, NR) ? 2 : block_fits(g, j0, VW) ? 1 : 0;
@@ -336,7 +322,7 @@ static void forward_tile(const geometry *g, const channel_block *plan, const flo
    memory; pt holds wt too (the caller frees pt). */
 static float *tile_weights(const geometry *g, const float *p, const float *s, int adjoint, float **wt) {
   const int64_t ci = g->ci, co = g->co, cig = g->cig, cog = g->cog, m = g->m;
-  float *pt = malloc(sizeof(float) * (size_t)(cig * co + g->ntaps * m + 1));
+  float *pt = kernel_malloc(sizeof(float) * (size_t)(cig * co + g->ntaps * m + 1));
   if (!pt) return NULL;
   *wt = pt + cig * co;
   for (int64_t j = 0; j < co; ++j)
@@ -355,50 +341,50 @@ static float *tile_weights(const geometry *g, const float *p, const float *s, in
 
 /* A thread's tap table: ntaps x TILE pointers. */
 static const float **alloc_sources(int ntaps) {
-  return malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
+  return kernel_malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
 }
 
 /* y = P x + S x and, unless out is NULL, the moments of y about shift (co): out[j] = sum_p (y_j(p) - shift_j),
    out[co + j] = sum_p (y_j(p) - shift_j)^2, summed in float over a tile, in double across tiles and across
-   threads in thread order (batch norm's statistics, with the running mean as the shift). Returns 0 (and writes
-   nothing) for arguments outside the kernel's range or without memory. */
-int lean_forward(const float *x, const float *p, const float *s, const int64_t *taps, int ntaps, float *y,
-                 const float *shift, double *out, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co,
-                 int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
+   threads in thread order (batch norm's statistics, with the running mean as the shift). Returns an error code
+   (kernels.h). */
+int lean_forward(const lean_shape *shape, const float *x, const float *p, const float *s, float *y,
+                 const float *shift, double *out) {
   geometry g;
-  if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular) || nthreads < 1) return 0;
-  const int64_t pixels = B * H * W, tiles = (pixels + TILE - 1) / TILE;
+  if (!make_geometry(&g, shape, 0)) return KERNEL_INVALID;
+  const int nthreads = (int)shape->threads, ntaps = g.ntaps;
+  const int64_t co = g.co, pixels = g.B * g.H * g.W, tiles = (pixels + TILE - 1) / TILE;
   float *wt, *pt = tile_weights(&g, p, s, 0, &wt);
   channel_block *plan = plan_blocks(&g);
-  double *partial = out ? calloc((size_t)(nthreads * 2 * co), sizeof(double)) : NULL;
-  float *tile_sums = out ? calloc((size_t)(nthreads * 2 * co), sizeof(float)) : NULL; /* a tile's, per thread */
-  if (!pt || !plan || (out && (!partial || !tile_sums))) {
-    free(pt);
-    free(plan);
-    free(partial);
-    free(tile_sums);
-    return 0;
-  }
+  double *partial = out ? kernel_calloc((size_t)(nthreads * 2 * co), sizeof(double)) : NULL;
+  float *tile_sums = out ? kernel_calloc((size_t)(nthreads * 2 * co), sizeof(float)) : NULL; /* a tile's, per thread */
+  int failed = !pt || !plan || (out && (!partial || !tile_sums));
+  if (!failed) {
 #pragma omp parallel num_threads(nthreads)
-  {
-    float *zero = calloc((size_t)(co + NR), sizeof(float));
-    const float **src = alloc_sources(ntaps);
-    float *sums = out ? tile_sums + (size_t)omp_get_thread_num() * 2 * co : NULL;
-    double *mine = out ? partial + (size_t)omp_get_thread_num() * 2 * co : NULL;
+    {
+      float *zero = kernel_calloc((size_t)(co + NR), sizeof(float));
+      const float **src = alloc_sources(ntaps);
+      float *sums = out ? tile_sums + (size_t)omp_get_thread_num() * 2 * co : NULL;
+      double *mine = out ? partial + (size_t)omp_get_thread_num() * 2 * co : NULL;
+      NOTE_FAILURE(zero && src, &failed);
+#pragma omp barrier
+      if (!failed) {
 #pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-      forward_tile(&g, plan, x, 0, pixels, pt, wt, zero, src, p0, n, y, NULL);
-      if (out) {
-        tile_moments(y + p0 * co, n, co, shift, sums);
-        for (int64_t j = 0; j < 2 * co; ++j) mine[j] += sums[j];
-        memset(sums, 0, sizeof(float) * (size_t)(2 * co));
+        for (int64_t tile = 0; tile < tiles; ++tile) {
+          const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
+          forward_tile(&g, plan, x, 0, pixels, pt, wt, zero, src, p0, n, y, NULL);
+          if (out) {
+            tile_moments(y + p0 * co, n, co, shift, sums);
+            for (int64_t j = 0; j < 2 * co; ++j) mine[j] += sums[j];
+            memset(sums, 0, sizeof(float) * (size_t)(2 * co));
+          }
+        }
       }
+      free(src);
+      free(zero);
     }
-    free(src);
-    free(zero);
   }
-  if (out) {
+  if (out && !failed) {
     memset(out, 0, sizeof(double) * (size_t)(2 * co));
     for (int t = 0; t < nthreads; ++t)
       for (int64_t j = 0; j < 2 * co; ++j) out[j] += partial[(size_t)t * 2 * co + j];
@@ -407,7 +393,7 @@ int lean_forward(const float *x, const float *p, const float *s, const int64_t *
   free(tile_sums);
   free(plan);
   free(pt);
-  return 1;
+  return failed ? KERNEL_NO_MEMORY : KERNEL_OK;
 }
 
 /* --------------------------------------------------------------------------------- weight gradients */
@@ -574,101 +560,72 @@ static void bn_gradient_window(const bn_gradient *bg, int64_t co, int64_t lo, in
   }
 }
 
-/* The backward of y = P x + S x for the output gradient d (B, H, W, co), or for the one bg describes (then d is
-   NULL, zero boundary only): gp, gs and unless dx is NULL dx (plus dx_add's first ci channels where it is not
-   NULL, pitch add_pitch, where add_mask is set unless it is NULL), as lean_backward states. With bg each thread
-   writes d into a window of its own for a run of consecutive tiles and the r rows and pixels around them (the
-   adjoint's taps), then runs those tiles on it; a run spans at least four halos, so that at most a third of
-   the window is computed again by the neighbouring run. */
-static int backward(const float *d, const bn_gradient *bg, const float *x, const float *p, const float *s,
-                    const int64_t *taps, int ntaps, float *dx, const float *dx_add, const int8_t *add_mask,
-                    int64_t add_pitch, float *gp, float *gs, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co,
-                    int64_t m, int64_t k, int64_t groups, int circular, int nthreads) {
+/* The backward of y = P x + S x for the output gradient d (B, H, W, co), or, where d is NULL, for the one bg
+   describes (zero boundary only): gp[j, c] = sum_p d[p, j] x[p, G(j) cig + c] (shape (co, cig), the layout of P),
+   gs[j, t] = sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape (m, ntaps), the layout of s) and, unless dx is NULL, the
+   input gradient dx = P^T d + S^T d (B, H, W, ci) plus, unless add is NULL, add's first ci channels (where its
+   mask is set, if it has one): the forward's tile with the adjoint's geometry and weights (P^T, s on the flipped
+   taps). Each tile computes its part of dx first, so that the weight gradients find d in cache. With bg each
+   thread writes d into a window of its own for a run of consecutive tiles and the r rows and pixels around them
+   (the adjoint's taps), then runs those tiles on it; a run spans at least four halos, so that at most a third of
+   the window is computed again by the neighbouring run. Returns an error code (kernels.h). */
+int lean_backward(const lean_shape *shape, const float *d, const bn_gradient *bg, const float *x, const float *p,
+                  const float *s, float *dx, const addend *add, float *gp, float *gs) {
   geometry g, adj;
-  int64_t flipped[81];
-  for (int t = 0; t < ntaps && t < 81; ++t) flipped[t] = k * k - 1 - taps[t];
-  if (!make_geometry(&g, taps, ntaps, B, H, W, ci, co, m, k, groups, circular)
-      || !make_geometry(&adj, flipped, ntaps, B, H, W, co, ci, m, k, groups, circular) || (bg && circular)
-      || (dx_add && add_pitch < ci))
-    return 0;
-  const addend add = {dx_add, add_pitch, add_mask};
-  const int64_t pixels = B * H * W, cig = g.cig, halo = (k / 2) * (W + 1);
+  if (!make_geometry(&g, shape, 0) || !make_geometry(&adj, shape, 1) || !d == !bg || (bg && g.circular)
+      || (add && add->pitch < g.ci))
+    return KERNEL_INVALID;
+  const int nthreads = (int)shape->threads, ntaps = g.ntaps;
+  const int64_t ci = g.ci, co = g.co, m = g.m, pixels = g.B * g.H * g.W, cig = g.cig, halo = (g.k / 2) * (g.W + 1);
   const int64_t run = bg && 4 * halo > TILE ? (4 * halo + TILE - 1) / TILE * TILE : TILE; /* pixels per window */
   const int64_t runs = (pixels + run - 1) / run;
   const size_t np = (size_t)(co * cig), ns = (size_t)(ntaps * m);
   float *wt = NULL, *pt = dx ? tile_weights(&g, p, s, 1, &wt) : NULL;
   channel_block *plan = dx ? plan_blocks(&adj) : NULL;
-  if (dx && (!pt || !plan)) {
-    free(pt);
-    free(plan);
-    return 0;
-  }
-  memset(gp, 0, np * sizeof(float));
-  memset(gs, 0, ns * sizeof(float));
+  int failed = dx && (!pt || !plan);
+  if (!failed) {
+    memset(gp, 0, np * sizeof(float));
+    memset(gs, 0, ns * sizeof(float));
 #pragma omp parallel num_threads(nthreads)
-  {
-    float *zero = calloc((size_t)((ci > co ? ci : co) + NR), sizeof(float));
-    float *gq_local = calloc(np + NR, sizeof(float)), *gs_local = calloc(ns + NR, sizeof(float));
-    float *window = bg ? malloc(sizeof(float) * (size_t)((run + 2 * halo) * co + NR)) : NULL;
-    const float **src = alloc_sources(ntaps);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < runs; ++r) {
-      const int64_t first = r * run, last = first + run < pixels ? first + run : pixels;
-      const int64_t lo = bg ? (first > halo ? first - halo : 0) : 0;
-      const int64_t hi = bg ? (last + halo < pixels ? last + halo : pixels) : pixels;
-      if (bg) bn_gradient_window(bg, co, lo, hi, window);
-      const float *dw = bg ? window : d;
-      for (int64_t p0 = first; p0 < last; p0 += TILE) {
-        const int64_t n = last - p0 < TILE ? last - p0 : TILE;
-        if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, &add);
-        weight_grad_tile(&g, dw + (p0 - lo) * co, x, zero, src, p0, n, gq_local, gs_local);
-      }
-    }
-#pragma omp critical
     {
-      for (int64_t j = 0; j < co; ++j) /* gq_local is (cig, co), gp (co, cig) */
-        for (int64_t c = 0; c < cig; ++c) gp[j * cig + c] += gq_local[c * co + j];
-      for (int64_t j = 0; j < m; ++j) /* gs_local is (ntaps, m): contiguous in j for the register blocks */
-        for (int t = 0; t < ntaps; ++t) gs[j * ntaps + t] += gs_local[t * m + j];
+      float *zero = kernel_calloc((size_t)((ci > co ? ci : co) + NR), sizeof(float));
+      float *gq_local = kernel_calloc(np + NR, sizeof(float)), *gs_local = kernel_calloc(ns + NR, sizeof(float));
+      float *window = bg ? kernel_malloc(sizeof(float) * (size_t)((run + 2 * halo) * co + NR)) : NULL;
+      const float **src = alloc_sources(ntaps);
+      NOTE_FAILURE(zero && gq_local && gs_local && (window || !bg) && src, &failed);
+#pragma omp barrier
+      if (!failed) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < runs; ++r) {
+          const int64_t first = r * run, last = first + run < pixels ? first + run : pixels;
+          const int64_t lo = bg ? (first > halo ? first - halo : 0) : 0;
+          const int64_t hi = bg ? (last + halo < pixels ? last + halo : pixels) : pixels;
+          if (bg) bn_gradient_window(bg, co, lo, hi, window);
+          const float *dw = bg ? window : d;
+          for (int64_t p0 = first; p0 < last; p0 += TILE) {
+            const int64_t n = last - p0 < TILE ? last - p0 : TILE;
+            if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, add);
+            weight_grad_tile(&g, dw + (p0 - lo) * co, x, zero, src, p0, n, gq_local, gs_local);
+          }
+        }
+#pragma omp critical
+        {
+          for (int64_t j = 0; j < co; ++j) /* gq_local is (cig, co), gp (co, cig) */
+            for (int64_t c = 0; c < cig; ++c) gp[j * cig + c] += gq_local[c * co + j];
+          for (int64_t j = 0; j < m; ++j) /* gs_local is (ntaps, m): contiguous in j for the register blocks */
+            for (int t = 0; t < ntaps; ++t) gs[j * ntaps + t] += gs_local[t * m + j];
+        }
+      }
+      free(src);
+      free(window);
+      free(gs_local);
+      free(gq_local);
+      free(zero);
     }
-    free(src);
-    free(window);
-    free(gs_local);
-    free(gq_local);
-    free(zero);
   }
   free(plan);
   free(pt);
-  return 1;
-}
-
-/* The backward of y = P x + S x for the output gradient d (B, H, W, co): gp[j, c] = sum_p d[p, j]
-   x[p, G(j) cig + c] (shape (co, cig), the layout of P), gs[j, t] = sum_p d[p, j] x_j(p + (dy_t, dx_t)) (shape
-   (m, ntaps), the layout of s) and, unless dx is NULL, the input gradient dx = P^T d + S^T d (B, H, W, ci), plus
-   dx_add[p, c] (c < ci, pixel p at dx_add + p add_pitch; where add_mask[p, c] is set, if add_mask is not NULL)
-   unless dx_add is NULL: the forward's tile with the
-   adjoint's geometry and weights (P^T, s on the flipped taps). Each tile computes its part of dx first, so that
-   the weight gradients find d in cache. Returns 0 (and writes nothing) for arguments outside the kernel's range
-   (add_pitch < ci among them) or without memory. */
-int lean_backward(const float *d, const float *x, const float *p, const float *s, const int64_t *taps,
-                  int ntaps, float *dx, const float *dx_add, const int8_t *add_mask, int64_t add_pitch, float *gp,
-                  float *gs, int64_t B, int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k,
-                  int64_t groups, int circular, int nthreads) {
-  return backward(d, NULL, x, p, s, taps, ntaps, dx, dx_add, add_mask, add_pitch, gp, gs, B, H, W, ci, co, m, k,
-                  groups, circular, nthreads);
-}
-
-/* lean_backward for the output gradient d = a gm + e z + f of batch norm's backward (bn_gradient: g, z, coef,
-   masked, mask), computed tile by tile instead of read: batch norm's elementwise pass and its tensor are saved.
-   Zero boundary only. */
-int lean_backward_bn(const float *g_out, const float *z, const float *coef, int masked, const int8_t *mask,
-                     const float *x, const float *p, const float *s, const int64_t *taps, int ntaps, float *dx,
-                     const float *dx_add, const int8_t *add_mask, int64_t add_pitch, float *gp, float *gs, int64_t B,
-                     int64_t H, int64_t W, int64_t ci, int64_t co, int64_t m, int64_t k, int64_t groups, int circular,
-                     int nthreads) {
-  const bn_gradient bg = {g_out, z, coef, masked, mask};
-  return backward(NULL, &bg, x, p, s, taps, ntaps, dx, dx_add, add_mask, add_pitch, gp, gs, B, H, W, ci, co, m, k,
-                  groups, circular, nthreads);
+  return failed ? KERNEL_NO_MEMORY : KERNEL_OK;
 }
 
 /* The narrowest register block's channel width (VW), for the caller's choice of path: channel counts that are

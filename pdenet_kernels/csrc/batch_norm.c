@@ -13,14 +13,11 @@
    The reductions sum in float over a block, in double across blocks, and across threads in thread order, so
    the result does not depend on the schedule; they sum x - k (k = the first pixel's x) and gm (x - mean), so
    that a mean large against the spread loses no precision. */
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <math.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "kernels.h"
 
 #define BLOCK 64 /* pixels per float partial sum */
 
@@ -29,17 +26,14 @@
 typedef void (*block_sums)(const void *args, int64_t p0, int64_t p1, float *su, float *sv);
 
 static int reduce(block_sums pass, const void *args, int64_t P, int64_t C, double *out, int nthreads) {
-  double *partial = calloc((size_t)(nthreads * 2 * C), sizeof(double));
-  if (!partial) return 0;
+  double *partial = kernel_calloc((size_t)(nthreads * 2 * C), sizeof(double));
+  if (!partial) return KERNEL_NO_MEMORY;
   int failed = 0;
 #pragma omp parallel num_threads(nthreads)
   {
     double *mine = partial + (size_t)omp_get_thread_num() * 2 * C;
-    float *s = malloc(sizeof(float) * (size_t)(2 * C));
-    if (!s) {
-#pragma omp atomic write
-      failed = 1;
-    }
+    float *s = kernel_malloc(sizeof(float) * (size_t)(2 * C));
+    NOTE_FAILURE(s, &failed);
 #pragma omp for schedule(static)
     for (int64_t p0 = 0; p0 < P; p0 += BLOCK) {
       if (!s) continue;
@@ -53,7 +47,7 @@ static int reduce(block_sums pass, const void *args, int64_t P, int64_t C, doubl
   for (int t = 0; t < nthreads; ++t)
     for (int64_t c = 0; c < 2 * C; ++c) out[c] += partial[(size_t)t * 2 * C + c];
   free(partial);
-  return !failed;
+  return failed ? KERNEL_NO_MEMORY : KERNEL_OK;
 }
 
 typedef struct {
@@ -70,15 +64,8 @@ typedef struct {
    dependent store-load chain per pixel. The reductions keep two sums, for even and odd pixels. The chunk
    functions are always inlined, so with width = W they are specialized; the last chunk, C mod W channels, is
    loaded into and stored from the low lanes of a zeroed vector. */
-#if defined(__AVX512F__)
-#define W 16
-#else
-#define W 8
-#endif
-typedef float vec __attribute__((vector_size(W * 4)));
-typedef float vecu __attribute__((vector_size(W * 4), aligned(4), may_alias)); /* unaligned access */
-typedef int32_t mask __attribute__((vector_size(W * 4)));
-typedef int8_t mask_bytes __attribute__((vector_size(W)));
+#define W VW
+typedef lanes mask;
 #define CHUNK static inline __attribute__((always_inline))
 #define FOR_CHUNKS(call)                                                                                         \
   do {                                                                                                           \
@@ -101,34 +88,18 @@ CHUNK void store(float *p, vec v, int width) {
     memcpy(p, &v, sizeof(float) * (size_t)width);
 }
 
-/* width mask bytes (-1 or 0) as a lane mask, and back */
+/* width mask bytes (kernels.h) as a lane mask, and back */
 CHUNK mask load_mask(const int8_t *p, int width) {
-#if defined(__AVX512F__)
-  if (width == W) return (mask)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
-#elif defined(__AVX2__)
-  if (width == W) return (mask)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
-#endif
-  mask_bytes m = {0}; /* GCC widens this lane by lane: the last chunk only, where the processor has AVX2 */
+  if (width == W) return widen_mask(p);
+  mask_bytes m = {0};
   memcpy(&m, p, (size_t)width);
   return __builtin_convertvector(m, mask);
 }
 
-/* the lanes' low bytes (each lane is 0 or -1, so any byte is the lane's value): a byte shuffle, where GCC
-   narrows a __builtin_convertvector one lane at a time */
-typedef int8_t lane_bytes __attribute__((vector_size(W * 4)));
-#if W == 16
-#define LOW_BYTES 0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60
-#else
-#define LOW_BYTES 0, 4, 8, 12, 16, 20, 24, 28
-#endif
 CHUNK void store_mask(int8_t *p, mask m, int width) {
-  const lane_bytes all = (lane_bytes)m;
-  const mask_bytes b = __builtin_shufflevector(all, all, LOW_BYTES);
+  const mask_bytes b = narrow_mask(m);
   memcpy(p, &b, (size_t)width);
 }
-
-/* v where keep, else 0 */
-CHUNK vec keep_where(mask keep, vec v) { return (vec)(keep & (mask)v); }
 
 /* a x + b, one expression for the forward and for the backward's recomputed mask, so that both round alike
    (GCC contracts it to one FMA in both where the processor has FMA) */
@@ -245,37 +216,51 @@ static void scale_shift(const float *gamma, const float *beta, const float *mean
   }
 }
 
+/* A batch-norm layer over P pixels of C channels (float32, channels-last), its work split over `threads` OpenMP
+   threads: gamma, beta (C); running_mean, running_var (C), updated with `momentum` by the forward, or NULL;
+   eps. */
+typedef struct {
+  int64_t pixels, channels, threads;
+  const float *gamma, *beta;
+  float *running_mean, *running_var;
+  double momentum, eps;
+} bn_layer;
+
 /* y = max(0, a x + b [+ r]); save_mean and save_invstd (C) are kept for the backward. The batch's moments are
    summed here about the first pixel, or given (`given`, (2, C): sums of x - shift and (x - shift)^2, from the
    kernel that wrote x; shift may be running_mean itself, each channel's read before it is updated). Running
-   statistics are updated when running_mean is not NULL. Unless mask_out is NULL it receives [y > 0] as bytes
-   (-1 or 0, the layout of y), the mask of the backward without y. Returns 0 on failure (P < 1 or no memory),
-   writing nothing. */
-int bn_relu_forward(const float *x, const float *r, const float *gamma, const float *beta, float *running_mean,
-                    float *running_var, double momentum, double eps, const double *given, const float *shift,
-                    float *y, int8_t *mask_out, float *save_mean, float *save_invstd, int64_t P, int64_t C,
-                    int nthreads) {
-  if (P < 1 || C < 1 || !given != !shift) return 0;
-  double *sums = given ? NULL : malloc(sizeof(double) * (size_t)(2 * C));
-  float *a = malloc(sizeof(float) * (size_t)(2 * C)), *b = a ? a + C : NULL;
+   statistics are updated when running_mean is not NULL. Unless mask_out is NULL it receives [y > 0] in the
+   mask format of kernels.h, the mask of the backward without y. Returns an error code (kernels.h). */
+int bn_relu_forward(const bn_layer *layer, const float *x, const float *r, const double *given, const float *shift,
+                    float *y, int8_t *mask_out, float *save_mean, float *save_invstd) {
+  const int64_t P = layer->pixels, C = layer->channels;
+  const int nthreads = (int)layer->threads;
+  float *running_mean = layer->running_mean, *running_var = layer->running_var;
+  const double momentum = layer->momentum;
+  if (P < 1 || C < 1 || nthreads < 1 || !given != !shift || !running_mean != !running_var) return KERNEL_INVALID;
+  double *sums = given ? NULL : kernel_malloc(sizeof(double) * (size_t)(2 * C));
+  float *a = kernel_malloc(sizeof(float) * (size_t)(2 * C)), *b = a ? a + C : NULL;
   const tensors t = {x, NULL, NULL, NULL, NULL, x, NULL, NULL, C}; /* shifted by the first pixel */
-  if (!a || (!given && (!sums || !reduce(moments, &t, P, C, sums, nthreads)))) {
+  const int status = !a || (!given && !sums) ? KERNEL_NO_MEMORY
+                     : given                 ? KERNEL_OK
+                                             : reduce(moments, &t, P, C, sums, nthreads);
+  if (status != KERNEL_OK) {
     free(sums);
     free(a);
-    return 0;
+    return status;
   }
   const double *m = given ? given : sums;
   const float *k = given ? shift : x;
   for (int64_t c = 0; c < C; ++c) {
     const double shifted = m[c] / P, mean = k[c] + shifted, var = fmax(m[C + c] / P - shifted * shifted, 0.0);
     save_mean[c] = (float)mean;
-    save_invstd[c] = (float)(1.0 / sqrt(var + eps));
+    save_invstd[c] = (float)(1.0 / sqrt(var + layer->eps));
     if (running_mean) {
       running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + momentum * mean);
       running_var[c] = (float)((1.0 - momentum) * running_var[c] + momentum * var * P / (P > 1 ? P - 1 : 1));
     }
   }
-  scale_shift(gamma, beta, save_mean, save_invstd, C, a, b);
+  scale_shift(layer->gamma, layer->beta, save_mean, save_invstd, C, a, b);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t p0 = 0; p0 < P; p0 += BLOCK) {
     const int64_t p1 = p0 + BLOCK < P ? p0 + BLOCK : P;
@@ -287,26 +272,27 @@ int bn_relu_forward(const float *x, const float *r, const float *gamma, const fl
   }
   free(sums);
   free(a);
-  return 1;
+  return KERNEL_OK;
 }
 
 /* The backward's reduction: dgamma, dbeta, gr = gm with a residual (then y is the forward's output, which gives
    the mask; y and gr come together or not at all) or, with mask (the forward's mask bytes, then y and gr are
    NULL), the mask alone, and the coefficients of dx = a gm + e x + f in coef (4 C: a, b, e, f; a and b those of
-   the forward), from the output gradient g, the input x and the forward's saved mean and invstd. Returns 0 on
-   failure. */
-int bn_relu_backward_coefficients(const float *g, const float *x, const float *y, const int8_t *mask,
-                                  const float *gamma, const float *beta, const float *mean, const float *invstd,
-                                  float *gr, float *coef, float *dgamma, float *dbeta, int64_t P, int64_t C,
-                                  int nthreads) {
-  if (P < 1 || C < 1 || !y != !gr || (mask && y)) return 0;
-  double *sums = malloc(sizeof(double) * (size_t)(2 * C));
+   the forward), from the output gradient g, the input x and the forward's saved mean and invstd. Returns an
+   error code (kernels.h). */
+int bn_relu_backward_coefficients(const bn_layer *layer, const float *g, const float *x, const float *y,
+                                  const int8_t *mask, const float *mean, const float *invstd, float *gr, float *coef,
+                                  float *dgamma, float *dbeta) {
+  const int64_t P = layer->pixels, C = layer->channels;
+  if (P < 1 || C < 1 || layer->threads < 1 || !y != !gr || (mask && y)) return KERNEL_INVALID;
+  double *sums = kernel_malloc(sizeof(double) * (size_t)(2 * C));
   float *a = coef, *b = coef + C, *e = coef + 2 * C, *f = coef + 3 * C;
-  scale_shift(gamma, beta, mean, invstd, C, a, b);
+  scale_shift(layer->gamma, layer->beta, mean, invstd, C, a, b);
   const tensors t = {x, g, y, a, b, mean, gr, mask, C};
-  if (!sums || !reduce(masked_sums, &t, P, C, sums, nthreads)) {
+  const int status = sums ? reduce(masked_sums, &t, P, C, sums, (int)layer->threads) : KERNEL_NO_MEMORY;
+  if (status != KERNEL_OK) {
     free(sums);
-    return 0;
+    return status;
   }
   for (int64_t c = 0; c < C; ++c) {
     const double db = sums[c], dg = invstd[c] * sums[C + c];
@@ -317,22 +303,25 @@ int bn_relu_backward_coefficients(const float *g, const float *x, const float *y
     f[c] = (float)(-(double)a[c] * db / P - ed * mean[c]);
   }
   free(sums);
-  return 1;
+  return KERNEL_OK;
 }
 
-/* dx, dgamma, dbeta and dr = gr (with a residual): bn_relu_backward_coefficients, then the elementwise pass. */
-int bn_relu_backward(const float *g, const float *x, const float *y, const float *gamma, const float *beta,
-                     const float *mean, const float *invstd, float *gr, float *dx, float *dgamma, float *dbeta,
-                     int64_t P, int64_t C, int nthreads) {
-  float *coef = P >= 1 && C >= 1 ? malloc(sizeof(float) * (size_t)(4 * C)) : NULL;
-  if (!coef || !bn_relu_backward_coefficients(g, x, y, NULL, gamma, beta, mean, invstd, gr, coef, dgamma, dbeta, P,
-                                              C, nthreads)) {
+/* dx, dgamma, dbeta and dr = gr (with a residual): bn_relu_backward_coefficients, then the elementwise pass.
+   Returns an error code (kernels.h). */
+int bn_relu_backward(const bn_layer *layer, const float *g, const float *x, const float *y, const float *mean,
+                     const float *invstd, float *gr, float *dx, float *dgamma, float *dbeta) {
+  const int64_t P = layer->pixels, C = layer->channels;
+  if (P < 1 || C < 1) return KERNEL_INVALID;
+  float *coef = kernel_malloc(sizeof(float) * (size_t)(4 * C));
+  const int status = coef ? bn_relu_backward_coefficients(layer, g, x, y, NULL, mean, invstd, gr, coef, dgamma, dbeta)
+                          : KERNEL_NO_MEMORY;
+  if (status != KERNEL_OK) {
     free(coef);
-    return 0;
+    return status;
   }
   const float *e = coef + 2 * C, *f = coef + 3 * C;
   const tensors t = {x, g, y, coef, coef + C, mean, gr, NULL, C};
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads((int)layer->threads) schedule(static)
   for (int64_t p0 = 0; p0 < P; p0 += BLOCK) {
     const int64_t p1 = p0 + BLOCK < P ? p0 + BLOCK : P;
 #define INPUT_GRAD(c0, width)                                                                                    \
@@ -341,5 +330,5 @@ int bn_relu_backward(const float *g, const float *x, const float *y, const float
 #undef INPUT_GRAD
   }
   free(coef);
-  return 1;
+  return KERNEL_OK;
 }
