@@ -1,4 +1,5 @@
-"""Time the fused ``ReLU(BN(z) + r)`` (``pdenet.batch_norm_relu``) against PyTorch's batch norm, addition and
+"""Time the fused ``ReLU(BN(z) + r)`` (``torch.ops.pdenet.batch_norm_relu``, what ``pdenet.fuse`` runs after a stem's
+convolution) against PyTorch's batch norm, addition and
 ReLU, side by side in one run, at the shapes of ResNet-20's three stages.
 
 Both run in training mode on channels-last float32 input (batch statistics, running statistics updated).
@@ -27,9 +28,8 @@ from torch import nn
 
 # benchmarks/operators.py shares its name with the package: keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-from pdenet import batch_norm_relu as fused_module  # noqa: E402
+import pdenet_kernels  # noqa: E402
 from pdenet.allocator import keep_freed_memory  # noqa: E402
-from pdenet.batch_norm_relu import batch_norm_relu  # noqa: E402
 
 SHAPES = ((128, 16, 28), (128, 32, 14), (128, 64, 7))
 EVICT_BYTES = 64 * 2**20
@@ -41,7 +41,8 @@ def pytorch(bn, z, r):
 
 
 def fused(bn, z, r):
-    return batch_norm_relu(bn, z, r)
+    return pdenet_kernels.batch_norm_relu(z, r, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum,
+                                          bn.eps)
 
 
 def main(argv=None) -> int:
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         parser.error("--threads and --repeats must be at least 1")
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the training commands: reused buffers, not fresh pages, for every output
-    status = fused_module.status()
+    status = pdenet_kernels.status()
     if not status.startswith("compiled kernels loaded"):
         print(f"the fused kernels are not in use ({status}): nothing to compare")
         return 2

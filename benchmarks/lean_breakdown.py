@@ -1,10 +1,10 @@
 """Where the fused lean layers' time goes inside a training step, kernel by kernel and width by width, against the
 same kernel calls repeated on warm data.
 
-Each fused layer (``pdenet.batch_norm_relu``) makes four compiled-kernel calls per step: the lean operator's
-forward with batch norm's moments (``lean_forward``), batch norm's elementwise pass (``bn forward``), its
-reduction in the backward (``bn backward reduction``) and the lean backward fed by batch norm's gradient
-(``lean_backward``). The script wraps the four with timers, runs ``--steps`` training steps
+Each fused layer (a lean operator with its batch norm and ReLU, half of a ``pdenet.fuse``d residual block) makes
+four compiled-kernel calls per step: the lean operator's forward with batch norm's moments (``lean_forward``),
+batch norm's elementwise pass (``bn forward``), its reduction in the backward (``bn backward reduction``) and the
+lean backward fed by batch norm's gradient (``lean_backward``). The script wraps the four with timers, runs ``--steps`` training steps
 (``pdenet.costs.training_step``: channels-last, batch ``--batch-size``) and reports each kernel's milliseconds per
 step grouped by the layer's output channel count ("in the step"; "bn forward" also counts the stem's batch norm).
 It then calls each kernel again on the arguments of its last call in one more step, ``--repeats`` times in a row
@@ -29,18 +29,17 @@ import torch
 
 # benchmarks/operators.py shares its name with the package: keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-from operators import native  # noqa: E402
-from pdenet import batch_norm_relu  # noqa: E402
+from pdenet_kernels import binding  # noqa: E402
 from pdenet.allocator import keep_freed_memory  # noqa: E402
 from pdenet.configs import build_model, list_configs  # noqa: E402
 from pdenet.costs import training_step  # noqa: E402
 
 #: (label, module, attribute, (argument, dimension) that holds the layer's output channel count)
 KERNELS = (
-    ("lean forward (+moments)", native, "lean_forward", (1, 0)),  # pointwise weight (c_out, c_in)
-    ("bn forward", batch_norm_relu, "_forward_kernel", (0, 1)),  # z (B, c_out, n1, n2)
-    ("bn backward reduction", batch_norm_relu, "_backward_coefficients", (0, 1)),  # output gradient
-    ("lean backward (bn gradient)", native, "lean_backward", (0, 1)),  # output gradient
+    ("lean forward (+moments)", binding, "lean_forward", (1, 0)),  # pointwise weight (c_out, c_in)
+    ("bn forward", binding, "bn_relu_forward", (0, 1)),  # z (B, c_out, n1, n2)
+    ("bn backward reduction", binding, "bn_relu_backward_coefficients", (0, 1)),  # output gradient
+    ("lean backward (bn gradient)", binding, "lean_backward", (0, 1)),  # output gradient
 )
 
 
@@ -89,8 +88,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if min(args.batch_size, args.steps, args.repeats, *args.input_shape) < 1:
         parser.error("--batch-size, --steps, --repeats and --input-shape must be positive")
-    if not native.available():
-        parser.error(f"the compiled kernels are not in use: {native.status()}")
+    if not binding.available():
+        parser.error(f"the compiled kernels are not in use: {binding.status()}")
     keep_freed_memory()
     torch.manual_seed(0)
     shape = tuple(args.input_shape)

@@ -99,8 +99,9 @@ class _Library:
 LIBRARY = _Library()
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the compiled kernels are built, loaded and self-checked."""
+    """Whether the compiled kernels are built, loaded and self-checked (a constant to ``torch.compile``)."""
     return LIBRARY.get() is not None
 
 
@@ -118,6 +119,7 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+@torch.compiler.assume_constant_result
 def block_channels() -> int:
     """Channels of the lean kernels' narrowest register block, one vector (8 with AVX2, 16 with AVX-512)."""
     return library().lean_block_channels()
@@ -185,6 +187,10 @@ def lean_backward(grad, x, pointwise, stencil, taps, k: int, circular: bool, gro
 
 def bn_layer(z, weight, bias, running_mean=None, running_var=None, momentum: float = 0.0,
              eps: float = 1e-5) -> BnLayer:
+    """The C structure of a batch-norm layer; every vector must be contiguous (the running statistics are updated
+    in place)."""
+    if not all(v is None or v.is_contiguous() for v in (weight, bias, running_mean, running_var)):
+        raise ValueError("batch norm's weight, bias and running statistics must be contiguous")
     return BnLayer(z.shape[0] * z.shape[2] * z.shape[3], z.shape[1], torch.get_num_threads(), weight.data_ptr(),
                    bias.data_ptr(), _ptr(running_mean), _ptr(running_var), momentum, eps)
 
@@ -212,7 +218,7 @@ def bn_relu_backward_coefficients(grad, z, y, mask, weight, bias, mean, invstd):
     (both ``None``) recomputed from ``z``."""
     coefficients = torch.empty(4, z.shape[1], dtype=z.dtype)
     dr = torch.empty_like(z, memory_format=torch.channels_last) if y is not None else None
-    dw, db = torch.empty_like(weight), torch.empty_like(bias)
+    dw, db = weight.new_empty(weight.shape), bias.new_empty(bias.shape)
     layer = bn_layer(z, weight, bias)
     check(library().bn_relu_backward_coefficients(ctypes.byref(layer), grad.data_ptr(), z.data_ptr(), _ptr(y),
                                                   _ptr(mask), mean.data_ptr(), invstd.data_ptr(), _ptr(dr),
@@ -226,7 +232,7 @@ def bn_relu_backward(grad, z, y, weight, bias, mean, invstd):
     ``dr`` is its gradient), else ``None`` (and ``dr`` too)."""
     dz = torch.empty_like(z, memory_format=torch.channels_last)
     dr = torch.empty_like(z, memory_format=torch.channels_last) if y is not None else None
-    dw, db = torch.empty_like(weight), torch.empty_like(bias)
+    dw, db = weight.new_empty(weight.shape), bias.new_empty(bias.shape)
     layer = bn_layer(z, weight, bias)
     check(library().bn_relu_backward(ctypes.byref(layer), grad.data_ptr(), z.data_ptr(), _ptr(y), mean.data_ptr(),
                                      invstd.data_ptr(), _ptr(dr), dz.data_ptr(), dw.data_ptr(), db.data_ptr()),

@@ -124,6 +124,11 @@ def _check_batch_norm(z: Tensor, residual: Tensor | None, vectors: tuple, name: 
                          f"({z.shape[1]},), got {[tuple(v.shape) for v in vectors]}")
 
 
+def _updatable(statistic: Tensor) -> Tensor:
+    """A contiguous copy of a running statistic, for the kernel to update (the operators are functional)."""
+    return statistic.clone(memory_format=torch.contiguous_format)
+
+
 def _lean_flops(x_shape, pointwise_shape, stencil_shape, k: int) -> int:
     b, _, n1, n2 = x_shape
     c_out, cig = pointwise_shape
@@ -217,7 +222,7 @@ def _(grad, x, pointwise, stencil, taps, kernel_size, circular, groups, input_gr
     else:
         gx = lean_conv_reference(grad.to(x.dtype), adjoint_coupling(pointwise, groups), stencil,
                                  flipped_taps(taps, kernel_size), kernel_size, circular, groups)
-    return gx, torch.empty_like(pointwise), torch.empty_like(stencil)
+    return gx, pointwise.new_empty(pointwise.shape), stencil.new_empty(stencil.shape)
 
 
 @register_flop_formula(torch.ops.pdenet.lean_conv_backward)
@@ -373,9 +378,9 @@ def batch_norm_relu_op(z: Tensor, residual: Tensor | None, weight: Tensor, bias:
     _require_fused(z, "batch_norm_relu")
     _check_batch_norm(z, residual, (weight, bias, running_mean, running_var), "batch_norm_relu")
     residual = None if residual is None else binding.channels_last(residual)
-    running_mean, running_var = running_mean.clone(), running_var.clone()
-    y, mean, invstd, _ = binding.bn_relu_forward(binding.channels_last(z), residual, weight, bias, running_mean,
-                                                 running_var, momentum, eps)
+    running_mean, running_var = _updatable(running_mean), _updatable(running_var)
+    y, mean, invstd, _ = binding.bn_relu_forward(binding.channels_last(z), residual, weight.contiguous(),
+                                                 bias.contiguous(), running_mean, running_var, momentum, eps)
     return y, mean, invstd, running_mean, running_var
 
 
@@ -383,7 +388,7 @@ def batch_norm_relu_op(z: Tensor, residual: Tensor | None, weight: Tensor, bias:
 def _(z, residual, weight, bias, running_mean, running_var, momentum, eps):
     c = z.shape[1]
     return (torch.empty_like(z, memory_format=torch.channels_last), z.new_empty(c), z.new_empty(c),
-            torch.empty_like(running_mean), torch.empty_like(running_var))
+            running_mean.new_empty(running_mean.shape), running_var.new_empty(running_var.shape))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::batch_norm_relu_backward", mutates_args=())
@@ -392,15 +397,17 @@ def batch_norm_relu_backward_op(grad: Tensor, z: Tensor, y: Tensor | None, weigh
     _require_fused(z, "batch_norm_relu_backward")
     _check_batch_norm(z, y if y is None else grad, (weight, bias, mean, invstd), "batch_norm_relu_backward")
     y = None if y is None else binding.channels_last(y)
-    dz, dr, dw, db = binding.bn_relu_backward(binding.channels_last(grad), binding.channels_last(z), y, weight, bias,
-                                              mean, invstd)
+    dz, dr, dw, db = binding.bn_relu_backward(binding.channels_last(grad), binding.channels_last(z), y,
+                                              weight.contiguous(), bias.contiguous(), mean.contiguous(),
+                                              invstd.contiguous())
     return dz, (z.new_empty(0) if dr is None else dr), dw, db
 
 
 @batch_norm_relu_backward_op.register_fake
 def _(grad, z, y, weight, bias, mean, invstd):
     dr = z.new_empty(0) if y is None else torch.empty_like(z, memory_format=torch.channels_last)
-    return torch.empty_like(z, memory_format=torch.channels_last), dr, torch.empty_like(weight), torch.empty_like(bias)
+    return (torch.empty_like(z, memory_format=torch.channels_last), dr, weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape))
 
 
 def _batch_norm_relu_setup(ctx, inputs, output) -> None:
@@ -465,8 +472,9 @@ def residual_block_op(x: Tensor, shortcut: Tensor | None, channels: int, taps: T
         if any(v.shape != (width,) for v in vectors):
             raise ValueError(f"pdenet::residual_block: layer {layer}'s batch-norm vectors must have shape ({width},), "
                              f"got {[tuple(v.shape) for v in vectors]}")
-    running_mean1, running_var1 = running_mean1.clone(), running_var1.clone()
-    running_mean2, running_var2 = running_mean2.clone(), running_var2.clone()
+    running_mean1, running_var1 = _updatable(running_mean1), _updatable(running_var1)
+    running_mean2, running_var2 = _updatable(running_mean2), _updatable(running_var2)
+    weight1, bias1, weight2, bias2 = (v.contiguous() for v in (weight1, bias1, weight2, bias2))
     x, taps = binding.channels_last(x), taps.contiguous()
     # each layer's moments about its running mean, which batch norm's kernel reads before it updates it
     z1, sums1 = binding.lean_forward(x, pointwise1.contiguous(), stencil1.contiguous(), taps, kernel_size, False,
@@ -496,8 +504,8 @@ def _(x, shortcut, channels, taps, kernel_size, groups, pointwise1, stencil1, we
 
     mask2 = x.new_empty(0, dtype=torch.int8) if shortcut is not None else image(c2, torch.int8)
     return (image(c2), image(c1), image(c1), x.new_empty(c1), x.new_empty(c1), image(c2), mask2, x.new_empty(c2),
-            x.new_empty(c2), *(torch.empty_like(t) for t in (running_mean1, running_var1, running_mean2,
-                                                              running_var2)))
+            x.new_empty(c2), *(t.new_empty(t.shape) for t in (running_mean1, running_var1, running_mean2,
+                                                               running_var2)))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::residual_block_backward", mutates_args=())
@@ -515,6 +523,10 @@ def residual_block_backward_op(grad: Tensor, x: Tensor, y: Tensor, has_shortcut:
     _require_fused(x, "residual_block_backward")
     grad, x, taps = binding.channels_last(grad), binding.channels_last(x), taps.contiguous()
     p1, s1, p2, s2 = pointwise1.contiguous(), stencil1.contiguous(), pointwise2.contiguous(), stencil2.contiguous()
+    weight1, bias1, mean1, invstd1, weight2, bias2, mean2, invstd2 = (
+        v.contiguous() for v in (weight1, bias1, mean1, invstd1, weight2, bias2, mean2, invstd2))
+    z1, h1, z2 = binding.channels_last(z1), binding.channels_last(h1), binding.channels_last(z2)
+    y, mask2 = binding.channels_last(y), binding.channels_last(mask2) if mask2.dim() == 4 else mask2
     if has_shortcut:  # the mask from y; the reduction stores gm = ∂shortcut
         coef2, d_shortcut, dw2, db2 = binding.bn_relu_backward_coefficients(grad, z2, y, None, weight2, bias2,
                                                                             mean2, invstd2)
@@ -538,8 +550,8 @@ def _(grad, x, y, has_shortcut, input_grad, taps, kernel_size, groups, pointwise
       mean1, invstd1, pointwise2, stencil2, weight2, bias2, z2, mask2, mean2, invstd2):
     gx = torch.empty_like(x, memory_format=torch.channels_last) if input_grad else x.new_empty(0)
     d_shortcut = torch.empty_like(z2, memory_format=torch.channels_last) if has_shortcut else x.new_empty(0)
-    return (gx, d_shortcut, *(torch.empty_like(t) for t in (pointwise1, stencil1, weight1, bias1, pointwise2,
-                                                             stencil2, weight2, bias2)))
+    return (gx, d_shortcut, *(t.new_empty(t.shape) for t in (pointwise1, stencil1, weight1, bias1, pointwise2,
+                                                              stencil2, weight2, bias2)))
 
 
 @register_flop_formula(torch.ops.pdenet.residual_block)
