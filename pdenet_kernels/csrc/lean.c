@@ -22,9 +22,9 @@
    rows are contiguous like d, in blocks of up to GRAD_ROWS(nv) input channels x nv VW output channels; the
    stencil's up to TAPS_PER_PASS taps at once (independent sums, each d read once).
    For a batch norm after the operator, the forward can sum its output's moments over each tile just stored
-   (still in cache), and the backward can compute batch norm's output gradient d tile by tile
-   (lean_backward_bn). For a residual block's shortcut, the backward's register blocks can add the shortcut's
-   gradient to dx as they store it. */
+   (still in cache), and the backward can compute batch norm's output gradient d tile by tile (lean_backward with
+   a bn_gradient). For a residual block's shortcut, the backward's register blocks can add the shortcut's gradient
+   to dx as they store it. Errors and allocation follow kernels.h. */
 #include <omp.h>
 #include <stdlib.h>
 
@@ -529,8 +529,8 @@ static void weight_grad_tile(const geometry *g, const float *d_tile, const float
   }
 }
 
-/* The output gradient given by batch norm's backward instead of stored (lean_backward_bn): d = a gm + e z + f per
-   channel (coef: a, b, e, f, each (co)), with gm = g [mask] given the forward's mask bytes (the layout of g),
+/* The output gradient given by batch norm's backward instead of stored (lean_backward with bg): d = a gm + e z + f
+   per channel (coef: a, b, e, f, each (co)), with gm = g [mask] given the forward's mask bytes (the layout of g),
    gm = g where g is masked already, else g [a z + b > 0] (the ReLU mask recomputed from the operator's output z,
    as batch norm's kernel computes it). */
 typedef struct {
