@@ -6,7 +6,7 @@
   mkdocstrings directive; ``reference/index.md`` lists the modules with the first line of their docstrings, and
   ``reference/cli.md`` holds the ``--help`` of every ``pdenet`` subcommand.
 - **Notebooks.** Every ``examples/*.ipynb`` becomes a page under ``examples/`` (rendered by mkdocs-jupyter with
-  the outputs stored in the notebook, not re-executed); the scripts MathJax 2 that nbconvert's template would load
+  the outputs stored in the notebook, not re-executed), and every ``examples/*.py`` is served as a file; the scripts MathJax 2 that nbconvert's template would load
   from a CDN are removed, since the site's own MathJax typesets the notebooks too.
 - **Fences.** The test tags after a fence's language (``python no-run``, ``python needs-data=camvid``)
   are dropped before rendering.
@@ -268,6 +268,8 @@ def on_files(files: Files, config) -> Files:
         files.append(File.generated(config, path, content=content))
     for path in notebook_paths():
         # src_dir is the repository root, so that examples/NAME.ipynb is both the page's path and its source
+        files.append(File(f"{NOTEBOOKS}/{path.name}", src_dir=str(ROOT), dest_dir=site, use_directory_urls=use_urls))
+    for path in sorted(EXAMPLES.glob("*.py")):  # the example scripts, served as files to read or download
         files.append(File(f"{NOTEBOOKS}/{path.name}", src_dir=str(ROOT), dest_dir=site, use_directory_urls=use_urls))
     return files
 
