@@ -204,7 +204,7 @@ def browser(site, tmp_path_factory):
 CHECK_PAGE = r"""
 (async () => {
   const content = document.querySelector("article.md-content__inner") || document.body;
-  const skip = "code, pre, script, style, textarea, mjx-container, .jp-OutputArea, .jp-InputArea";
+  const skip = "code, pre, script, style, textarea, mjx-container, .jp-OutputArea, .jp-CodeCell .jp-InputArea";
   function state() {
     const raw = [];
     const walker = document.createTreeWalker(content, NodeFilter.SHOW_TEXT);

@@ -9,8 +9,10 @@ window.MathJax = {
     processEnvironments: true,
   },
   options: {
-    ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex|jp-RenderedMarkdown|jp-MarkdownOutput",
+    // Nothing of the page is searched for TeX except the formulas of arithmatex and the notebooks' Markdown cells
+    // (and what is inside them: their paragraphs and lists); code and pre are skipped by MathJax anyway.
+    ignoreHtmlClass: "md-header|md-container",
+    processHtmlClass: "arithmatex|jp-RenderedMarkdown",
   },
 };
 
