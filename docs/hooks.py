@@ -110,12 +110,48 @@ def page_path(name: str) -> str:
     return "/".join([REFERENCE, *parts, "index.md"]) if is_package(name) else "/".join([REFERENCE, *parts]) + ".md"
 
 
+def exports(name: str) -> list[tuple[str, str]]:
+    """``(public name, dotted module it comes from)`` for the names a package imports from its own modules
+    (those in ``__all__`` when it defines one), read from its ``__init__.py`` without importing it."""
+    tree = ast.parse(source_of(name).read_text(encoding="utf-8"))
+    public = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            try:
+                public = set(ast.literal_eval(node.value))
+            except ValueError:
+                public = None
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            for alias in node.names:
+                shown = alias.asname or alias.name
+                if not shown.startswith("_") and (public is None or shown in public):
+                    found.append((shown, defined_in(alias.name, f"{name}.{node.module}")))
+    return found
+
+
+def defined_in(attr: str, module: str) -> str:
+    """The module that defines ``attr``, following re-exports through subpackages."""
+    if is_package(module):
+        for shown, source in exports(module):
+            if shown == attr:
+                return source
+    return module
+
+
 def module_page(name: str) -> str:
     if is_package(name):
-        # A package re-exports names documented on its modules' pages: show its docstring and a table of its
-        # modules, not the re-exported objects a second time.
-        lines = [f"::: {name}", "    options:", "      members: false", "", "## Modules", "",
-                 "| module | |", "|---|---|"]
+        # A package re-exports names documented on its modules' pages: show its docstring, where each of its
+        # public names is documented, and its modules, not the re-exported objects a second time.
+        lines = [f"::: {name}", "    options:", "      members: false", ""]
+        documented = set(modules(name.split(".")[0]))
+        names = [(shown, module) for shown, module in exports(name) if module in documented]
+        if names:
+            lines += ["## Public names", "", "| name | documented in |", "|---|---|"]
+            lines += [f"| `{shown}` | [`{module}`]({link(name, module)}) |" for shown, module in names]
+            lines.append("")
+        lines += ["## Modules", "", "| module | |", "|---|---|"]
         prefix = name + "."
         for other in modules(name.split(".")[0]):
             if other.startswith(prefix) and "." not in other[len(prefix):]:
@@ -288,6 +324,13 @@ def on_page_content(html: str, page, config, files) -> str:
     if page.file.src_uri.startswith(f"{NOTEBOOKS}/") and page.file.src_uri.endswith(".ipynb"):
         html = CDN_MATHJAX.sub("", html)
     return html
+
+
+def on_serve(server, config, builder):
+    """``mkdocs serve`` rebuilds when a docstring or a notebook changes, not only a page of docs/."""
+    for path in [*(ROOT / package for package in packages()), EXAMPLES]:
+        server.watch(str(path))
+    return server
 
 
 def on_post_build(config) -> None:

@@ -104,8 +104,15 @@ def test_no_page_loads_anything_from_another_host(site):
 
 # ------------------------------------------------------------------------------------------- the browser
 class Handler(http.server.SimpleHTTPRequestHandler):
+    failed: list[str] = []  # paths the browser asked for that the site does not have
+
     def log_message(self, *args):  # quiet
         pass
+
+    def send_error(self, code, *args, **kwargs):
+        if code >= 400:
+            Handler.failed.append(f"{code} {self.path}")
+        super().send_error(code, *args, **kwargs)
 
 
 class DevTools:
@@ -282,6 +289,7 @@ def test_pages_in_a_browser(site, browser, tmp_path_factory):
     elapsed = time.perf_counter() - start
     print(f"\n{len(pages)} pages checked in Chromium in {elapsed:.1f} s; screenshots in {shots}")
     assert not failures, "\n".join(failures)
+    assert not Handler.failed, f"the pages asked for files the site does not have: {sorted(set(Handler.failed))[:10]}"
     assert formulas["theory/"] >= 50, f"the theory page has only {formulas['theory/']} typeset formulas"
     for notebook in sorted((ROOT / "examples").glob("*.ipynb")):
         path = f"examples/{notebook.stem}/"
