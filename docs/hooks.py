@@ -6,8 +6,9 @@
   mkdocstrings directive; ``reference/index.md`` lists the modules with the first line of their docstrings, and
   ``reference/cli.md`` holds the ``--help`` of every ``pdenet`` subcommand.
 - **Notebooks.** Every ``examples/*.ipynb`` becomes a page under ``examples/`` (rendered by mkdocs-jupyter with
-  the outputs stored in the notebook, not re-executed), and every ``examples/*.py`` is served as a file; the scripts MathJax 2 that nbconvert's template would load
-  from a CDN are removed, since the site's own MathJax typesets the notebooks too.
+  the outputs stored in the notebook, not re-executed), and every ``examples/*.py`` is served as a file. The
+  MathJax 2 scripts that nbconvert's template would load from a CDN are removed: the site's own MathJax typesets
+  the notebooks too.
 - **Fences.** The test tags after a fence's language (``python no-run``, ``python needs-data=camvid``)
   are dropped before rendering.
 - **MathJax.** Installed from the npm registry (``npm pack mathjax@VERSION``, checked against the registry's
@@ -31,9 +32,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
-from contextlib import redirect_stdout
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = None
 
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
@@ -59,8 +63,14 @@ MATHJAX_FILES = ("tex-mml-chtml.js", "input/tex/extensions", "output/chtml/fonts
 def packages() -> list[str]:
     """The top-level packages ``pip install .`` installs: directories with an ``__init__.py`` at the root of the
     tree whose names match the ``include`` patterns of pyproject.toml."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    patterns = config.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {}).get("include", ["*"])
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    if tomllib is not None:
+        config = tomllib.loads(text)
+        patterns = config.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {}).get("include",
+                                                                                                       ["*"])
+    else:
+        match = re.search(r"^\[tool\.setuptools\.packages\.find\][^\[]*?^include\s*=\s*\[([^\]]*)\]", text, re.M | re.S)
+        patterns = re.findall(r"[\"']([^\"']+)[\"']", match.group(1)) if match else ["*"]
     found = [p.name for p in sorted(ROOT.iterdir())
              if (p / "__init__.py").is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
     return found
@@ -200,7 +210,10 @@ def cli_page() -> str:
            "The `pdenet` command and the `--help` of each subcommand, as the parser of this version prints them. "
            "The [tutorials](../tutorials/training.md) show them at work.", "", "```text",
            parser.format_help().rstrip(), "```", ""]
-    for action in parser._subparsers._group_actions if parser._subparsers else []:  # argparse keeps them here
+    # argparse has no public way to list subcommands: its sub-parser actions are the ones with a ``choices`` dict
+    for action in parser._actions:
+        if not isinstance(action.choices, dict):
+            continue
         for command, sub in action.choices.items():
             out += [f"## `pdenet {command}`", "", "```text", sub.format_help().rstrip(), "```", ""]
     return "\n".join(out)
