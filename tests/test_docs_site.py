@@ -61,7 +61,11 @@ def site(tmp_path_factory) -> Path:
     missing = _missing_docs_packages()
     if missing:
         pytest.skip(f"the docs extra is not installed (missing {', '.join(missing)}): pip install -e \".[docs]\"")
-    if shutil.which("npm") is None and not any(Path.home().glob(".cache/pdenet-docs/mathjax-*")):
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    cached = hooks.cache_dir() / f"mathjax-{hooks.MATHJAX_VERSION}" / "es5" / "tex-mml-chtml.js"
+    if shutil.which("npm") is None and not cached.is_file():
         pytest.skip("npm is not installed: the site's MathJax is installed from the npm registry at build time")
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
