@@ -48,6 +48,14 @@ def _missing_docs_packages() -> list[str]:
     return missing
 
 
+def _hooks():
+    """docs/hooks.py, the site's build-time code, as a module."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    return hooks
+
+
 def _chromium() -> str | None:
     for candidate in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
         if candidate and shutil.which(candidate):
@@ -61,9 +69,7 @@ def site(tmp_path_factory) -> Path:
     missing = _missing_docs_packages()
     if missing:
         pytest.skip(f"the docs extra is not installed (missing {', '.join(missing)}): pip install -e \".[docs]\"")
-    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
-    hooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hooks)
+    hooks = _hooks()
     cached = hooks.cache_dir() / f"mathjax-{hooks.MATHJAX_VERSION}" / "es5" / "tex-mml-chtml.js"
     if shutil.which("npm") is None and not cached.is_file():
         pytest.skip("npm is not installed: the site's MathJax is installed from the npm registry at build time")
@@ -85,6 +91,11 @@ def site(tmp_path_factory) -> Path:
 
 
 def test_site_builds_strict(site):
+    hooks = _hooks()
+    for package in hooks.packages():
+        for name in hooks.modules(package):  # every public module of every installed package has its page
+            page = site / hooks.page_path(name).removesuffix(".md").removesuffix("/index")
+            assert (page / "index.html").is_file(), f"{name} has no page in the API reference"
     assert (site / "index.html").is_file()
     assert (site / "theory" / "index.html").is_file()
     assert (site / "assets" / "mathjax" / "tex-mml-chtml.js").is_file(), "MathJax is not served by the site"
