@@ -483,7 +483,8 @@ def residual_block_op(x: Tensor, shortcut: Tensor | None, channels: int, taps: T
                                                     eps1, moments=(running_mean1, sums1))
     z2, sums2 = binding.lean_forward(h1, pointwise2.contiguous(), stencil2.contiguous(), taps, kernel_size, False,
                                      groups, moments_about=running_mean2)
-    residual = F.pad(x, (0, 0, 0, 0, 0, channels - x.shape[1])) if shortcut is None else shortcut
+    residual = shortcut if shortcut is not None else x if channels == x.shape[1] else F.pad(
+        x, (0, 0, 0, 0, 0, channels - x.shape[1]))
     y, mean2, invstd2, mask2 = binding.bn_relu_forward(z2, binding.channels_last(residual), weight2, bias2,
                                                        running_mean2, running_var2, momentum2, eps2,
                                                        moments=(running_mean2, sums2), mask=shortcut is None)

@@ -26,28 +26,26 @@
 typedef void (*block_sums)(const void *args, int64_t p0, int64_t p1, float *su, float *sv);
 
 static int reduce(block_sums pass, const void *args, int64_t P, int64_t C, double *out, int nthreads) {
-  double *partial = kernel_calloc((size_t)(nthreads * 2 * C), sizeof(double));
+  /* per thread 3 C doubles: its 2 C sums in double, then room for a block's 2 C in float; allocated before the
+     parallel region, which allocates nothing */
+  double *partial = kernel_calloc((size_t)nthreads * 3 * (size_t)C, sizeof(double));
   if (!partial) return KERNEL_NO_MEMORY;
-  int failed = 0;
 #pragma omp parallel num_threads(nthreads)
   {
-    double *mine = partial + (size_t)omp_get_thread_num() * 2 * C;
-    float *s = kernel_malloc(sizeof(float) * (size_t)(2 * C));
-    NOTE_FAILURE(s, &failed);
+    double *mine = partial + (size_t)omp_get_thread_num() * 3 * C;
+    float *s = (float *)(mine + 2 * C);
 #pragma omp for schedule(static)
     for (int64_t p0 = 0; p0 < P; p0 += BLOCK) {
-      if (!s) continue;
       memset(s, 0, sizeof(float) * (size_t)(2 * C));
       pass(args, p0, p0 + BLOCK < P ? p0 + BLOCK : P, s, s + C);
       for (int64_t c = 0; c < 2 * C; ++c) mine[c] += s[c];
     }
-    free(s);
   }
   memset(out, 0, sizeof(double) * (size_t)(2 * C));
   for (int t = 0; t < nthreads; ++t)
-    for (int64_t c = 0; c < 2 * C; ++c) out[c] += partial[(size_t)t * 2 * C + c];
+    for (int64_t c = 0; c < 2 * C; ++c) out[c] += partial[(size_t)t * 3 * C + c];
   free(partial);
-  return failed ? KERNEL_NO_MEMORY : KERNEL_OK;
+  return KERNEL_OK;
 }
 
 typedef struct {

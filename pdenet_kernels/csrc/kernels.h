@@ -2,9 +2,10 @@
    types and the ReLU-mask format.
 
    Error convention: every exported kernel returns KERNEL_OK (0) after writing its outputs, or, writing nothing,
-   KERNEL_INVALID (arguments outside its range) or KERNEL_NO_MEMORY (an allocation failed, inside a parallel
-   region too). Every allocation goes through kernel_malloc / kernel_calloc, which fail on request
-   (kernel_fail_allocation) so that the caller's handling of KERNEL_NO_MEMORY can be tested.
+   KERNEL_INVALID (arguments outside its range) or KERNEL_NO_MEMORY (an allocation failed). Every allocation goes
+   through kernel_malloc / kernel_calloc, which fail on request (kernel_fail_allocation) so that the caller's
+   handling of KERNEL_NO_MEMORY can be tested; a parallel region allocates nothing (its threads' scratch memory is
+   allocated before it).
 
    Vectors: VW floats (16 with AVX-512, else 8), GCC's vector extension; vload/vstore are unaligned.
 
@@ -25,15 +26,6 @@ enum { KERNEL_OK = 0, KERNEL_INVALID = 1, KERNEL_NO_MEMORY = 2 };
 
 void *kernel_malloc(size_t bytes);
 void *kernel_calloc(size_t count, size_t size);
-
-/* Inside an OpenMP region: set *failed (shared) when `pointer` is NULL; after the region's barrier every thread
-   reads the same *failed. */
-#define NOTE_FAILURE(pointer, failed)                                                                            \
-  do {                                                                                                           \
-    if (!(pointer)) {                                                                                            \
-      _Pragma("omp atomic write") *(failed) = 1;                                                                 \
-    }                                                                                                            \
-  } while (0)
 
 #if defined(__AVX512F__)
 #define VW 16

@@ -339,9 +339,11 @@ static float *tile_weights(const geometry *g, const float *p, const float *s, in
   return pt;
 }
 
-/* A thread's tap table: ntaps x TILE pointers. */
-static const float **alloc_sources(int ntaps) {
-  return kernel_malloc(sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE);
+/* Scratch memory for `threads` threads, `bytes` each (rounded up to a cache line, *pitch), zeroed: one checked
+   allocation before a parallel region, so that nothing inside it allocates. */
+static char *thread_scratch(int threads, size_t bytes, size_t *pitch) {
+  *pitch = (bytes + 63) / 64 * 64;
+  return kernel_calloc((size_t)threads, *pitch);
 }
 
 /* y = P x + S x and, unless out is NULL, the moments of y about shift (co): out[j] = sum_p (y_j(p) - shift_j),
@@ -357,31 +359,28 @@ int lean_forward(const lean_shape *shape, const float *x, const float *p, const 
   float *wt, *pt = tile_weights(&g, p, s, 0, &wt);
   channel_block *plan = plan_blocks(&g);
   double *partial = out ? kernel_calloc((size_t)(nthreads * 2 * co), sizeof(double)) : NULL;
-  float *tile_sums = out ? kernel_calloc((size_t)(nthreads * 2 * co), sizeof(float)) : NULL; /* a tile's, per thread */
-  int failed = !pt || !plan || (out && (!partial || !tile_sums));
+  /* per thread: the tap table (ntaps x TILE pointers), zeros for the taps off a zero-padded grid, a tile's sums */
+  const size_t table = sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE, zeros = sizeof(float) * (co + NR);
+  size_t pitch;
+  char *scratch = thread_scratch(nthreads, table + zeros + sizeof(float) * (size_t)(2 * co), &pitch);
+  const int failed = !pt || !plan || !scratch || (out && !partial);
   if (!failed) {
 #pragma omp parallel num_threads(nthreads)
     {
-      float *zero = kernel_calloc((size_t)(co + NR), sizeof(float));
-      const float **src = alloc_sources(ntaps);
-      float *sums = out ? tile_sums + (size_t)omp_get_thread_num() * 2 * co : NULL;
+      char *mine_scratch = scratch + (size_t)omp_get_thread_num() * pitch;
+      const float **src = (const float **)mine_scratch;
+      float *zero = (float *)(mine_scratch + table), *sums = zero + co + NR;
       double *mine = out ? partial + (size_t)omp_get_thread_num() * 2 * co : NULL;
-      NOTE_FAILURE(zero && src, &failed);
-#pragma omp barrier
-      if (!failed) {
 #pragma omp for schedule(static)
-        for (int64_t tile = 0; tile < tiles; ++tile) {
-          const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-          forward_tile(&g, plan, x, 0, pixels, pt, wt, zero, src, p0, n, y, NULL);
-          if (out) {
-            tile_moments(y + p0 * co, n, co, shift, sums);
-            for (int64_t j = 0; j < 2 * co; ++j) mine[j] += sums[j];
-            memset(sums, 0, sizeof(float) * (size_t)(2 * co));
-          }
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
+        forward_tile(&g, plan, x, 0, pixels, pt, wt, zero, src, p0, n, y, NULL);
+        if (out) {
+          tile_moments(y + p0 * co, n, co, shift, sums);
+          for (int64_t j = 0; j < 2 * co; ++j) mine[j] += sums[j];
+          memset(sums, 0, sizeof(float) * (size_t)(2 * co));
         }
       }
-      free(src);
-      free(zero);
     }
   }
   if (out && !failed) {
@@ -389,8 +388,8 @@ int lean_forward(const lean_shape *shape, const float *x, const float *p, const 
     for (int t = 0; t < nthreads; ++t)
       for (int64_t j = 0; j < 2 * co; ++j) out[j] += partial[(size_t)t * 2 * co + j];
   }
+  free(scratch);
   free(partial);
-  free(tile_sums);
   free(plan);
   free(pt);
   return failed ? KERNEL_NO_MEMORY : KERNEL_OK;
@@ -582,47 +581,44 @@ int lean_backward(const lean_shape *shape, const float *d, const bn_gradient *bg
   const size_t np = (size_t)(co * cig), ns = (size_t)(ntaps * m);
   float *wt = NULL, *pt = dx ? tile_weights(&g, p, s, 1, &wt) : NULL;
   channel_block *plan = dx ? plan_blocks(&adj) : NULL;
-  int failed = dx && (!pt || !plan);
+  /* per thread: the tap table, zeros, the weight gradients' sums and (with bg) the window of d */
+  const size_t table = sizeof(float *) * (size_t)(ntaps > 0 ? ntaps : 1) * TILE;
+  const size_t zeros = (size_t)((ci > co ? ci : co) + NR), windows = bg ? (size_t)((run + 2 * halo) * co + NR) : 0;
+  size_t pitch;
+  char *scratch = thread_scratch(nthreads, table + sizeof(float) * (zeros + (np + NR) + (ns + NR) + windows), &pitch);
+  const int failed = !scratch || (dx && (!pt || !plan));
   if (!failed) {
     memset(gp, 0, np * sizeof(float));
     memset(gs, 0, ns * sizeof(float));
 #pragma omp parallel num_threads(nthreads)
     {
-      float *zero = kernel_calloc((size_t)((ci > co ? ci : co) + NR), sizeof(float));
-      float *gq_local = kernel_calloc(np + NR, sizeof(float)), *gs_local = kernel_calloc(ns + NR, sizeof(float));
-      float *window = bg ? kernel_malloc(sizeof(float) * (size_t)((run + 2 * halo) * co + NR)) : NULL;
-      const float **src = alloc_sources(ntaps);
-      NOTE_FAILURE(zero && gq_local && gs_local && (window || !bg) && src, &failed);
-#pragma omp barrier
-      if (!failed) {
+      char *mine = scratch + (size_t)omp_get_thread_num() * pitch;
+      const float **src = (const float **)mine;
+      float *zero = (float *)(mine + table), *gq_local = zero + zeros, *gs_local = gq_local + np + NR;
+      float *window = bg ? gs_local + ns + NR : NULL;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < runs; ++r) {
-          const int64_t first = r * run, last = first + run < pixels ? first + run : pixels;
-          const int64_t lo = bg ? (first > halo ? first - halo : 0) : 0;
-          const int64_t hi = bg ? (last + halo < pixels ? last + halo : pixels) : pixels;
-          if (bg) bn_gradient_window(bg, co, lo, hi, window);
-          const float *dw = bg ? window : d;
-          for (int64_t p0 = first; p0 < last; p0 += TILE) {
-            const int64_t n = last - p0 < TILE ? last - p0 : TILE;
-            if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, add);
-            weight_grad_tile(&g, dw + (p0 - lo) * co, x, zero, src, p0, n, gq_local, gs_local);
-          }
-        }
-#pragma omp critical
-        {
-          for (int64_t j = 0; j < co; ++j) /* gq_local is (cig, co), gp (co, cig) */
-            for (int64_t c = 0; c < cig; ++c) gp[j * cig + c] += gq_local[c * co + j];
-          for (int64_t j = 0; j < m; ++j) /* gs_local is (ntaps, m): contiguous in j for the register blocks */
-            for (int t = 0; t < ntaps; ++t) gs[j * ntaps + t] += gs_local[t * m + j];
+      for (int64_t r = 0; r < runs; ++r) {
+        const int64_t first = r * run, last = first + run < pixels ? first + run : pixels;
+        const int64_t lo = bg ? (first > halo ? first - halo : 0) : 0;
+        const int64_t hi = bg ? (last + halo < pixels ? last + halo : pixels) : pixels;
+        if (bg) bn_gradient_window(bg, co, lo, hi, window);
+        const float *dw = bg ? window : d;
+        for (int64_t p0 = first; p0 < last; p0 += TILE) {
+          const int64_t n = last - p0 < TILE ? last - p0 : TILE;
+          if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, add);
+          weight_grad_tile(&g, dw + (p0 - lo) * co, x, zero, src, p0, n, gq_local, gs_local);
         }
       }
-      free(src);
-      free(window);
-      free(gs_local);
-      free(gq_local);
-      free(zero);
+#pragma omp critical
+      {
+        for (int64_t j = 0; j < co; ++j) /* gq_local is (cig, co), gp (co, cig) */
+          for (int64_t c = 0; c < cig; ++c) gp[j * cig + c] += gq_local[c * co + j];
+        for (int64_t j = 0; j < m; ++j) /* gs_local is (ntaps, m): contiguous in j for the register blocks */
+          for (int t = 0; t < ntaps; ++t) gs[j * ntaps + t] += gs_local[t * m + j];
+      }
     }
   }
+  free(scratch);
   free(plan);
   free(pt);
   return failed ? KERNEL_NO_MEMORY : KERNEL_OK;
