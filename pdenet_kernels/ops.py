@@ -345,6 +345,15 @@ class _LeanConvBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
 
+def _eager(op, setup_context, backward) -> type:
+    """An ``autograd.Function`` that applies the registered operator ``op`` with ``op``'s own autograd formula: what
+    eager mode runs. Inside its ``forward`` autograd is off, so the operator skips its autograd layer, whose
+    per-call cost (filling in the schema's arguments) is a large share of a small layer's time."""
+    return type(f"_Eager_{op.__name__}", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward)})
+
+
 def lean_conv(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int, circular: bool,
               groups: int) -> Tensor:
     """``P x + S x`` (see the module notes), differentiable in every mode PyTorch offers."""
@@ -413,6 +422,8 @@ def _(grad, z, y, weight, bias, mean, invstd):
 def _batch_norm_relu_setup(ctx, inputs, output) -> None:
     z, residual, weight, bias, _, _, _, eps = inputs
     y, mean, invstd, _, _ = output
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.has_residual, ctx.eps = residual is not None, eps
     ctx.save_for_backward(z, weight, bias, mean, invstd, y if residual is not None else None)
 
@@ -430,14 +441,16 @@ def _batch_norm_relu_grad(ctx, grad, *_):
 
 
 batch_norm_relu_op.register_autograd(_batch_norm_relu_grad, setup_context=_batch_norm_relu_setup)
+_BatchNormReLU = _eager(torch.ops.pdenet.batch_norm_relu, _batch_norm_relu_setup, _batch_norm_relu_grad)
 
 
 def batch_norm_relu(z: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, running_mean: Tensor,
                     running_var: Tensor, momentum: float, eps: float) -> Tensor:
     """``max(0, BN(z) [+ residual])`` in training mode on the compiled kernels (see the module notes), the
     running statistics updated."""
-    y, _, _, new_mean, new_var = torch.ops.pdenet.batch_norm_relu(z, residual, weight, bias, running_mean,
-                                                                  running_var, momentum, eps)
+    args = (z, residual, weight, bias, running_mean, running_var, momentum, eps)
+    compiling = torch.compiler.is_compiling()
+    y, _, _, new_mean, new_var = torch.ops.pdenet.batch_norm_relu(*args) if compiling else _BatchNormReLU.apply(*args)
     with torch.no_grad():
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
@@ -579,6 +592,8 @@ def _residual_block_setup(ctx, inputs, output) -> None:
     (x, shortcut, channels, taps, kernel_size, groups, p1, s1, w1, b1, _, _, _, eps1, p2, s2, w2, b2, _, _, _,
      eps2) = inputs
     y, z1, h1, mean1, invstd1, z2, mask2, mean2, invstd2 = output[:9]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, y, taps, p1, s1, w1, b1, z1, h1, mean1, invstd1, p2, s2, w2, b2, z2, mask2, mean2,
                           invstd2, shortcut)
     ctx.channels, ctx.kernel_size, ctx.groups, ctx.eps = channels, kernel_size, groups, (eps1, eps2)
@@ -614,6 +629,7 @@ def _residual_block_grad(ctx, grad, *_):
 
 
 residual_block_op.register_autograd(_residual_block_grad, setup_context=_residual_block_setup)
+_ResidualBlock = _eager(torch.ops.pdenet.residual_block, _residual_block_setup, _residual_block_grad)
 
 
 def residual_block(x: Tensor, shortcut: Tensor | None, channels: int, taps: Tensor, kernel_size: int, groups: int,
@@ -621,7 +637,8 @@ def residual_block(x: Tensor, shortcut: Tensor | None, channels: int, taps: Tens
     """``ReLU(BN₂(K₂ ReLU(BN₁(K₁ x))) + r)`` in training mode on the compiled kernels (see the module notes),
     each ``layer = (pointwise, stencil, weight, bias, running_mean, running_var, momentum, eps)``; the running
     statistics updated."""
-    out = torch.ops.pdenet.residual_block(x, shortcut, channels, taps, kernel_size, groups, *layer1, *layer2)
+    args = (x, shortcut, channels, taps, kernel_size, groups, *layer1, *layer2)
+    out = torch.ops.pdenet.residual_block(*args) if torch.compiler.is_compiling() else _ResidualBlock.apply(*args)
     with torch.no_grad():
         for buffer, new in zip((layer1[4], layer1[5], layer2[4], layer2[5]), out[9:]):
             buffer.copy_(new)
