@@ -32,9 +32,12 @@ trace, it calls the registered operator directly.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.utils.flop_counter import register_flop_formula
 
 from . import binding
@@ -85,6 +88,14 @@ def _check_lean(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, ker
         problem = f"kernel_size must be odd in 1..9 and taps int64, got {kernel_size} and {taps.dtype}"
     if problem:
         raise ValueError(f"pdenet::{name}: {problem}")
+
+
+def _signed(function_class: type) -> type:
+    """``function_class`` with its ``forward``'s signature computed once: ``autograd.Function.apply`` binds the
+    arguments to it on every call, and ``inspect.signature`` takes longer than a small layer's kernel."""
+    forward = function_class.forward
+    forward.__signature__ = inspect.signature(forward)
+    return function_class
 
 
 def lean_kernel_applies(x: Tensor, pointwise: Tensor, stencil: Tensor, groups: int) -> bool:
@@ -305,6 +316,7 @@ def _(info, in_dims, grad, x, pointwise, stencil, taps, kernel_size, circular, g
     return tuple(torch.stack(parts) for parts in zip(*slices)), (0, 0, 0)
 
 
+@_signed
 class _LeanConv(torch.autograd.Function):
     """``lean_conv`` in eager mode: the registered operator and its backward, plus a forward-mode derivative
     (``P`` and ``S`` enter bilinearly: ``ẏ = K ẋ + K̇ x``)."""
@@ -332,6 +344,7 @@ class _LeanConv(torch.autograd.Function):
     generate_vmap_rule = True  # the registered operator's rule
 
 
+@_signed
 class _LeanConvBackward(torch.autograd.Function):
     """``lean_conv_backward`` in eager mode: the registered operator with its derivative, for ``torch.func``."""
 
@@ -349,17 +362,36 @@ def _eager(op, setup_context, backward) -> type:
     """An ``autograd.Function`` that applies the registered operator ``op`` with ``op``'s own autograd formula: what
     eager mode runs. Inside its ``forward`` autograd is off, so the operator skips its autograd layer, whose
     per-call cost (filling in the schema's arguments) is a large share of a small layer's time."""
-    return type(f"_Eager_{op.__name__}", (torch.autograd.Function,), {
+    return _signed(type(f"_Eager_{op.__name__}", (torch.autograd.Function,), {
         "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward)})
+        "backward": staticmethod(backward)}))
 
 
 def lean_conv(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int, circular: bool,
               groups: int) -> Tensor:
-    """``P x + S x`` (see the module notes), differentiable in every mode PyTorch offers."""
-    if torch.compiler.is_compiling():
-        return torch.ops.pdenet.lean_conv(x, pointwise, stencil, taps, kernel_size, circular, groups)
-    return _LeanConv.apply(x, pointwise, stencil, taps, kernel_size, circular, groups)
+    """``P x + S x`` (see the module notes), differentiable in every mode PyTorch offers. The registered operator is
+    called directly where nothing is to be differentiated (inference; ``vmap``, through its rule), while compiling
+    and while ``torch.jit.trace`` records (its autograd formula then serves); otherwise through ``_LeanConv``."""
+    args = (x, pointwise, stencil, taps, kernel_size, circular, groups)
+    if not _differentiated(x, pointwise, stencil):
+        return torch.ops.pdenet.lean_conv(*args)
+    return _apply(torch.ops.pdenet.lean_conv, _LeanConv, args)
+
+
+def _apply(op, function_class: type, args: tuple):
+    """``op(*args)`` with autograd: the registered operator itself while ``torch.compile``/``torch.export`` or
+    ``torch.jit.trace`` record (its registered formula serves), else ``function_class`` (eager mode)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return op(*args)
+    return function_class.apply(*args)
+
+
+def _differentiated(*tensors: Tensor) -> bool:
+    """Whether reverse-mode autograd records an operation on ``tensors`` (``torch.func.grad`` included), or one of
+    them carries a forward-mode tangent (``torch.func.jvp``, ``jacfwd``, ``forward_ad``)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def lean_conv_backward(grad: Tensor, x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int,
@@ -367,9 +399,7 @@ def lean_conv_backward(grad: Tensor, x: Tensor, pointwise: Tensor, stencil: Tens
     """``(∂x, ∂P, ∂s)`` of ``lean_conv`` for the output gradient ``grad`` (``∂x`` empty unless ``input_grad``),
     itself differentiable."""
     args = (grad, x, pointwise, stencil, taps, kernel_size, circular, groups, input_grad)
-    if torch.compiler.is_compiling():
-        return torch.ops.pdenet.lean_conv_backward(*args)
-    return _LeanConvBackward.apply(*args)
+    return _apply(torch.ops.pdenet.lean_conv_backward, _LeanConvBackward, args)
 
 
 # ---------------------------------------------------------------------------------------------- batch_norm_relu
@@ -449,8 +479,7 @@ def batch_norm_relu(z: Tensor, residual: Tensor | None, weight: Tensor, bias: Te
     """``max(0, BN(z) [+ residual])`` in training mode on the compiled kernels (see the module notes), the
     running statistics updated."""
     args = (z, residual, weight, bias, running_mean, running_var, momentum, eps)
-    compiling = torch.compiler.is_compiling()
-    y, _, _, new_mean, new_var = torch.ops.pdenet.batch_norm_relu(*args) if compiling else _BatchNormReLU.apply(*args)
+    y, _, _, new_mean, new_var = _apply(torch.ops.pdenet.batch_norm_relu, _BatchNormReLU, args)
     with torch.no_grad():
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
@@ -637,8 +666,8 @@ def residual_block(x: Tensor, shortcut: Tensor | None, channels: int, taps: Tens
     """``ReLU(BN₂(K₂ ReLU(BN₁(K₁ x))) + r)`` in training mode on the compiled kernels (see the module notes),
     each ``layer = (pointwise, stencil, weight, bias, running_mean, running_var, momentum, eps)``; the running
     statistics updated."""
-    args = (x, shortcut, channels, taps, kernel_size, groups, *layer1, *layer2)
-    out = torch.ops.pdenet.residual_block(*args) if torch.compiler.is_compiling() else _ResidualBlock.apply(*args)
+    out = _apply(torch.ops.pdenet.residual_block, _ResidualBlock,
+                 (x, shortcut, channels, taps, kernel_size, groups, *layer1, *layer2))
     with torch.no_grad():
         for buffer, new in zip((layer1[4], layer1[5], layer2[4], layer2[5]), out[9:]):
             buffer.copy_(new)

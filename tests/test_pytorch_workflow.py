@@ -93,13 +93,20 @@ def test_export_round_trips(name, tmp_path):
 
 @pytest.mark.parametrize("name", list_configs())
 def test_jit_trace_is_correct_on_a_new_input(name):
-    """A traced model (evaluation mode) gives the model's outputs on an input it was not traced with."""
+    """A model traced in evaluation mode (with gradients on, as by default, and off) gives the model's outputs on
+    an input it was not traced with, and the traced model's gradients are the model's."""
     model, x = model_and_input(name)
     model.eval()
+    other = (torch.randn_like(x) * 3 + 1).requires_grad_()
+    expected = model(other)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), other)
+    traced = torch.jit.trace(model, (x,))
+    out = traced(other)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), other)[0], expected_grad, rtol=1e-4,
+                               atol=1e-5)
     with torch.no_grad():
-        traced = torch.jit.trace(model, (x,))
-        other = torch.randn_like(x) * 3 + 1
-        torch.testing.assert_close(traced(other), model(other), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.jit.trace(model, (x,))(other), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list_configs())
