@@ -20,6 +20,7 @@ inner modules do not run in the fused path (hooks on the block itself do); ``unf
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -120,19 +121,23 @@ class FusedSequential(nn.Sequential):
 
 _FUSED = {BasicBlock: FusedBasicBlock, nn.Sequential: FusedSequential}
 _PLAIN = {fused: plain for plain, fused in _FUSED.items()}
+_KINDS = {FusedBasicBlock: "residual block", FusedSequential: "batch norm + ReLU sequence"}
 
 
 @dataclass
 class FusionReport:
-    """What ``fuse`` rewrote (``fused``: module names) and what it left as it is (``left``: name -> reason)."""
+    """What ``fuse`` rewrote (``fused``: module name -> what it runs as) and what it left as it is (``left``: module
+    name -> why)."""
 
-    fused: list[str] = field(default_factory=list)
+    fused: dict[str, str] = field(default_factory=dict)
     left: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         if not self.fused and not self.left:
             return "fuse: nothing in this model has a fused form (it runs as it is)"
-        lines = [f"fuse: {len(self.fused)} module(s) fused" + (f": {', '.join(self.fused)}" if self.fused else "")]
+        kinds = Counter(self.fused.values())
+        lines = ["fuse: " + (", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in kinds.items())
+                             + " fused for CPU training" if kinds else "nothing fused")]
         lines += [f"  left as is: {name or '(model)'}: {reason}" for name, reason in self.left.items()]
         return "\n".join(lines)
 
@@ -148,12 +153,10 @@ def fuse(model: nn.Module) -> FusionReport:
                 report.left[name] = reason
             else:
                 module.__class__ = FusedBasicBlock
-                report.fused.append(name)
         elif type(module) is nn.Sequential and _batch_norm_relu_pairs(module):
             module.__class__ = FusedSequential
-            report.fused.append(name)
-        elif type(module) in _PLAIN:
-            report.fused.append(name)
+        if type(module) in _PLAIN:
+            report.fused[name] = _KINDS[type(module)]
     return report
 
 

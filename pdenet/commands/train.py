@@ -304,6 +304,7 @@ def setup(settings: dict, dist):
         raise CommandError(f"the training set ({len(train_set)} images) is smaller than one batch "
                            f"({config.batch_size})")
     trainer = Trainer(model, task, config, len(loader), dist, channels_last=settings["channels_last"])
+    say(dist, str(trainer.fusion))
     if settings["resume"]:
         try:
             trainer.restore(ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, map_location=dist.device))

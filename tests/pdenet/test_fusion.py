@@ -114,7 +114,7 @@ def test_fused_block_matches_the_plain_block(c_in, c_out, stride, shortcut):
     input that needs no gradient, the parameters' alone. Both in float32, against the float64 plain block."""
     plain = block(c_in, c_out, stride, shortcut)
     fused = copy.deepcopy(plain)
-    assert str(fuse(fused)).startswith("fuse: 1 module(s) fused")
+    assert str(fuse(fused)) == "fuse: 1 residual block fused for CPU training"
     reference = copy.deepcopy(plain).double()
     x = torch.randn(4, c_in, 10, 9).contiguous(memory_format=CL)
     g = torch.randn(4, c_out, *((10, 9) if stride == 1 else (5, 5))).contiguous(memory_format=CL)
@@ -162,7 +162,10 @@ def test_fuse_and_unfuse_keep_weights_outputs_and_checkpoints():
     fused = copy.deepcopy(plain)
     params = list(fused.parameters())
     report = fuse(fused)
-    assert report.fused[0] == "stem" and len(report.fused) == 10 and not report.left
+    assert report.fused == {"stem": "batch norm + ReLU sequence",
+                            **{f"stages.{i}.{j}": "residual block" for i in range(3) for j in range(3)}}
+    assert str(report) == "fuse: 1 batch norm + ReLU sequence, 9 residual blocks fused for CPU training"
+    assert not report.left
     assert isinstance(fused.stem, FusedSequential) and isinstance(fused.stages[0][0], FusedBasicBlock)
     assert list(fused.parameters()) == params and is_fused(fused) and not is_fused(plain)
     assert fuse(fused).fused == report.fused
@@ -189,7 +192,7 @@ def test_fuse_reports_what_it_leaves():
     assert all(torch.equal(before[k], v) for k, v in mobile.state_dict().items())
     circular = build_model("lean-resnet20", operator_kwargs={"boundary": "circular"})
     report = fuse(circular)
-    assert report.fused == ["stem"] and len(report.left) == 9
+    assert list(report.fused) == ["stem"] and len(report.left) == 9
     assert all("'circular' boundary" in reason for reason in report.left.values())
 
 
