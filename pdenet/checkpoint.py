@@ -4,6 +4,7 @@ A checkpoint is a dict saved with ``torch.save``::
 
     {"format": "pdenet-checkpoint", "version": 1, "epoch": int,      # epochs completed
      "model": state_dict, "optimizer": state_dict, "scheduler": state_dict,
+     "scaler": state_dict or None,                                   # the fp16 gradient scaler's
      "rng": {"python", "numpy", "torch", "cuda"},                     # generator states after ``epoch``
      "history": [per-epoch metric dicts],
      "meta": {"config": str, "overrides": dict, "num_classes": int, "in_channels": int, ...}}
@@ -105,7 +106,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None, scheduler=None,
+def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
                     epoch: int, meta: dict, history: list[dict] | None = None) -> Path:
     """Write a checkpoint of a run after ``epoch`` completed epochs (atomically, see ``atomic_save``)."""
     for key in ("config", "num_classes", "in_channels"):
@@ -118,6 +119,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(),
         "history": list(history or []),
         "meta": dict(meta),
@@ -143,13 +145,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return obj
 
 
-def restore(checkpoint: dict, *, model: nn.Module, optimizer=None, scheduler=None, rng: bool = True) -> int:
-    """Load a checkpoint's states into live objects; returns the number of completed epochs."""
+def restore(checkpoint: dict, *, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
+            rng: bool = True) -> int:
+    """Load a checkpoint's states into live objects (a gradient scaler's where the checkpoint has one); returns the
+    number of completed epochs."""
     unwrap(model).load_state_dict(checkpoint["model"])
     if optimizer is not None and checkpoint["optimizer"] is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     if scheduler is not None and checkpoint["scheduler"] is not None:
         scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler") is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
     if rng:
         set_rng_state(checkpoint["rng"])
     return int(checkpoint["epoch"])

@@ -11,18 +11,19 @@ from typing import TextIO
 
 
 class Progress:
-    """Progress over ``total`` units (e.g. images) with a rate in units per second.
+    """Progress over ``total`` units (e.g. images; ``None``: not known in advance) with a rate in units per
+    second.
 
     ``update(n, **values)`` advances by ``n`` units and shows the latest ``values`` (for example the running
     loss); ``close()`` prints the final state. Usable as a context manager. ``enabled=False`` makes every call
     a no-op (ranks other than 0 in distributed training).
     """
 
-    def __init__(self, total: int, desc: str = "", unit: str = "img", stream: TextIO | None = None,
+    def __init__(self, total: int | None, desc: str = "", unit: str = "img", stream: TextIO | None = None,
                  interval: float | None = None, width: int = 24, enabled: bool = True):
-        if total < 0:
+        if total is not None and total < 0:
             raise ValueError(f"total must be non-negative, got {total}")
-        self.total = int(total)
+        self.total = None if total is None else int(total)
         self.desc = desc
         self.unit = unit
         self.stream = sys.stderr if stream is None else stream
@@ -61,13 +62,16 @@ class Progress:
 
     def line(self) -> str:
         """The status text: description, bar (on a TTY), count, rate, elapsed time and values."""
-        frac = min(self.count / self.total, 1.0) if self.total else 1.0
         elapsed = time.perf_counter() - self.start
         parts = [self.desc] if self.desc else []
-        if self.tty:
-            filled = int(round(frac * self.width))
-            parts.append("[" + "#" * filled + "." * (self.width - filled) + "]")
-        parts.append(f"{self.count}/{self.total} {self.unit} ({100 * frac:.0f}%)")
+        if self.total is None:  # an iterable of unknown length: the count alone
+            parts.append(f"{self.count} {self.unit}")
+        else:
+            frac = min(self.count / self.total, 1.0) if self.total else 1.0
+            if self.tty:
+                filled = int(round(frac * self.width))
+                parts.append("[" + "#" * filled + "." * (self.width - filled) + "]")
+            parts.append(f"{self.count}/{self.total} {self.unit} ({100 * frac:.0f}%)")
         parts.append(f"{self.rate:.0f} {self.unit}/s")
         parts.append(f"{elapsed:.1f}s")
         parts.extend(f"{k}={v:.4g}" for k, v in self.values.items())

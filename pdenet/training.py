@@ -32,6 +32,7 @@ from .progress import Progress
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+AMP_MODES = ("off", "bf16", "fp16")
 
 
 # --------------------------------------------------------------------------------------------- tasks
@@ -147,6 +148,11 @@ class TrainConfig:
     ``"cosine"`` ``η_t = η (1 + cos(π t/T))/2``; ``"step"`` multiplies by ``gamma`` at each of
     ``milestones`` (fractions of the run); ``"constant"``. An optional linear warm-up over ``warmup_epochs``
     ramps from ``η/W`` to ``η``. The schedule advances once per optimizer step.
+
+    ``amp``: mixed precision, ``"off"``, ``"bf16"`` (autocast to bfloat16) or ``"fp16"`` (autocast to float16
+    with a ``GradScaler``, whose state the checkpoints keep). ``grad_accum``: batches whose gradients are summed
+    (each loss divided by their number) before one optimizer step, so that a step sees ``grad_accum x batch_size``
+    images. ``clip_grad``: the largest norm of all gradients together at a step (``None``: no clipping).
     """
 
     epochs: int = 10
@@ -162,13 +168,20 @@ class TrainConfig:
     gamma: float = 0.1
     label_smoothing: float = 0.0
     seed: int = 0
+    amp: str = "off"
+    grad_accum: int = 1
+    clip_grad: float | None = None
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
-        for name in ("epochs", "batch_size"):
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"unknown amp mode {self.amp!r}; expected one of {AMP_MODES}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"clip_grad must be positive (or None for no clipping), got {self.clip_grad}")
+        for name in ("epochs", "batch_size", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -269,15 +282,45 @@ def evaluate(model: nn.Module, task: Task, loader, dist: DistContext | None = No
     return {**task.summarize(dist.all_reduce_(state)), "time": time.perf_counter() - start}
 
 
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 where mixed precision made it float16 or bfloat16 (metrics are summed in full precision)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Tell ``loader`` the epoch where it can be told: its own ``set_epoch`` (pdenet's ``BatchLoader``), or its
+    sampler's (a ``DataLoader`` with a ``DistributedSampler``); any other iterable is left as it is."""
+    for target in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
+                                                                     "sampler", None)):
+        if callable(getattr(target, "set_epoch", None)):
+            target.set_epoch(epoch)
+            return
+
+
+def compiled(module: nn.Module, backend: bool | str) -> nn.Module:
+    """``torch.compile(module)`` (``backend`` ``True``: PyTorch's default, or a backend's name), with a clear error
+    where the backend is unknown."""
+    options = {} if backend is True else {"backend": backend}
+    try:
+        return torch.compile(module, **options)
+    except Exception as err:  # an unknown or unloadable backend
+        raise RuntimeError(f"torch.compile backend {backend!r} is unavailable here ({err}); train without compile, "
+                           "or name another backend") from err
+
+
 @dataclass
 class Trainer:
     """Trains ``model`` for ``task`` with the settings of ``config``.
 
-    ``loaders`` yield ``(x, y)`` batches on the model's device and have ``set_epoch(epoch)`` (data order and
-    augmentation depend only on seed and epoch) and ``len()``. ``dist`` makes it data-parallel (the model is
-    wrapped in DistributedDataParallel and metrics are summed over ranks). ``channels_last`` trains in the
-    NHWC memory layout. With ``fuse`` (default) the model is rewritten by ``pdenet.fuse`` for the fused CPU
-    training path (``fusion`` holds its report); parameters and ``state_dict`` keys stay as they are.
+    ``loaders`` are any iterables of ``(x, y)`` batches: pdenet's ``BatchLoader``, a ``torch.utils.data.DataLoader``
+    (with or without a ``DistributedSampler``; pdenet's data sets are map-style ``Dataset``s), a list or a
+    generator. Their ``set_epoch`` (or their sampler's) is called where it exists; batches are moved to the
+    model's device. ``steps_per_epoch`` is the number of batches an epoch yields (the schedule's length).
+    ``dist`` makes it data-parallel (the model is wrapped in DistributedDataParallel and metrics are summed over
+    ranks). ``channels_last`` trains in the NHWC memory layout. With ``fuse`` (default) the model is rewritten by
+    ``pdenet.fuse`` for the fused CPU training path (``fusion`` holds its report); parameters and ``state_dict``
+    keys stay as they are. ``compile`` (``True`` or a backend's name) trains through ``torch.compile``.
+    ``config`` sets mixed precision, gradient accumulation and clipping (see ``TrainConfig``).
     """
 
     model: nn.Module
@@ -288,14 +331,19 @@ class Trainer:
     channels_last: bool = False
     log_every: int = 10
     fuse: bool = True
+    compile: bool | str = False
 
     def __post_init__(self):
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.fusion = fuse(self.model) if self.fuse else None
         self.net = self.dist.wrap(self.model)
+        if self.compile:
+            self.net = compiled(self.net, self.compile)
         self.optimizer = build_optimizer(self.model, self.config)
-        self.scheduler = build_scheduler(self.optimizer, self.config, self.steps_per_epoch)
+        self.optimizer_steps_per_epoch = -(-self.steps_per_epoch // self.config.grad_accum)
+        self.scheduler = build_scheduler(self.optimizer, self.config, self.optimizer_steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.config.amp == "fp16")
         self.stabilized = [m for m in self.model.modules() if callable(getattr(m, "enforce_stability", None))]
         self.epoch = 0
         self.history: list[dict] = []
@@ -305,32 +353,55 @@ class Trainer:
         return self.epoch >= self.config.epochs
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dist.device, non_blocking=True)
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
+    def _autocast(self):
+        """The forward's autocast region: ``config.amp``'s dtype on the model's device, or none."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
+        return torch.autocast(self.dist.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _optimizer_step(self) -> None:
+        """Unscale (fp16), clip, step, update the scale, clear the gradients, keep the blocks stable, advance the
+        schedule."""
+        if self.config.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.stabilized:
+            with torch.no_grad():
+                for m in self.stabilized:
+                    m.enforce_stability()
+        self.scheduler.step()
+
     def train_epoch(self, loader, show_progress: bool = True) -> dict[str, float]:
-        """One pass over ``loader``; returns the epoch's training metrics (summed over ranks)."""
-        loader.set_epoch(self.epoch)
+        """One pass over ``loader``; returns the epoch's training metrics (summed over ranks). Every
+        ``config.grad_accum`` batches (and after the last) make one optimizer step."""
+        set_epoch(loader, self.epoch)
         self.net.train()
         state = self.task.new_state(self.dist.device)
-        n_images = len(loader) * self.config.batch_size
-        bar = Progress(n_images, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
-                       enabled=show_progress and self.dist.is_main)
+        batches = len(loader) if hasattr(loader, "__len__") else None
+        bar = Progress(None if batches is None else batches * self.config.batch_size,
+                       desc=f"epoch {self.epoch + 1}/{self.config.epochs}", enabled=show_progress and self.dist.is_main)
+        accum, pending = self.config.grad_accum, 0
+        self.optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
         for step, (x, y) in enumerate(loader):
-            out = self.net(self._prepare(x))
-            loss = self.task.loss(out, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if self.stabilized:
-                with torch.no_grad():
-                    for m in self.stabilized:
-                        m.enforce_stability()
-            self.scheduler.step()
+            x, y = self._prepare(x), y.to(self.dist.device, non_blocking=True)
+            with self._autocast():
+                out = self.net(x)
+                loss = self.task.loss(out, y)
+            self.scaler.scale(loss / accum if accum > 1 else loss).backward()
+            pending += 1
+            if pending == accum:
+                self._optimizer_step()
+                pending = 0
             with torch.no_grad():
-                self.task.update(state, out, y, loss)
+                self.task.update(state, _widened(out), y, _widened(loss))
             images = x.shape[0] * self.dist.world_size  # this rank's share of the global batch
-            if step % self.log_every == 0 or step == len(loader) - 1:
+            if step % self.log_every == 0 or step == (batches or 0) - 1:
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"training loss became {value} at epoch {self.epoch + 1}, step "
@@ -338,6 +409,8 @@ class Trainer:
                 bar.update(images, loss=value, lr=self.optimizer.param_groups[0]["lr"])
             else:
                 bar.update(images)
+        if pending:  # the epoch's last, partial accumulation
+            self._optimizer_step()
         bar.close()
         elapsed = time.perf_counter() - start
         metrics = self.task.summarize(self.dist.all_reduce_(state))
@@ -370,11 +443,12 @@ class Trainer:
         """Atomic checkpoint of the whole training state after ``self.epoch`` epochs (main rank writes)."""
         if self.dist.is_main:
             ckpt.save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                 epoch=self.epoch, meta={**meta, "train": self.config.as_dict()},
+                                 scaler=self.scaler, epoch=self.epoch, meta={**meta, "train": self.config.as_dict()},
                                  history=self.history)
         self.dist.barrier()
 
     def restore(self, checkpoint: dict) -> None:
         """Continue from a checkpoint dict (``pdenet.checkpoint.load_checkpoint``)."""
-        self.epoch = ckpt.restore(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.epoch = ckpt.restore(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                  scaler=self.scaler)
         self.history = list(checkpoint["history"])

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..training import OPTIMIZERS, SCHEDULES, TASKS, TrainConfig, Trainer, seed_everything, task_class
+from ..training import AMP_MODES, OPTIMIZERS, SCHEDULES, TASKS, TrainConfig, Trainer, seed_everything, task_class
 from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, restored_threads,
                       set_threads)
 
@@ -54,6 +54,10 @@ DEFAULTS = {
     "gamma": 0.1,
     "label_smoothing": 0.0,
     "seed": 0,
+    "amp": "off",
+    "grad_accum": 1,
+    "clip_grad": None,
+    "compile": False,
     "augment": True,
     "zoom": None,            # None: the data set's own zoom range and colour jitter (Dataset.zoom_range,
     "color_jitter": None,    # Dataset.color_jitter; CamVid's are on, the classification sets' off)
@@ -67,7 +71,7 @@ DEFAULTS = {
     "device": "auto",
     "progress": True,
 }
-RUNTIME = ("out", "resume", "threads", "device", "data_dir", "progress", "eval_batch_size", "config_file")
+RUNTIME = ("out", "resume", "threads", "device", "data_dir", "progress", "eval_batch_size", "config_file", "compile")
 TRAIN_KEYS = tuple(TrainConfig.__dataclass_fields__)
 
 
@@ -99,6 +103,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=s, help="step schedule factor (default 0.1)")
     p.add_argument("--label-smoothing", type=float, default=s, help="default 0 (off)")
     p.add_argument("--seed", type=int, default=s, help="seed of weights, data order and augmentation (default 0)")
+    p.add_argument("--amp", choices=AMP_MODES, default=s,
+                   help="mixed precision: bf16, or fp16 with a gradient scaler (default off)")
+    p.add_argument("--grad-accum", type=int, default=s, metavar="N",
+                   help="sum the gradients of N batches before each optimizer step (default 1)")
+    p.add_argument("--clip-grad", type=float, default=s, metavar="NORM",
+                   help="clip the norm of all gradients together to NORM at each step (default: no clipping)")
+    p.add_argument("--compile", nargs="?", const=True, default=s, metavar="BACKEND",
+                   help="train through torch.compile (optionally naming its backend; default off)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=s,
                    help="no random crops, flips, zooms or colour jitter")
     p.add_argument("--zoom", type=float, default=s, metavar="Z",
@@ -303,7 +315,11 @@ def setup(settings: dict, dist):
     if len(loader) < 1:
         raise CommandError(f"the training set ({len(train_set)} images) is smaller than one batch "
                            f"({config.batch_size})")
-    trainer = Trainer(model, task, config, len(loader), dist, channels_last=settings["channels_last"])
+    try:
+        trainer = Trainer(model, task, config, len(loader), dist, channels_last=settings["channels_last"],
+                          compile=settings["compile"])
+    except RuntimeError as exc:  # an unavailable compile backend
+        raise CommandError(str(exc)) from None
     say(dist, str(trainer.fusion))
     if settings["resume"]:
         try:
