@@ -182,11 +182,11 @@ def prepare_output_dir(out: str | os.PathLike, resume: bool) -> Path:
     """Check the output directory of a run: never overwrite an existing run silently.
 
     ``resume=False``: ``out`` must not exist or be empty (it is created). ``resume=True``: ``out`` must hold
-    a checkpoint to continue from.
+    a checkpoint to continue from, or the ``settings.json`` of a run that stopped before its first checkpoint.
     """
     out = Path(out)
     if resume:
-        if not (out / CHECKPOINT_NAME).is_file():
+        if not (out / CHECKPOINT_NAME).is_file() and not (out / "settings.json").is_file():
             raise FileNotFoundError(f"cannot resume: {out / CHECKPOINT_NAME} does not exist")
         return out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

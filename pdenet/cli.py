@@ -10,11 +10,13 @@ import sys
 
 from .allocator import keep_freed_memory
 
+DESCRIPTION = ("Convolutional networks written as discretized PDEs: train a network, evaluate a checkpoint, compare "
+               "costs, check stability, build the compiled CPU kernels. 'pdenet COMMAND --help' describes each.")
 COMMANDS = ("train", "evaluate", "cost", "stability", "kernels")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdenet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pdenet", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"pdenet.commands.{name}")

@@ -72,7 +72,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+def _times(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Wall times in seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     for _ in range(warmup):
@@ -84,22 +85,40 @@ def _median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
-def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, warmup: int = 5,
-                    repeats: int = 20, channels_last: bool = False) -> float:
-    """Median wall time in seconds of one inference forward pass on a batch (eval mode, no grad); with
-    ``channels_last`` the batch and (a copy of) the model in NHWC."""
+def spread(times: Sequence[float]) -> float:
+    """The interquartile range of ``times`` over their median (0 for fewer than 4 times)."""
+    if len(times) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / statistics.median(times)
+
+
+def _median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    return statistics.median(_times(fn, device, warmup, repeats))
+
+
+def latency_times(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, warmup: int = 5,
+                  repeats: int = 20, channels_last: bool = False) -> list[float]:
+    """Wall times in seconds of ``repeats`` inference forward passes on a batch (eval mode, no grad) after
+    ``warmup``; with ``channels_last`` the batch and (a copy of) the model in NHWC."""
     model = _nhwc_copy(model) if channels_last else model
     x = _input(model, input_shape, batch_size, channels_last)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _median_time(lambda: model(x), x.device, warmup, repeats)
+            return _times(lambda: model(x), x.device, warmup, repeats)
     finally:
         model.train(was_training)
+
+
+def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, warmup: int = 5,
+                    repeats: int = 20, channels_last: bool = False) -> float:
+    """Median of ``latency_times``: seconds of one inference forward pass on a batch."""
+    return statistics.median(latency_times(model, input_shape, batch_size, warmup, repeats, channels_last))
 
 
 def training_step(model: nn.Module, input_shape: Sequence[int], batch_size: int, channels_last: bool = False,
@@ -165,6 +184,7 @@ class Costs:
     throughput: float           # images/s of inference at ``batch_size``
     train_throughput: float | None  # images/s of training steps at ``batch_size`` (None if not measured)
     batch_size: int
+    latency_spread: float = 0.0  # interquartile range of the batch-1 timings over their median
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -174,24 +194,26 @@ def measure_costs(model: nn.Module, input_shape: Sequence[int], batch_size: int 
                   warmup: int = 5, repeats: int = 20, channels_last: bool = False) -> Costs:
     """Parameters, FLOPs per image, latency at batch 1 and throughput at ``batch_size`` (and training
     throughput when ``train``)."""
-    latency = measure_latency(model, input_shape, 1, warmup, repeats, channels_last)
+    latency_samples = latency_times(model, input_shape, 1, warmup, repeats, channels_last)
     batch_time = measure_latency(model, input_shape, batch_size, max(1, warmup // 2), max(3, repeats // 4),
                                  channels_last)
     train_time = measure_train_step(model, input_shape, batch_size, channels_last=channels_last) if train else None
     return Costs(
         parameters=count_parameters(model),
         flops_per_image=flops_per_image(model, input_shape),
-        latency_ms=1e3 * latency,
+        latency_ms=1e3 * statistics.median(latency_samples),
         throughput=batch_size / batch_time,
         train_throughput=batch_size / train_time if train_time else None,
         batch_size=batch_size,
+        latency_spread=spread(latency_samples),
     )
 
 
 def format_costs(rows: dict[str, Costs]) -> str:
     """A side-by-side plain-text table of named cost summaries."""
     header = ["model", "params", "MFLOPs/img", "latency ms (b=1)", "infer img/s", "train img/s"]
-    lines = [[name, f"{c.parameters:,}", f"{c.flops_per_image / 1e6:.2f}", f"{c.latency_ms:.2f}",
+    lines = [[name, f"{c.parameters:,}", f"{c.flops_per_image / 1e6:.2f}",
+              f"{c.latency_ms:.2f} ±{100 * c.latency_spread:.0f}%",
               f"{c.throughput:.0f} (b={c.batch_size})",
               "-" if c.train_throughput is None else f"{c.train_throughput:.0f}"] for name, c in rows.items()]
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]

@@ -18,6 +18,11 @@ def fail(command: str, exc: BaseException) -> int:
     return 2
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 thread"``, ``"2 threads"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def set_threads(threads: int | None, dist=None) -> int:
     """Use ``threads`` torch CPU threads; default: the usable cores shared evenly by local processes."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size if dist is not None else 1))

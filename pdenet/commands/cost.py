@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, restored_threads,
-                      set_threads)
+import torch
+
+from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, plural,
+                      restored_threads, set_threads)
 
 HELP = "parameters, FLOPs per image, latency and throughput of named networks, side by side"
+BUSY_SPREAD = 0.25  # a spread of the batch-1 timings above this fraction of their median says the machine is busy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", action="store_true", help="also time training steps at --batch-size")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median; default 20)")
     p.add_argument("--channels-last", action="store_true", help="time in the NHWC memory layout")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the fastest of 1, half and all cores "
+                                               "in a short probe, as pdenet train picks them)")
     p.add_argument("--json", metavar="FILE", help="also write the table to FILE as JSON")
 
 
@@ -34,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..costs import format_costs, measure_costs
 
     try:
-        set_threads(args.threads)
+        cores = set_threads(args.threads)
         if args.batch_size < 1 or args.repeats < 1:
             raise CommandError("--batch-size and --repeats must be positive")
         if args.data:
@@ -51,12 +56,21 @@ def run(args: argparse.Namespace) -> int:
     except CommandError as exc:
         return fail("cost", exc)
 
+    if args.threads is None and cores > 1:  # on a busy machine fewer threads can be many times faster
+        from .train import ThreadTuner
+
+        ThreadTuner(cores, shape, args.batch_size, args.channels_last).probe(next(iter(models.values())))
     rows = {}
     for name, model in models.items():
         rows[name] = measure_costs(model, shape, args.batch_size, train=args.train, repeats=args.repeats,
                                    channels_last=args.channels_last)
-    print(f"input {shape[0]}x{shape[1]}x{shape[2]}, {classes} classes")
+    print(f"input {shape[0]}x{shape[1]}x{shape[2]}, {classes} classes, {plural(torch.get_num_threads(), 'thread')}")
     print(format_costs(rows))
+    busy = {name: c.latency_spread for name, c in rows.items() if c.latency_spread > BUSY_SPREAD}
+    if busy:
+        print(f"warning: the batch-1 timings of {', '.join(busy)} spread by "
+              f"{', '.join(f'{100 * v:.0f}%' for v in busy.values())} (interquartile range over the median): the "
+              "machine looks busy; rerun on an idle machine or with --threads", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"input_shape": list(shape), "num_classes": classes,
                                                "rows": {k: c.as_dict() for k, c in rows.items()}}, indent=2) + "\n")

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from ..training import AMP_MODES, OPTIMIZERS, SCHEDULES, TASKS, TrainConfig, Trainer, seed_everything, task_class
-from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, restored_threads,
-                      set_threads)
+from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, plural,
+                      restored_threads, set_threads)
 
 HELP = "train a network on a data set (checkpoints every epoch, metrics, costs and stability report)"
 
@@ -184,10 +184,17 @@ def read_config_file(path: str, known: set[str]) -> dict:
 
 
 def stored_settings(out: Path) -> dict:
+    """The settings of the run in ``out``: its checkpoint's, or, where it stopped before its first checkpoint, its
+    ``settings.json`` (it then starts anew in ``out``)."""
     from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 
     path = out / CHECKPOINT_NAME
     if not path.is_file():
+        if (out / "settings.json").is_file():
+            try:
+                return {**json.loads((out / "settings.json").read_text()), "threads_used": None}
+            except json.JSONDecodeError as exc:
+                raise CommandError(f"cannot resume: {out / 'settings.json'} is not valid JSON ({exc})") from None
         raise CommandError(f"cannot resume: {path} does not exist")
     try:
         meta = load_checkpoint(path)["meta"]
@@ -223,13 +230,16 @@ def train(settings: dict) -> int:
     from ..distributed import init_distributed
 
     start = time.perf_counter()
-    dist = init_distributed(settings["device"])
+    try:
+        dist = init_distributed(settings["device"])
+    except (ValueError, RuntimeError) as exc:  # an unavailable device, a broken process group environment
+        raise CommandError(str(exc)) from None
     try:
         trainer, loader, test_loader, meta, out, tuner = setup(settings, dist)
         task = trainer.task
         say(dist, f"training {meta['config']} on {meta['data']} ({len(loader.dataset)} train, "
                   f"{len(test_loader.dataset)} test images) for {trainer.config.epochs} epochs on {dist.device} "
-                  f"x{dist.world_size}, {torch.get_num_threads()} threads; output in {out}")
+                  f"x{dist.world_size}, {plural(torch.get_num_threads(), 'thread')}; output in {out}")
 
         def on_epoch_end(tr: Trainer, row: dict) -> None:
             meta["threads"] = torch.get_num_threads()  # the count in use now: a resumed run continues with it
@@ -293,6 +303,8 @@ def setup(settings: dict, dist):
             ckpt.prepare_output_dir(out, settings["resume"])
         except (FileExistsError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from None
+        except OSError as exc:
+            raise CommandError(f"cannot write the output directory {out}: {exc.strerror or exc}") from None
     settings["out"] = str(out)
     meta = {"config": settings["config"], "overrides": settings["overrides"],
             "num_classes": train_set.num_classes, "in_channels": train_set.image_shape[0],
@@ -321,12 +333,14 @@ def setup(settings: dict, dist):
     except RuntimeError as exc:  # an unavailable compile backend
         raise CommandError(str(exc)) from None
     say(dist, str(trainer.fusion))
-    if settings["resume"]:
+    if settings["resume"] and (out / ckpt.CHECKPOINT_NAME).is_file():
         try:
             trainer.restore(ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, map_location=dist.device))
         except (ValueError, RuntimeError) as exc:
             raise CommandError(f"cannot resume from {out / ckpt.CHECKPOINT_NAME}: {exc}") from None
         say(dist, f"resuming {out} after epoch {trainer.epoch}/{config.epochs}")
+    elif settings["resume"]:
+        say(dist, f"{out} holds no checkpoint yet (the run stopped in its first epoch): starting it anew there")
     elif dist.is_main:
         ckpt.atomic_write_text(out / "settings.json", json.dumps(settings, indent=2) + "\n")
     return trainer, loader, test_loader, meta, out, tuner

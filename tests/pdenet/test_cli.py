@@ -84,7 +84,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(fmnist_dir, tmp_path
     assert "already exists" in capsys.readouterr().err
     assert main(["train", "--out", str(killed), "--resume", "--no-progress", "--data-dir", str(fmnist_dir)]) == 0
     stdout = capsys.readouterr().out
-    assert "resuming" in stdout and "1 threads" in stdout  # the thread count of the run, not the default
+    assert "resuming" in stdout and "1 thread;" in stdout  # the thread count of the run, not the default
     a, b = ckpt.load_checkpoint(full), ckpt.load_checkpoint(killed)
     assert a["epoch"] == b["epoch"] == 2
     for k, v in a["model"].items():
@@ -160,7 +160,7 @@ def test_cost_side_by_side(tmp_path, capsys):
     assert main(["cost", "--config", "lean-resnet20", "resnet20", "--input-shape", "1", "28", "28",
                  "--repeats", "2", "--batch-size", "8", "--threads", "1", "--json", str(tmp_path / "c.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "input 1x28x28, 10 classes"
+    assert lines[0] == "input 1x28x28, 10 classes, 1 thread"
     assert lines[3].startswith("lean-resnet20") and lines[4].startswith("resnet20")
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     from pdenet.configs import build_model
@@ -203,3 +203,44 @@ def test_thread_tuner_reprobes_when_throughput_changes(capsys, monkeypatch):
         assert next(choices) == 1  # exactly three probes went through the substitute
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes(fmnist_dir, tmp_path, capsys, monkeypatch):
+    """A run killed in its first epoch leaves its settings and no checkpoint: ``--resume`` starts it anew in the same
+    folder with the same settings, and it then finishes as an uninterrupted run does."""
+    out = tmp_path / "run"
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_epoch", killed)
+        assert main(train_args(fmnist_dir, out, "--seed", "3")) == 130
+    assert (out / "settings.json").is_file() and not (out / ckpt.CHECKPOINT_NAME).exists()
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "starting it anew there" in capsys.readouterr().out
+    resumed = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)
+    assert resumed["epoch"] == 2 and resumed["meta"]["settings"]["seed"] == 3
+    assert main(train_args(fmnist_dir, tmp_path / "straight", "--seed", "3")) == 0
+    straight = ckpt.load_checkpoint(tmp_path / "straight" / ckpt.CHECKPOINT_NAME)
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, msg=name)
+
+
+def test_unwritable_output_and_missing_device_are_named(fmnist_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(train_args(fmnist_dir, blocker / "run")) == 2
+    assert "cannot write the output directory" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(train_args(fmnist_dir, tmp_path / "gpu", "--device", "cuda")) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_training_options_reach_the_trainer(fmnist_dir, tmp_path):
+    """``--amp``, ``--grad-accum`` and ``--clip-grad`` are settings of the run (kept for ``--resume``)."""
+    out = tmp_path / "run"
+    assert main(train_args(fmnist_dir, out, "--epochs", "1", "--amp", "bf16", "--grad-accum", "2",
+                           "--clip-grad", "5")) == 0
+    settings = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)["meta"]["train"]
+    assert (settings["amp"], settings["grad_accum"], settings["clip_grad"]) == ("bf16", 2, 5.0)

@@ -137,3 +137,19 @@ def test_channels_last_timing_runs_a_one_channel_network_in_nhwc(measure):
     seen.clear()
     measure_latency(net, (1, 8, 8), batch_size=4, warmup=0, repeats=1)
     assert seen and not any(seen)
+
+
+def test_timing_spread_and_the_busy_machine_warning(monkeypatch, capsys):
+    """``spread`` is the interquartile range over the median; ``pdenet cost`` reports it per model and warns where
+    it says the machine is busy."""
+    from pdenet import costs
+    from pdenet.cli import main
+
+    assert costs.spread([2.0, 2.0, 2.0, 2.0]) == 0.0 and costs.spread([1.0, 2.0]) == 0.0
+    assert costs.spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(3.0 / 3.0)
+    noisy = costs.Costs(parameters=1, flops_per_image=2, latency_ms=1.0, throughput=1.0, train_throughput=None,
+                        batch_size=4, latency_spread=0.6)
+    monkeypatch.setattr(costs, "measure_costs", lambda *args, **kwargs: noisy)
+    assert main(["cost", "--config", "lean-resnet20", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "1.00 ±60%" in captured.out and "the machine looks busy" in captured.err
