@@ -14,6 +14,7 @@ It holds only tensors, numbers, strings and containers of them, so it loads with
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -161,15 +162,55 @@ def restore(checkpoint: dict, *, model: nn.Module, optimizer=None, scheduler=Non
     return int(checkpoint["epoch"])
 
 
+WEIGHTS_NAME = "weights.safetensors"
+WEIGHTS_META = ("config", "overrides", "num_classes", "in_channels", "input_shape", "task", "data", "epoch")
+
+
+def save_weights(path: str | os.PathLike, model: nn.Module, meta: dict) -> Path:
+    """The model's ``state_dict`` in the safetensors format (atomically), with what rebuilds the network (``meta``'s
+    config, overrides, classes, channels, task, data set and epoch) as JSON under the header key ``"pdenet"``: a
+    file that other tools read and that ``build_model(...).load_state_dict(safetensors.torch.load_file(path))``
+    or ``load_model(path)`` loads."""
+    from safetensors.torch import save
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in unwrap(model).state_dict().items()}
+    header = {"pdenet": json.dumps({k: meta[k] for k in WEIGHTS_META if k in meta})}
+    return _atomic_write(path, lambda f: f.write(save(tensors, metadata=header)))
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(state_dict, meta)`` of a file written by ``save_weights``; ``ValueError`` for another or a corrupt file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = (f.metadata() or {}).get("pdenet")
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors' own error type for a damaged file
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
+    if header is None:
+        raise ValueError(f"{path} holds no pdenet metadata (it was not written by pdenet); load its tensors with "
+                         "safetensors.torch.load_file into a model you build yourself")
+    return state, json.loads(header)
+
+
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the network saved in a checkpoint: ``(model in eval mode, meta)``.
+    """Rebuild the network saved in a checkpoint or a ``.safetensors`` weights file: ``(model in eval mode,
+    meta)``.
 
     The model comes from ``pdenet.configs.build_model(meta["config"], num_classes, in_channels,
     **meta["overrides"])`` with the saved weights loaded strictly.
     """
     from .configs import build_model
 
-    ckpt = load_checkpoint(path, map_location=map_location)
+    if Path(path).suffix == ".safetensors":
+        state, meta = load_weights(path)
+        ckpt = {"model": state, "meta": meta, "epoch": meta.get("epoch"), "history": []}
+    else:
+        ckpt = load_checkpoint(path, map_location=map_location)
     meta = ckpt["meta"]
     model = build_model(meta["config"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
                         **meta.get("overrides", {}))

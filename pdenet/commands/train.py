@@ -6,7 +6,8 @@ whose keys are the option names with underscores, e.g. ``{"config": "resnet20", 
 from the run's checkpoint; only the run-time options (``RUNTIME``) may then be given again.
 
 The output directory receives ``settings.json``, ``checkpoint.pt`` (atomically rewritten after every
-epoch), ``metrics.json`` and ``metrics.csv`` (one row per epoch) and ``report.json`` (the final report).
+epoch), ``weights.safetensors`` (the weights alone, also after every epoch; ``--no-safetensors`` skips it),
+``metrics.json`` and ``metrics.csv`` (one row per epoch) and ``report.json`` (the final report).
 
 Defaults (measured on the project's 2-core CPU machines, seed 0). ``pdenet train`` trains the lean ResNet-20
 on Fashion-MNIST for 7 epochs: SGD with Nesterov momentum 0.9, learning rate 0.1 on a cosine schedule,
@@ -58,6 +59,7 @@ DEFAULTS = {
     "grad_accum": 1,
     "clip_grad": None,
     "compile": False,
+    "safetensors": True,     # weights.safetensors beside each checkpoint
     "augment": True,
     "zoom": None,            # None: the data set's own zoom range and colour jitter (Dataset.zoom_range,
     "color_jitter": None,    # Dataset.color_jitter; CamVid's are on, the classification sets' off)
@@ -71,7 +73,8 @@ DEFAULTS = {
     "device": "auto",
     "progress": True,
 }
-RUNTIME = ("out", "resume", "threads", "device", "data_dir", "progress", "eval_batch_size", "config_file", "compile")
+RUNTIME = ("out", "resume", "threads", "device", "data_dir", "progress", "eval_batch_size", "config_file", "compile",
+           "safetensors")
 TRAIN_KEYS = tuple(TrainConfig.__dataclass_fields__)
 
 
@@ -109,6 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sum the gradients of N batches before each optimizer step (default 1)")
     p.add_argument("--clip-grad", type=float, default=s, metavar="NORM",
                    help="clip the norm of all gradients together to NORM at each step (default: no clipping)")
+    p.add_argument("--safetensors", action=argparse.BooleanOptionalAction, default=s,
+                   help="also write the weights as weights.safetensors after each epoch (default on)")
     p.add_argument("--compile", nargs="?", const=True, default=s, metavar="BACKEND",
                    help="train through torch.compile (optionally naming its backend; default off)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=s,
@@ -246,6 +251,8 @@ def train(settings: dict) -> int:
             tr.save(out / ckpt.CHECKPOINT_NAME, meta)
             if dist.is_main:
                 write_metrics(out, tr.history)
+                if settings["safetensors"]:
+                    ckpt.save_weights(out / ckpt.WEIGHTS_NAME, tr.model, {**meta, "epoch": tr.epoch})
             say(dist, format_row(row, task.metric))
 
         callbacks = [tuner, on_epoch_end] if tuner is not None else [on_epoch_end]

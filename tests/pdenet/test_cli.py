@@ -244,3 +244,34 @@ def test_training_options_reach_the_trainer(fmnist_dir, tmp_path):
                            "--clip-grad", "5")) == 0
     settings = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)["meta"]["train"]
     assert (settings["amp"], settings["grad_accum"], settings["clip_grad"]) == ("bf16", 2, 5.0)
+
+
+def test_weights_in_safetensors_beside_the_checkpoint(fmnist_dir, tmp_path, capsys):
+    """``weights.safetensors`` holds the checkpoint's weights with what rebuilds the network: ``build_model`` loads
+    it with ``safetensors.torch.load_file``, ``pdenet evaluate`` reads it as it reads the checkpoint; a foreign or
+    damaged file is named."""
+    from safetensors.torch import load_file, save_file
+
+    from pdenet import build_model
+
+    out = tmp_path / "run"
+    assert main(train_args(fmnist_dir, out, "--epochs", "1")) == 0
+    weights = out / ckpt.WEIGHTS_NAME
+    state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME)["model"]
+    model = build_model("lean-resnet20", num_classes=10, in_channels=1)
+    model.load_state_dict(load_file(weights))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    capsys.readouterr()
+    assert main(["evaluate", str(out / ckpt.CHECKPOINT_NAME), "--data-dir", str(fmnist_dir), "--threads", "1"]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert main(["evaluate", str(weights), "--data-dir", str(fmnist_dir), "--threads", "1"]) == 0
+    from_weights = capsys.readouterr().out
+    assert from_weights.split("(")[0] == from_checkpoint.split("(")[0]  # the same metrics, before the timing
+    save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    (tmp_path / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    for name, message in (("foreign", "holds no pdenet metadata"), ("damaged", "not a readable safetensors file")):
+        assert main(["evaluate", str(tmp_path / f"{name}.safetensors"), "--data-dir", str(fmnist_dir)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(train_args(fmnist_dir, tmp_path / "none", "--epochs", "1", "--no-safetensors")) == 0
+    assert not (tmp_path / "none" / ckpt.WEIGHTS_NAME).exists()
