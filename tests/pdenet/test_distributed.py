@@ -117,6 +117,51 @@ def test_bad_environment_or_device(monkeypatch, env, message):
         init_distributed("cpu" if env else "tpu-9000")
 
 
+def cli_train_command(data_dir, out) -> list[str]:
+    """``-m pdenet.cli train`` arguments of a short, comparable run (float32, 1 thread, 4 steps of batch 32)."""
+    return ["-m", "pdenet.cli", "train", "--config", "lean-resnet20", "--data-dir", str(data_dir), "--epochs", "1",
+            "--batch-size", "32", "--lr", "0.005", "--eval-batch-size", "32", "--threads", "1", "--no-progress",
+            "--device", "cpu", "--out", str(out)]
+
+
+def assert_same_run(one: dict, two: dict) -> None:
+    """Two checkpoints of the same global-batch run, to the tolerance float32 rounding allows here (the reason is in
+    ``test_torchrun_cli_two_processes_match_one_process``)."""
+    assert one["model"].keys() == two["model"].keys()
+    for k, v in one["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(two["model"][k], v, rtol=0, atol=2e-3, msg=k)
+        else:
+            assert torch.equal(two["model"][k], v), k
+    assert one["history"][0]["test_loss"] == pytest.approx(two["history"][0]["test_loss"], rel=1e-3)
+
+
+def test_two_nodes_on_loopback_match_one_process(fmnist_dir, tmp_path):
+    """Two single-process "nodes" on this machine, joined by torchrun's c10d rendezvous on 127.0.0.1 (as
+    ``torchrun --nnodes 2 --node-rank N --rdzv-backend c10d --rdzv-endpoint HOST:PORT`` on two machines), train the
+    model of one process with the same global batch."""
+    import subprocess
+    import sys
+
+    from pdenet.checkpoint import load_checkpoint
+
+    one = subprocess.run([sys.executable, *cli_train_command(fmnist_dir, tmp_path / "one")], capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "pdenet-test",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               *cli_train_command(fmnist_dir, tmp_path / "two")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err
+    assert sum("cpu x2" in out for out, _ in outputs) == 1  # one rank reports, for a world of 2
+    assert_same_run(load_checkpoint(tmp_path / "one" / "checkpoint.pt"),
+                    load_checkpoint(tmp_path / "two" / "checkpoint.pt"))
+
+
 def test_torchrun_cli_two_processes_match_one_process(fmnist_dir, tmp_path):
     """``torchrun --nproc-per-node 2 -m pdenet.cli train`` against the 1-process command, same global batch.
 
@@ -129,22 +174,12 @@ def test_torchrun_cli_two_processes_match_one_process(fmnist_dir, tmp_path):
 
     from pdenet.checkpoint import load_checkpoint
 
-    def command(out):
-        return ["-m", "pdenet.cli", "train", "--config", "lean-resnet20", "--data-dir", str(fmnist_dir),
-                "--epochs", "1", "--batch-size", "32", "--lr", "0.005", "--eval-batch-size", "32", "--threads", "1",
-                "--no-progress", "--device", "cpu", "--out", str(out)]
-
-    one = subprocess.run([sys.executable, *command(tmp_path / "one")], capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, *cli_train_command(fmnist_dir, tmp_path / "one")], capture_output=True,
+                         text=True, timeout=300)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          *command(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+                          *cli_train_command(fmnist_dir, tmp_path / "two")], capture_output=True, text=True,
+                         timeout=300)
     assert two.returncode == 0, two.stderr
     assert "cpu x2" in two.stdout and two.stdout.count("== lean-resnet20") == 1  # rank 0 reports
-    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
-    assert a["model"].keys() == b["model"].keys()
-    for k, v in a["model"].items():
-        if v.is_floating_point():
-            torch.testing.assert_close(b["model"][k], v, rtol=0, atol=2e-3, msg=k)
-        else:
-            assert torch.equal(b["model"][k], v), k
-    assert a["history"][0]["test_loss"] == pytest.approx(b["history"][0]["test_loss"], rel=1e-3)
+    assert_same_run(load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two"))
