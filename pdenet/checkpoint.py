@@ -7,6 +7,7 @@ A checkpoint is a dict saved with ``torch.save``::
      "scaler": state_dict or None,                                   # the fp16 gradient scaler's
      "rng": {"python", "numpy", "torch", "cuda"},                     # generator states after ``epoch``
      "history": [per-epoch metric dicts],
+     "position": None or {"batch", "state", "images", "time"},         # inside the next epoch (mid-epoch saves)
      "meta": {"config": str, "overrides": dict, "num_classes": int, "in_channels": int, ...}}
 
 It holds only tensors, numbers, strings and containers of them, so it loads with ``weights_only=True``.
@@ -108,8 +109,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None, scheduler=None, scaler=None,
-                    epoch: int, meta: dict, history: list[dict] | None = None) -> Path:
-    """Write a checkpoint of a run after ``epoch`` completed epochs (atomically, see ``atomic_save``)."""
+                    epoch: int, meta: dict, history: list[dict] | None = None, position: dict | None = None) -> Path:
+    """Write a checkpoint of a run after ``epoch`` completed epochs (atomically, see ``atomic_save``); ``position``
+    is the trainer's place inside the next epoch where it saves mid-epoch (``None`` at an epoch's end)."""
     for key in ("config", "num_classes", "in_channels"):
         if key not in meta:
             raise ValueError(f"checkpoint meta must contain {key!r} to rebuild the model; got keys {sorted(meta)}")
@@ -123,6 +125,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer=None
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(),
         "history": list(history or []),
+        "position": position,
         "meta": dict(meta),
     }
     return atomic_save(obj, path)

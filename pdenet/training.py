@@ -14,6 +14,7 @@ its checkpoint, so a resumed run continues bit for bit where it stopped.
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import random
 import time
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .data import BatchLoader
 from .distributed import DistContext
 from .fusion import fuse
 from .progress import Progress
@@ -287,14 +289,20 @@ def _widened(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def set_epoch(loader, epoch: int) -> None:
-    """Tell ``loader`` the epoch where it can be told: its own ``set_epoch`` (pdenet's ``BatchLoader``), or its
-    sampler's (a ``DataLoader`` with a ``DistributedSampler``); any other iterable is left as it is."""
+def set_epoch(loader, epoch: int, start_batch: int = 0):
+    """Tell ``loader`` the epoch where it can be told: its own ``set_epoch`` (pdenet's ``BatchLoader``, which also
+    starts at batch ``start_batch``), or its sampler's (a ``DataLoader`` with a ``DistributedSampler``); any
+    other iterable is left as it is. Returns an iterator over the epoch's batches from ``start_batch`` on
+    (skipping them where the loader cannot start there itself)."""
+    if isinstance(loader, BatchLoader):
+        loader.set_epoch(epoch, start_batch)
+        return iter(loader)
     for target in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
                                                                      "sampler", None)):
         if callable(getattr(target, "set_epoch", None)):
             target.set_epoch(epoch)
-            return
+            break
+    return itertools.islice(iter(loader), start_batch, None)
 
 
 def compiled(module: nn.Module, backend: bool | str) -> nn.Module:
@@ -320,7 +328,10 @@ class Trainer:
     ranks). ``channels_last`` trains in the NHWC memory layout. With ``fuse`` (default) the model is rewritten by
     ``pdenet.fuse`` for the fused CPU training path (``fusion`` holds its report); parameters and ``state_dict``
     keys stay as they are. ``compile`` (``True`` or a backend's name) trains through ``torch.compile``.
-    ``config`` sets mixed precision, gradient accumulation and clipping (see ``TrainConfig``).
+    ``config`` sets mixed precision, gradient accumulation and clipping (see ``TrainConfig``). With
+    ``checkpoint_every = N`` the trainer calls ``on_checkpoint(trainer)`` every ``N`` optimizer steps inside an
+    epoch (the callback saves, ``save``/``restore`` keep the position in the epoch and its partial metrics, so a
+    run resumed there ends with the weights of an uninterrupted one).
     """
 
     model: nn.Module
@@ -332,6 +343,8 @@ class Trainer:
     log_every: int = 10
     fuse: bool = True
     compile: bool | str = False
+    checkpoint_every: int = 0
+    on_checkpoint: Callable[["Trainer"], None] | None = None
 
     def __post_init__(self):
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -347,6 +360,9 @@ class Trainer:
         self.stabilized = [m for m in self.model.modules() if callable(getattr(m, "enforce_stability", None))]
         self.epoch = 0
         self.history: list[dict] = []
+        # the position inside epoch ``epoch + 1`` at a mid-epoch checkpoint: batches trained, the task's partial
+        # sums, images and seconds so far
+        self.batch_in_epoch, self.epoch_state, self.epoch_images, self.epoch_time = 0, None, 0, 0.0
 
     @property
     def done(self) -> bool:
@@ -379,29 +395,30 @@ class Trainer:
     def train_epoch(self, loader, show_progress: bool = True) -> dict[str, float]:
         """One pass over ``loader``; returns the epoch's training metrics (summed over ranks). Every
         ``config.grad_accum`` batches (and after the last) make one optimizer step."""
-        set_epoch(loader, self.epoch)
+        first = self.batch_in_epoch
+        batches = set_epoch(loader, self.epoch, first)
+        remaining = None  # batches left in the epoch, where the loader knows
+        if hasattr(loader, "__len__"):
+            remaining = len(loader) - (0 if isinstance(loader, BatchLoader) else first)
         self.net.train()
-        state = self.task.new_state(self.dist.device)
-        batches = len(loader) if hasattr(loader, "__len__") else None
-        bar = Progress(None if batches is None else batches * self.config.batch_size,
+        state = self.epoch_state if self.epoch_state is not None else self.task.new_state(self.dist.device)
+        bar = Progress(None if remaining is None else (first + remaining) * self.config.batch_size,
                        desc=f"epoch {self.epoch + 1}/{self.config.epochs}", enabled=show_progress and self.dist.is_main)
-        accum, pending = self.config.grad_accum, 0
+        accum, pending, steps = self.config.grad_accum, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
+        start = time.perf_counter() - self.epoch_time
+        bar.count = self.epoch_images
+        for step, (x, y) in enumerate(batches, start=first):
             x, y = self._prepare(x), y.to(self.dist.device, non_blocking=True)
             with self._autocast():
                 out = self.net(x)
                 loss = self.task.loss(out, y)
             self.scaler.scale(loss / accum if accum > 1 else loss).backward()
             pending += 1
-            if pending == accum:
-                self._optimizer_step()
-                pending = 0
             with torch.no_grad():
                 self.task.update(state, _widened(out), y, _widened(loss))
             images = x.shape[0] * self.dist.world_size  # this rank's share of the global batch
-            if step % self.log_every == 0 or step == (batches or 0) - 1:
+            if step % self.log_every == 0 or step == first + (remaining or 0) - 1:
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"training loss became {value} at epoch {self.epoch + 1}, step "
@@ -409,10 +426,18 @@ class Trainer:
                 bar.update(images, loss=value, lr=self.optimizer.param_groups[0]["lr"])
             else:
                 bar.update(images)
+            if pending == accum:
+                self._optimizer_step()
+                pending, steps = 0, steps + 1
+                if self.checkpoint_every and steps % self.checkpoint_every == 0 and self.on_checkpoint is not None:
+                    self.batch_in_epoch, self.epoch_state = step + 1, state
+                    self.epoch_images, self.epoch_time = bar.count, time.perf_counter() - start
+                    self.on_checkpoint(self)
         if pending:  # the epoch's last, partial accumulation
             self._optimizer_step()
         bar.close()
         elapsed = time.perf_counter() - start
+        self.batch_in_epoch, self.epoch_state, self.epoch_images, self.epoch_time = 0, None, 0, 0.0
         metrics = self.task.summarize(self.dist.all_reduce_(state))
         return {**metrics, "time": elapsed, "images_per_s": bar.count / elapsed if elapsed > 0 else 0.0}
 
@@ -442,13 +467,21 @@ class Trainer:
     def save(self, path, meta: dict):
         """Atomic checkpoint of the whole training state after ``self.epoch`` epochs (main rank writes)."""
         if self.dist.is_main:
+            position = None if self.epoch_state is None else {
+                "batch": self.batch_in_epoch, "state": self.epoch_state.detach().cpu(), "images": self.epoch_images,
+                "time": self.epoch_time}
             ckpt.save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                  scaler=self.scaler, epoch=self.epoch, meta={**meta, "train": self.config.as_dict()},
-                                 history=self.history)
+                                 history=self.history, position=position)
         self.dist.barrier()
 
     def restore(self, checkpoint: dict) -> None:
         """Continue from a checkpoint dict (``pdenet.checkpoint.load_checkpoint``)."""
         self.epoch = ckpt.restore(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                   scaler=self.scaler)
+        position = checkpoint.get("position")
+        if position is not None:  # saved inside an epoch
+            self.batch_in_epoch, self.epoch_images = position["batch"], position["images"]
+            self.epoch_time = position["time"]
+            self.epoch_state = position["state"].to(self.dist.device)
         self.history = list(checkpoint["history"])

@@ -24,6 +24,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,12 +70,13 @@ DEFAULTS = {
     "channels_last": True,   # NHWC: faster on CPU for these networks (measured), see the module docstring
     "out": None,
     "resume": False,
+    "checkpoint_every": 0,   # optimizer steps between mid-epoch checkpoints; 0: at each epoch's end only
     "threads": None,
     "device": "auto",
     "progress": True,
 }
 RUNTIME = ("out", "resume", "threads", "device", "data_dir", "progress", "eval_batch_size", "config_file", "compile",
-           "safetensors")
+           "safetensors", "checkpoint_every")
 TRAIN_KEYS = tuple(TrainConfig.__dataclass_fields__)
 
 
@@ -133,7 +135,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-file", default=s, metavar="FILE.json", help="settings as a JSON object")
     p.add_argument("--out", default=s, help="output directory (default runs/CONFIG-DATA-TIMESTAMP); never "
                                             "overwritten")
-    p.add_argument("--resume", action="store_true", default=s, help="continue the run in --out")
+    p.add_argument("--resume", nargs="?", const=True, choices=[True, "auto"], type=_resume_mode, default=s,
+                   metavar="auto", help="continue the run in --out; 'auto': continue it if --out holds one, else start "
+                                        "it (the default when torchrun restarts a worker)")
+    p.add_argument("--checkpoint-every", type=int, default=s, metavar="STEPS",
+                   help="also checkpoint every STEPS optimizer steps inside an epoch, for an exact resume there "
+                        "(default: at each epoch's end only)")
     p.add_argument("--threads", type=int, default=s, help="torch CPU threads (default: the fastest of 1, half and "
                                                           "all cores in a short probe; torchrun processes share "
                                                           "the cores)")
@@ -141,6 +148,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=s, help="no progress bar")
     for name in sorted(TASKS):
         task_class(name).add_arguments(p)
+
+
+def _resume_mode(text: str):
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected 'auto' or nothing, got {text!r}")
+    return text
+
+
+def restarted_by_torchrun() -> bool:
+    """Whether this process is a worker that torchrun restarted after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -151,6 +169,11 @@ def resolve_settings(given: dict, known: set[str]) -> dict:
     settings = dict(DEFAULTS)
     if "config_file" in given:
         settings.update(read_config_file(given["config_file"], known))
+    if "resume" not in given and restarted_by_torchrun():
+        given["resume"] = "auto"
+    if given.get("resume") == "auto":
+        out = given.get("out") or default_out(given, settings)
+        given.update(out=out, resume=(Path(out) / "checkpoint.pt").is_file() or (Path(out) / "settings.json").is_file())
     if given.get("resume"):
         if "out" not in given:
             raise CommandError("--resume needs --out DIR, the directory of the run to continue")
@@ -168,6 +191,12 @@ def resolve_settings(given: dict, known: set[str]) -> dict:
         settings["overrides"] = {**settings["overrides"], **overrides}
     settings.update(given)
     return settings
+
+
+def default_out(given: dict, settings: dict) -> str:
+    """``runs/CONFIG-DATA-STAMP``: the time, or under torchrun its run id, which a restarted worker shares."""
+    stamp = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
+    return f"runs/{given.get('config', settings['config'])}-{given.get('data', settings['data'])}-{stamp}"
 
 
 def read_config_file(path: str, known: set[str]) -> dict:
@@ -195,6 +224,9 @@ def stored_settings(out: Path) -> dict:
 
     path = out / CHECKPOINT_NAME
     if not path.is_file():
+        if int(os.environ.get("RANK", "0")) > 0 and (out.is_dir() or not out.exists()):
+            raise CommandError(f"cannot resume: rank {os.environ['RANK']} does not see {path}, which rank 0 writes; "
+                               "put --out on a file system that every machine of the run shares")
         if (out / "settings.json").is_file():
             try:
                 return {**json.loads((out / "settings.json").read_text()), "threads_used": None}
@@ -246,15 +278,19 @@ def train(settings: dict) -> int:
                   f"{len(test_loader.dataset)} test images) for {trainer.config.epochs} epochs on {dist.device} "
                   f"x{dist.world_size}, {plural(torch.get_num_threads(), 'thread')}; output in {out}")
 
-        def on_epoch_end(tr: Trainer, row: dict) -> None:
+        def on_checkpoint(tr: Trainer) -> None:
             meta["threads"] = torch.get_num_threads()  # the count in use now: a resumed run continues with it
             tr.save(out / ckpt.CHECKPOINT_NAME, meta)
+
+        def on_epoch_end(tr: Trainer, row: dict) -> None:
+            on_checkpoint(tr)
             if dist.is_main:
                 write_metrics(out, tr.history)
                 if settings["safetensors"]:
                     ckpt.save_weights(out / ckpt.WEIGHTS_NAME, tr.model, {**meta, "epoch": tr.epoch})
             say(dist, format_row(row, task.metric))
 
+        trainer.checkpoint_every, trainer.on_checkpoint = settings["checkpoint_every"], on_checkpoint
         callbacks = [tuner, on_epoch_end] if tuner is not None else [on_epoch_end]
         trainer.fit(loader, test_loader, settings["eval_every"], callbacks, settings["progress"])
         if dist.is_main:
@@ -285,8 +321,8 @@ def setup(settings: dict, dist):
         raise CommandError(str(exc)) from None
     if config.batch_size % dist.world_size:
         raise CommandError(f"--batch-size {config.batch_size} is not divisible by the {dist.world_size} processes")
-    if settings["eval_every"] < 1 or settings["eval_batch_size"] < 1:
-        raise CommandError("--eval-every and --eval-batch-size must be positive")
+    if settings["eval_every"] < 1 or settings["eval_batch_size"] < 1 or settings["checkpoint_every"] < 0:
+        raise CommandError("--eval-every and --eval-batch-size must be positive, --checkpoint-every not negative")
     train_set = load_split(settings["data"], "train", settings["data_dir"])
     try:
         augment = settings["augment"] and Augmentation.for_dataset(train_set, zoom=settings["zoom"],
@@ -303,8 +339,7 @@ def setup(settings: dict, dist):
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(settings["out"] or f"runs/{settings['config']}-{settings['data']}-{stamp}")
+    out = Path(settings["out"] or default_out(settings, settings))
     if dist.is_main:
         try:
             ckpt.prepare_output_dir(out, settings["resume"])

@@ -139,3 +139,36 @@ def trained_compiled(data):
 def test_bad_options_are_named(option, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{option: value})
+
+
+def test_a_mid_epoch_checkpoint_resumes_exactly(tmp_path):
+    """Checkpoints every 2 optimizer steps; a run stopped right after the one at batch 4 of its second epoch and
+    resumed from it ends with the weights and the epoch metrics of an uninterrupted run (a plain list loader: the
+    resumed epoch skips the batches already trained)."""
+    data = batches(6, 4)
+    meta = {"config": "small", "num_classes": 3, "in_channels": 1}
+    config = dict(epochs=2, batch_size=4, lr=0.05, weight_decay=0.0)
+    straight = Trainer(small_net(), ClassificationTask(3), TrainConfig(**config), 6)
+    straight.fit(data, show_progress=False)
+
+    class Stopped(Exception):
+        pass
+
+    def save_then_stop(trainer):
+        trainer.save(tmp_path / "checkpoint.pt", meta)
+        if (trainer.epoch, trainer.batch_in_epoch) == (1, 4):
+            raise Stopped
+
+    stopped = Trainer(small_net(), ClassificationTask(3), TrainConfig(**config), 6, checkpoint_every=2,
+                      on_checkpoint=save_then_stop)
+    with pytest.raises(Stopped):
+        stopped.fit(data, show_progress=False)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["epoch"] == 1 and saved["position"]["batch"] == 4
+    resumed = Trainer(small_net(), ClassificationTask(3), TrainConfig(**config), 6)
+    resumed.restore(saved)
+    resumed.fit(data, show_progress=False)
+    for a, b in zip(weights(resumed), weights(straight)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-12)
+    assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 12
