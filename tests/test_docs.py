@@ -4,7 +4,9 @@ their links resolve, and the example training script trains.
 - docs/api.md must equal what ``docs/build_api.py`` generates now (regenerate with ``python docs/build_api.py``).
 - The ```python blocks of each docs/tutorials/*.md run in order in one namespace, in a temporary directory,
   with ``PDENET_QUICK=1`` and matplotlib's Agg backend. ```python no-run blocks are shown, not run; a block
-  tagged ``needs-data=NAME`` skips the rest of its tutorial, with the reason, when data set NAME is not on disk.
+  tagged ``needs-data=NAME`` skips the rest of its tutorial, with the reason, when data set NAME is not on disk;
+  a block tagged ``file=NAME.py`` is written to that file in the temporary directory instead of being run (a
+  module the page asks the reader to save, which later blocks import or pass to ``--import``).
 - Every ``pdenet ...``, ``torchrun ... -m pdenet.cli ...`` and ``python examples/train_fashion_mnist.py ...``
   command in a ```bash block of the docs is accepted by the real argument parser.
 - Relative links in the docs point at files that exist.
@@ -84,7 +86,8 @@ def data_available(name: str) -> str | None:
 def test_every_tutorial_has_runnable_code():
     assert TUTORIALS, "docs/tutorials/ holds no tutorials"
     for path in TUTORIALS:
-        assert any(info.split()[:1] == ["python"] and "no-run" not in info for info, _, _ in code_blocks(path)), \
+        assert any(info.split()[:1] == ["python"] and "no-run" not in info and "file=" not in info
+                   for info, _, _ in code_blocks(path)), \
             f"{path.name} has no ```python block that the tests run"
 
 
@@ -92,10 +95,15 @@ def test_every_tutorial_has_runnable_code():
 def test_tutorial_code_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PDENET_QUICK", "1")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as for Python started there: the page's own modules import
     namespace = {"__name__": "__main__"}
     for info, code, line in code_blocks(path):
         words = info.split()
         if words[:1] != ["python"] or "no-run" in words:
+            continue
+        files = [w.split("=", 1)[1] for w in words if w.startswith("file=")]
+        if files:
+            (tmp_path / files[0]).write_text(code, encoding="utf-8")
             continue
         for word in words:
             if word.startswith("needs-data="):
