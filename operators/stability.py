@@ -358,15 +358,16 @@ for _scheme in (
 
 
 def theta_scheme(theta: float) -> Scheme:
-    """The stability contract of the θ-method: the registered ``"implicit-euler"`` (θ = 1) or
-    ``"crank-nicolson"`` (θ = ½), else an unregistered :class:`Scheme` with ``R(z) = (1 + (1 − θ)z)/(1 − θz)``."""
+    """The stability contract of the θ-method ``y⁺ = y + h[θF(y⁺) + (1 − θ)F(y)]``: ``"implicit-euler"`` (θ = 1),
+    ``"crank-nicolson"`` (θ = ½), ``"euler"`` (θ = 0), else ``"theta-<θ>"`` with ``R(z) = (1 + (1 − θ)z)/(1 − θz)``,
+    registered on first use so that it is named like the others."""
     theta = check_theta(theta)
-    named = {1.0: "implicit-euler", 0.5: "crank-nicolson"}
-    if theta in named:
-        return SCHEMES[named[theta]]
-    a_stable = theta >= 0.5
-    return Scheme(f"theta-{theta:g}", f"θ-method with θ = {theta:g}", theta_function(theta),
-                  real_interval=(-math.inf if a_stable else -2 / (1 - 2 * theta), 0.0),
-                  order=2 if theta == 0.5 else 1,
-                  assumptions=_A_STABLE if a_stable else f"θ < ½: not A-stable, real interval [−2/(1 − 2θ), 0]; "
-                                                         + _SIGMA)
+    named = {1.0: "implicit-euler", 0.5: "crank-nicolson", 0.0: "parabolic"}
+    name = named.get(theta, f"theta-{theta:g}")
+    if name not in SCHEMES:
+        a_stable = theta >= 0.5
+        register_scheme(Scheme(
+            name, f"θ-method with θ = {theta:g}", theta_function(theta),
+            real_interval=(-math.inf if a_stable else -2 / (1 - 2 * theta), 0.0), order=1,
+            assumptions=_A_STABLE if a_stable else "θ < ½: not A-stable, real interval [−2/(1 − 2θ), 0]; " + _SIGMA))
+    return SCHEMES[name]

@@ -101,6 +101,12 @@ def _pde_nets() -> list[ModelConfig]:
              "block_kwargs": {"normalization": "batch", "reversible": True}},
             dense_twin=f"pde-{scheme}-dense"))
     configs.append(ModelConfig(
+        "pde-implicit-lean", PDEResNet,
+        f"{stage}, no batch norm in the layers: backward Euler steps of the symmetric layer, solved by Newton-CG, "
+        "gradients by the implicit function theorem; stable for every h",
+        {**base, "scheme": "theta", "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS),
+         "block_kwargs": {"theta": 1.0, "tol": 1e-4}}))
+    configs.append(ModelConfig(
         "pde-diffusion-reaction", PDEResNet,
         f"{stage}: Lie splitting of a pointwise reaction layer and an implicit (FFT, periodic) diffusion "
         "step with depthwise K, stable for every h",

@@ -27,12 +27,24 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _sigmoid_slope(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
 #: name -> (σ, sup σ'); every σ here is monotone, so σ' ∈ [0, sup σ'].
 ACTIVATIONS = {
     "relu": (F.relu, 1.0),
     "tanh": (torch.tanh, 1.0),
     "sigmoid": (torch.sigmoid, 0.25),
     "identity": (_identity, 1.0),
+}
+#: name -> σ' (the slope at each entry; ReLU's is taken as 0 at 0).
+SLOPES = {
+    "relu": lambda x: (x > 0).to(x.dtype),
+    "tanh": lambda x: 1 - torch.tanh(x) ** 2,
+    "sigmoid": _sigmoid_slope,
+    "identity": torch.ones_like,
 }
 
 
@@ -76,6 +88,17 @@ class SymmetricLayer(_Layer):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return -self.op.adjoint(self._hidden(self.op, y))
+
+    def jacobian_at(self, y: torch.Tensor):
+        """``v ↦ (∂F/∂Y at y) v = −Kᵀ(D ⊙ K v)``, ``D = σ'(K y + b)``, for ``N`` the identity: the symmetric
+        negative semi-definite Jacobian as a function, built from operator applications only (no autograd)."""
+        if self.norm.kind != "none":
+            raise ValueError(f"jacobian_at needs normalization 'none', not {self.norm.kind!r}")
+        z = self.op(y)
+        if self.bias is not None:
+            z = z + self.bias.view(1, -1, 1, 1)
+        d = SLOPES[self.activation](z)
+        return lambda v: -self.op.adjoint(d * self.op(v))
 
     def operators(self) -> list[ConvOperator]:
         return [self.op]

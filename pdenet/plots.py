@@ -68,11 +68,12 @@ def draw_region(ax, scheme: str | Scheme, xlim: tuple[float, float], ylim: tuple
 
 
 def _window(z: np.ndarray, reach: float) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Limits holding 0, every point of ``z`` and, when the points are not much smaller, the region's reach."""
+    """Limits holding 0, every point of ``z`` and, when the points spread over more than a fifth of it, the
+    region's reach (otherwise the window zooms to the points, inside or outside the shaded region)."""
     re = np.concatenate([z.real, [0.0]])
     im = np.concatenate([z.imag, [0.0]])
     span = max(np.ptp(re), np.ptp(im), 1e-6)
-    if reach and reach < 20 * span:
+    if reach and reach < 5 * span:
         re = np.concatenate([re, [-reach, min(reach, 0.25 * reach + span)]])
         im = np.concatenate([im, [-0.6 * reach, 0.6 * reach]])
         span = max(np.ptp(re), np.ptp(im))

@@ -237,8 +237,9 @@ def test_runge_kutta_and_theta_contracts():
     lam = -np.random.default_rng(0).uniform(0.1, 9, 30) + 1j * np.random.default_rng(1).uniform(-9, 9, 30)
     for theta in (0.5, 0.7, 1.0):
         assert max_stable_step(theta_scheme(theta), lam) == math.inf
-    assert theta_scheme(0.25).real_interval == (-4.0, 0.0)
-    assert max_stable_step(theta_scheme(0.25), [-2.0]) == pytest.approx(2.0)
+    assert theta_scheme(0.25).real_interval == (-4.0, 0.0) and theta_scheme(0.25) is get_scheme("theta-0.25")
+    assert max_stable_step("theta-0.25", [-2.0]) == pytest.approx(2.0)
+    np.testing.assert_allclose(stability_function("theta-0.25")(z), (1 + 0.75 * z) / (1 - 0.25 * z))
     with pytest.raises(ValueError, match="theta must be"):
         theta_scheme(1.5)
     with pytest.raises(ValueError, match="stages must be"):

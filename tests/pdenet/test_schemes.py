@@ -169,3 +169,76 @@ def test_measured_order_of_convergence(scheme, order):
     errors = _convergence_errors(scheme, steps)
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
     assert abs(slope - order) < 0.3, (errors, slope)
+
+
+# ------------------------------------------------------------------------------------------ implicit θ-method
+@pytest.mark.parametrize("theta", [1.0, 0.5, 0.7])
+def test_theta_step_is_its_stability_function_of_the_jacobian(theta):
+    """On F(Y) = −KᵀK Y one step is (I − hθA)^{-1}(I + h(1 − θ)A), A = −KᵀK; its eigenvalues are R(hλ)."""
+    block = _linear_block("theta", h=2.0, theta=theta, tol=1e-12)
+    h = float(block.h)
+    A = _jacobian_matrix(block)
+    eye = torch.eye(A.shape[0], dtype=DT)
+    step = torch.linalg.solve(eye - h * theta * A, eye + h * (1 - theta) * A)
+    y = torch.randn(2, 3, *GRID, dtype=DT)
+    with torch.no_grad():
+        out = block(y).reshape(2, -1)
+    torch.testing.assert_close(out, y.reshape(2, -1) @ step.T, rtol=1e-9, atol=1e-10)
+    lam = torch.linalg.eigvalsh(A).numpy()
+    expected = np.sort(get_scheme(block.contract).amplification(h * lam).real)
+    np.testing.assert_allclose(np.sort(torch.linalg.eigvals(step).real.numpy()), expected, atol=1e-9)
+    record = block.solver_log[0]
+    assert record["newton"] >= 1 and record["cg"] >= 1 and record["residual"] <= 1e-12
+
+
+@pytest.mark.parametrize("theta", [1.0, 0.5])
+def test_theta_block_gradcheck(theta):
+    """Gradients by the implicit function theorem (one adjoint solve per step) against finite differences, in
+    float64, for the input, an operator weight, a bias and the step size, at a step 5x past the explicit bound."""
+    torch.manual_seed(1)
+    block = build_block("theta", 2, nt=2, h=1.0, operator="dense", activation="tanh", theta=theta, tol=1e-11,
+                        learn_h=True).to(DT)
+    block.set_h(5 * block.steps[0].op.step_bound("parabolic", (4, 4)))
+    y = torch.randn(2, 2, 4, 4, dtype=DT, requires_grad=True)
+    names = ["steps.0.op.weight", "steps.1.bias", "log_h"]
+    params = dict(block.named_parameters())
+
+    def run(y, *values):
+        return torch.func.functional_call(block, {**params, **dict(zip(names, values))}, (y,))
+
+    values = tuple(params[n].detach().clone().requires_grad_() for n in names)
+    assert torch.autograd.gradcheck(run, (y, *values), atol=1e-7, rtol=1e-6)
+    assert block.adjoint_log and all(r["cg"] >= 1 for r in block.adjoint_log)
+
+
+def test_implicit_step_past_the_explicit_bound_stays_stable():
+    """At 20x the forward Euler bound, backward Euler and Crank–Nicolson stay non-expansive over 20 steps where
+    forward Euler (the parabolic block, same weights) blows up; the report reads every h as stable."""
+    torch.manual_seed(2)
+    grid = (6, 6)
+    y = torch.randn(3, 3, *grid, dtype=DT)
+    z = y + 1e-2 * torch.randn(3, 3, *grid, dtype=DT)
+    explicit = build_block("parabolic", 3, nt=20, operator="dense", operator_kwargs={"boundary": "circular"},
+                           shared_weights=True).to(DT)
+    h = 20 * explicit.step_bound(grid)
+    explicit.set_h(h)
+    with torch.no_grad():
+        assert float((explicit(y) - explicit(z)).norm() / (y - z).norm()) > 1e3
+    for theta in (1.0, 0.5):
+        block = build_block("theta", 3, nt=20, theta=theta, operator="dense", shared_weights=True,
+                            operator_kwargs={"boundary": "circular"}).to(DT)
+        block.steps.load_state_dict(explicit.steps.state_dict())
+        block.set_h(h)
+        with torch.no_grad():
+            assert float((block(y) - block(z)).norm() / (y - z).norm()) <= 1 + 1e-6
+        assert block.step_bound(grid) == math.inf
+        assert "A-stable" in " ".join(block.stability(grid).assumptions)
+
+
+def test_theta_block_rejects_bad_options():
+    with pytest.raises(ValueError, match="needs normalization='none'"):
+        build_block("theta", 2, normalization="batch")
+    with pytest.raises(ValueError, match="theta must be"):
+        build_block("theta", 2, theta=2.0)
+    with pytest.raises(ValueError, match="tol must be"):
+        build_block("theta", 2, tol=0.0)
