@@ -212,8 +212,9 @@ def test_theta_block_gradcheck(theta):
 
 
 def test_implicit_step_past_the_explicit_bound_stays_stable():
-    """At 20x the forward Euler bound, backward Euler and Crank–Nicolson stay non-expansive over 20 steps where
-    forward Euler (the parabolic block, same weights) blows up; the report reads every h as stable."""
+    """At 20x the forward Euler bound, backward Euler (ReLU layer: B-stable, F is monotone) and Crank–Nicolson
+    (linear layer: A-stable; on a nonlinear one the trapezoidal rule can expand) stay non-expansive over 20 steps
+    where forward Euler (the parabolic block, same weights) blows up; the report reads every h as stable."""
     torch.manual_seed(2)
     grid = (6, 6)
     y = torch.randn(3, 3, *grid, dtype=DT)
@@ -224,9 +225,9 @@ def test_implicit_step_past_the_explicit_bound_stays_stable():
     explicit.set_h(h)
     with torch.no_grad():
         assert float((explicit(y) - explicit(z)).norm() / (y - z).norm()) > 1e3
-    for theta in (1.0, 0.5):
+    for theta, activation in ((1.0, "relu"), (0.5, "identity")):
         block = build_block("theta", 3, nt=20, theta=theta, operator="dense", shared_weights=True,
-                            operator_kwargs={"boundary": "circular"}).to(DT)
+                            activation=activation, operator_kwargs={"boundary": "circular"}).to(DT)
         block.steps.load_state_dict(explicit.steps.state_dict())
         block.set_h(h)
         with torch.no_grad():
