@@ -37,7 +37,7 @@ import math
 import warnings
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -64,11 +64,35 @@ EIGENVALUE_GRID = (16, 16)
 @dataclass(frozen=True)
 class StepStability:
     """The stability of one step (or a whole block): the largest stable ``h`` (``inf``: every ``h``;
-    ``None``: no bound available), the largest operator norm involved, and the assumptions used."""
+    ``None``: no bound available), the largest operator norm involved, and the assumptions used.
+
+    ``amplification``: for one step, ``h ↦ max |R(h^m λ)|`` over the linearized spectrum the bound is derived
+    from (how much the linearized step can amplify a perturbation at step size ``h``; at most 1 exactly when
+    ``h`` is within the bound); ``None`` where there is no such spectrum. For a whole block (see
+    :meth:`TimeSteppingBlock.stability`), ``step_amplification`` is its largest value over the steps at the block's
+    ``h`` and ``block_amplification`` their product over the ``nt`` steps (a bound on the block's linearized
+    growth).
+    """
 
     bound: float | None
     norm: float
     assumptions: tuple[str, ...]
+    amplification: Callable[[float], float] | None = None
+    step_amplification: float | None = None
+    block_amplification: float | None = None
+
+
+def _amplification(scheme: str | Scheme, spectrum) -> Callable[[float], float]:
+    """``h ↦ max |R(h^m λ)|`` over the (sampled) spectrum ``λ``."""
+    contract = get_scheme(scheme)
+    lam = np.asarray(spectrum, dtype=np.complex128).ravel()
+
+    def amplification(h: float) -> float:
+        with np.errstate(all="ignore"):
+            return float(np.nan_to_num(np.abs(contract.amplification((h ** contract.derivative_order) * lam)),
+                                       nan=np.inf).max())
+
+    return amplification
 
 
 class Linearization(NamedTuple):
@@ -180,8 +204,11 @@ def symmetric_stability(scheme: str | Scheme, layers: list[SymmetricLayer], grid
         texts += [text, _slope_text(layer)]
         g = layer.slope()
         scale = None if (g is None or scale is None) else scale * math.sqrt(g) * norm
-    bound = None if scale is None else scheme_step_bound(contract, scale)
-    return StepStability(bound, max(norms), tuple(dict.fromkeys(texts)))
+    if scale is None:
+        return StepStability(None, max(norms), tuple(dict.fromkeys(texts)))
+    spectrum = -np.linspace(0.0, 1.0, 2001) ** 2 * scale ** 2  # [−scale², 0], denser near 0
+    return StepStability(scheme_step_bound(contract, scale), max(norms), tuple(dict.fromkeys(texts)),
+                         _amplification(contract, spectrum))
 
 
 def general_stability(layer: GeneralLayer, grid, method: str, scheme: str | Scheme = "euler") -> StepStability:
@@ -200,7 +227,8 @@ def general_stability(layer: GeneralLayer, grid, method: str, scheme: str | Sche
     with torch.no_grad():
         product = layer.op2.symbol((n1, n2)) @ layer.op1.symbol((n1, n2))
         eigenvalues = g * torch.linalg.eigvals(product).flatten().cpu().numpy()
-    return StepStability(float(max_stable_step(scheme, eigenvalues)), max(n for n, _ in norms), tuple(texts))
+    return StepStability(float(max_stable_step(scheme, eigenvalues)), max(n for n, _ in norms), tuple(texts),
+                         _amplification(scheme, eigenvalues))
 
 
 def antisymmetric_stability(layer: AntisymmetricLayer, grid, method: str,
@@ -215,15 +243,23 @@ def antisymmetric_stability(layer: AntisymmetricLayer, grid, method: str,
     g = layer.slope()
     if g is None:
         return StepStability(None, norm, tuple(texts))
-    return StepStability(float(max_stable_step(scheme, [g * complex(-layer.gamma, norm)])), norm, tuple(texts))
+    spectrum = g * (-layer.gamma + 1j * norm * np.linspace(-1.0, 1.0, 401))
+    return StepStability(float(max_stable_step(scheme, [g * complex(-layer.gamma, norm)])), norm, tuple(texts),
+                         _amplification(scheme, spectrum))
 
 
-def _combine(parts: list[StepStability]) -> StepStability:
+def _combine(parts: list[StepStability], composite: bool = False) -> StepStability:
+    """The parts' smallest bound, largest norm and all assumptions. ``composite``: the parts are sub-steps of one
+    step (splitting), whose amplification is at most the product of theirs."""
     bounds = [p.bound for p in parts]
+    amplification = None
+    if composite and all(p.amplification is not None for p in parts):
+        amplification = lambda h: math.prod(p.amplification(h) for p in parts)  # noqa: E731
     return StepStability(
         None if any(b is None for b in bounds) else min(bounds),
         max(p.norm for p in parts),
         tuple(dict.fromkeys(a for p in parts for a in p.assumptions)),
+        amplification,
     )
 
 
@@ -396,7 +432,14 @@ class TimeSteppingBlock(nn.Module):
         grid = None if grid is None else as_grid(grid)
         if method == "power" and grid is None:
             raise ValueError("method='power' needs the grid the block runs on")
-        return _combine([self.step_stability(j, grid, method) for j in range(len(self.steps))])
+        parts = [self.step_stability(j, grid, method) for j in range(len(self.steps))]
+        result = _combine(parts)
+        if any(p.amplification is None for p in parts):
+            return result
+        h = float(self.h.detach())
+        per_step = [p.amplification(h) for p in parts]
+        over_block = math.prod(per_step) if len(per_step) == self.nt else per_step[0] ** self.nt
+        return replace(result, step_amplification=max(per_step), block_amplification=over_block)
 
     def step_bound(self, grid=None, method: str = "symbol") -> float | None:
         """Largest stable ``h`` from the current weights (``inf``: every ``h``; ``None``: unknown)."""
@@ -516,11 +559,15 @@ class ReversibleIntegration(torch.autograd.Function):
                 for acc, g in zip(param_grads, found[len(leaves):]):
                     if g is not None:
                         acc += g
-        with torch.enable_grad():
-            y = block.output(state).detach().requires_grad_()
-            pairs = [(s, g) for s, g in zip(block.initial_state(y), grads) if s.requires_grad]
-            grad_y, = torch.autograd.grad([s for s, _ in pairs], y, [g for _, g in pairs])
-        return (None, grad_y, *param_grads)
+            with torch.enable_grad():  # the start may use the weights too (leapfrog's Taylor start)
+                y = block.output(state).detach().requires_grad_()
+                pairs = [(s, g) for s, g in zip(block.initial_state(y), grads) if s.requires_grad]
+                found = torch.autograd.grad([s for s, _ in pairs], (y, *params), [g for _, g in pairs],
+                                            allow_unused=True)
+        for acc, g in zip(param_grads, found[1:]):
+            if g is not None:
+                acc += g
+        return (None, found[0], *param_grads)
 
 
 SCHEMES: dict[str, type[TimeSteppingBlock]] = {}
@@ -877,9 +924,12 @@ class ThetaBlock(LayerBlock):
 class LeapfrogBlock(LayerBlock):
     """Second-order (hyperbolic) leapfrog: ``Y_{j+1} = 2Y_j − Y_{j−1} − h² K_jᵀ σ(N(K_j Y_j + b_j))``.
 
-    The state is the pair ``(Y_{j−1}, Y_j)``, started at ``(Y₀, Y₀)`` (zero initial velocity). The scheme
-    is time-reversible: ``Y_{j−1} = 2Y_j − Y_{j+1} + h² F_j(Y_j)``. Linearized, ``Y'' = −KᵀDK Y`` with the
-    eigenvalues of ``KᵀDK`` in ``[0, g‖K‖²]``; stable while ``h²λ ∈ [−4, 0]``.
+    The state is the pair ``(Y_{j−1}, Y_j)`` for ``Y'' = F(Y)`` with zero initial velocity. ``start="rest"``
+    starts at ``(Y₀, Y₀)``: its first step ``Y₁ = Y₀ + h²F₀(Y₀)`` is twice the Taylor step, an error that makes
+    the trajectory converge at first order only. ``start="taylor"`` starts at ``(Y₀ + h²/2 F₀(Y₀), Y₀)``, so that
+    ``Y₁ = Y₀ + h²/2 F₀(Y₀)`` (the Taylor start), and the scheme converges at second order (one more layer
+    evaluation). The scheme is time-reversible: ``Y_{j−1} = 2Y_j − Y_{j+1} − h² F_j(Y_j)``. Linearized,
+    ``Y'' = −KᵀDK Y`` with the eigenvalues of ``KᵀDK`` in ``[0, g‖K‖²]``; stable while ``h²λ ∈ [−4, 0]``.
     """
 
     scheme = "leapfrog"
@@ -887,8 +937,19 @@ class LeapfrogBlock(LayerBlock):
     bound_degree = 1
     invertible = True
 
+    def __init__(self, channels: int, nt: int = 3, h: float = 1.0, *, start: str = "rest", **kwargs):
+        if start not in ("rest", "taylor"):
+            raise ValueError(f"unknown start {start!r} for the leapfrog block; expected 'rest' or 'taylor'")
+        self.start = start
+        super().__init__(channels, nt, h, **kwargs)
+
     def initial_state(self, y):
+        if self.start == "taylor":
+            return (y + (self.h ** 2 / 2) * self.weights(0)(y), y)
         return (y, y)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", start='taylor'" if self.start == "taylor" else "")
 
     def output(self, state):
         return state[1]
@@ -1067,10 +1128,13 @@ class DiffusionReactionBlock(TimeSteppingBlock):
             bound = scheme_step_bound("diffusion-explicit", norm) / fraction
             law = ("explicit diffusion: eigenvalues of KᵀK in [0, ‖K‖²]; "
                    + ("h ≤ 2/‖K‖²" if fraction == 1 else "sub-steps of h/2: h ≤ 4/‖K‖²"))
+            half = _amplification("diffusion-explicit", -np.linspace(0.0, 1.0, 2001) ** 2 * norm ** 2)
+            amplification = lambda h: half(fraction * h) ** round(1 / fraction)  # noqa: E731
         else:
             bound = math.inf
             law = f"{self.diffusion} diffusion: stable for every h (KᵀK symmetric positive semi-definite)"
-        return _combine([reaction, StepStability(bound, norm, (law, text))])
+            amplification = lambda h: 1.0  # noqa: E731
+        return _combine([reaction, StepStability(bound, norm, (law, text), amplification)], composite=True)
 
 
 def build_block(scheme: str, channels: int, nt: int = 3, h: float = 1.0, operator: OperatorSpec | None = None,

@@ -171,6 +171,27 @@ def test_measured_order_of_convergence(scheme, order):
     assert abs(slope - order) < 0.3, (errors, slope)
 
 
+@pytest.mark.parametrize("start, order", [("rest", 1), ("taylor", 2)])
+def test_leapfrog_order_depends_on_its_start(start, order):
+    """Y'' = F(Y), Y'(0) = 0 at T = 1: the Taylor start gives second order, the rest start (Y₋₁ = Y₀) first."""
+    def run(nt):
+        torch.manual_seed(3)
+        block = build_block("leapfrog", 3, nt=nt, operator="dense", activation="tanh", shared_weights=True,
+                            start=start).to(DT)
+        block.set_h(1.0 / nt)
+        return block
+
+    y = torch.randn(1, 3, 6, 6, dtype=DT, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = run(2048)(y)
+        steps = [8, 16, 32, 64]
+        errors = [float((run(nt)(y) - reference).norm() / reference.norm()) for nt in steps]
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope - order) < 0.3, (errors, slope)
+    with pytest.raises(ValueError, match="unknown start 'cold'"):
+        build_block("leapfrog", 2, start="cold")
+
+
 # ------------------------------------------------------------------------------------------ implicit θ-method
 @pytest.mark.parametrize("theta", [1.0, 0.5, 0.7])
 def test_theta_step_is_its_stability_function_of_the_jacobian(theta):
