@@ -3,9 +3,9 @@ activations (plain autograd) and with reversible backpropagation.
 
 A stage is one time-stepping block (leapfrog or Hamiltonian, lean operators, batch norm in the layers) at a fixed
 width; a training step is ``block(Y)`` forward and a backward pass of a scalar loss. Every measurement runs in a
-fresh process, so that the peak resident memory (``ru_maxrss``) belongs to that step alone: the process first
-runs a one-step block forward and backward (every kernel loaded, the allocator warm), then the measured block
-once; the peak is the growth of ``ru_maxrss`` over that warm process. Alongside it, the bytes autograd keeps for
+fresh process: it first runs a one-step block of the same kind forward and backward (every kernel loaded, the
+allocator warm), resets the kernel's record of its peak resident set (``/proc/self/clear_refs``, Linux), then runs
+the measured block once; the peak is ``VmHWM`` after it minus ``VmRSS`` before it. Alongside it, the bytes autograd keeps for
 the backward pass (every saved tensor's storage, counted once) and the best time of a few further steps (the
 minimum: on a shared host the others are the same step slowed down by other processes).
 
@@ -30,7 +30,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 def child(scheme: str, nt: int, reversible: bool, channels: int, size: int, batch: int, repeats: int) -> dict:
     """One measurement, in this (fresh) process."""
-    import resource
+    import re
 
     import torch
 
@@ -45,9 +45,13 @@ def child(scheme: str, nt: int, reversible: bool, channels: int, size: int, batc
     warm = block_of(1, reversible)
     warm(y).square().mean().backward()
     block = block_of(nt, reversible)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def status(key):
+        return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+    Path("/proc/self/clear_refs").write_text("5")  # the peak resident set starts again from the current one
+    before = status("VmRSS")
     block(y).square().mean().backward()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    peak_kib = status("VmHWM") - before
 
     storages = {}
 
