@@ -11,6 +11,8 @@ networks train for more epochs). Writes ``results.json``, ``results.md`` (the ta
     python benchmarks/train.py                         # full run: 15 epochs per model on both data sets
     python benchmarks/train.py --budget 600            # 10 minutes of training per model
     python benchmarks/train.py --quick                 # smoke run: small subsets, 1 epoch
+    python benchmarks/train.py --quick --epochs 3 --models pde-parabolic-lean pde-rk2-lean pde-rk4-lean \
+        pde-antisymmetric-lean pde-leapfrog-lean pde-leapfrog-reversible pde-implicit-lean   # the schemes
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ from pdenet.networks import match_width  # noqa: E402
 from pdenet.training import ClassificationTask, TrainConfig, Trainer, seed_everything  # noqa: E402
 
 MODELS = ("lean-resnet20", "resnet20", "mobilenetv2", "shufflenetv2", "pde-parabolic-lean")
+#: the PDE-ResNet's other schemes, trainable here by name (``--models pde-rk4-lean ...``)
+SCHEME_MODELS = ("pde-rk2-lean", "pde-rk4-lean", "pde-antisymmetric-lean", "pde-leapfrog-lean",
+                 "pde-leapfrog-reversible", "pde-hamiltonian-lean", "pde-hamiltonian-reversible", "pde-implicit-lean")
 MATCHED = ("mobilenetv2", "shufflenetv2")  # width multiplier matched to the lean ResNet-20's FLOPs
 LEAN, DENSE = "lean-resnet20", "resnet20"
 
@@ -56,9 +61,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.epochs is None and args.budget is None:
         args.epochs = 1 if args.quick else 15
-    unknown = sorted(set(args.models) - set(MODELS))
+    unknown = sorted(set(args.models) - set(MODELS) - set(SCHEME_MODELS))
     if unknown:
-        p.error(f"unknown models {unknown}; the benchmark trains {list(MODELS)}")
+        p.error(f"unknown models {unknown}; the benchmark trains {list(MODELS + SCHEME_MODELS)}")
     if LEAN not in args.models and set(MATCHED) & set(args.models):
         p.error(f"matching the widths of {list(MATCHED)} needs {LEAN} in --models")
     return args

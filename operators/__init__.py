@@ -8,10 +8,10 @@ from .flops import count_flops
 from .grouped import GroupedConv, channel_shuffle
 from .lean import LeanConv
 from .pointwise import PointwiseConv
-from .registry import OPERATORS, make_operator
+from .registry import OPERATORS, make_operator, register_operator
 from .separable import SeparableConv
 
 __all__ = [
     "ConvOperator", "DenseConv", "LeanConv", "GroupedConv", "SeparableConv", "DepthwiseConv", "PointwiseConv",
-    "CirculantConv", "OPERATORS", "make_operator", "count_flops", "dottest", "channel_shuffle",
+    "CirculantConv", "OPERATORS", "make_operator", "register_operator", "count_flops", "dottest", "channel_shuffle",
 ]

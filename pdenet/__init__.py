@@ -2,11 +2,17 @@
 
 The public surface: time-stepping blocks and their stability analysis, networks and named configurations,
 ``leanify``, data sets and the training loop. The operators themselves live in the ``operators`` package.
+
+Extending: ``register_operator`` (an operator kind), ``register_scheme`` (a block with its stability contract),
+``register_config`` (a named network) and ``register_dataset`` (a data set reader); ``pdenet COMMAND --import
+MODULE`` imports a module of such registrations before the command runs.
 """
-from .blocks import SCHEMES, TimeSteppingBlock, build_block
-from .configs import build_model, describe, list_configs
+from operators import register_operator
+
+from .blocks import SCHEMES, LayerBlock, StepStability, TimeSteppingBlock, build_block, register_scheme
+from .configs import build_model, describe, list_configs, register_config
+from .data import Augmentation, BatchLoader, Dataset, DatasetError, load_dataset, register_dataset
 from .fusion import FusionReport, fuse, unfuse
-from .data import Augmentation, BatchLoader, Dataset, DatasetError, load_dataset
 from .jacobian import jacobian_eigenvalues, perturbation_growth, step_spectra
 from .leanify import LeanifyReport, leanify
 from .networks import MobileNetV2, PDEResNet, ResNet, ShuffleNetV2, match_width
@@ -15,9 +21,10 @@ from .stability import report as stability_report
 __version__ = "0.1.0"
 
 __all__ = [
-    "SCHEMES", "TimeSteppingBlock", "build_block",
+    "SCHEMES", "LayerBlock", "StepStability", "TimeSteppingBlock", "build_block",
     "build_model", "describe", "list_configs",
     "Augmentation", "BatchLoader", "Dataset", "DatasetError", "load_dataset",
+    "register_config", "register_dataset", "register_operator", "register_scheme",
     "jacobian_eigenvalues", "perturbation_growth", "step_spectra", "stability_report",
     "FusionReport", "fuse", "unfuse",
     "LeanifyReport", "leanify",

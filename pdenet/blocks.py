@@ -1,15 +1,22 @@
 """Time-stepping residual blocks: ``nt`` steps of size ``h`` of a discretized ODE ``∂_t Y = F(Y, θ(t))``.
 
-Each scheme is a small class registered by name in :data:`SCHEMES` (torchdiffeq style): it says how to start
-(``initial_state``), how to take step ``j`` (``step``), what to output (``output``), how to linearize a step
-for the Jacobian analysis (``linearize``) and how large ``h`` may be from its current weights
-(``step_stability``). Everything else lives once in :class:`TimeSteppingBlock`.
+Each scheme is a small class registered by name in :data:`SCHEMES` (torchdiffeq style) with
+:func:`register_scheme`: it says how to start (``initial_state``), how to take step ``j`` (``step``), what to
+output (``output``), and carries its stability contract (``contract``, an :class:`operators.stability.Scheme`
+with ``R(z)``). From the contract, :class:`LayerBlock` derives how to linearize a step for the Jacobian analysis
+(``linearize``) and how large ``h`` may be from the current weights (``step_stability``); a scheme overrides
+them only where its steps are not one layer evaluated at ``Y``. Everything else lives once in
+:class:`TimeSteppingBlock`.
 
 ========================  ==========================================================================
 scheme                    step ``j`` (``F_j(Y) = −K_jᵀ σ(N(K_j Y + b_j))``, ``G_j(Y) = K₂σ(N(K₁Y + b))``)
 ========================  ==========================================================================
 ``"parabolic"``           ``Y ← Y + h F_j(Y)``                     bound ``h ≤ 2 / (g ‖K‖²)``
 ``"euler"``               ``Y ← Y + h G_j(Y)``                     bound from the eigenvalues of ``K₂K₁``
+``"rk2"``, ``"rk4"``      Heun / classical Runge–Kutta on ``F_j`` (``layer="symmetric"``) or ``G_j``
+                          (``"general"``); symmetric bound ``h ≤ 2/(g‖K‖²)`` (RK2), ``2.785…/(g‖K‖²)`` (RK4)
+``"antisymmetric"``       ``Y ← Y + h σ(N((K − Kᵀ − γI)Y + b))``    bound ``h ≤ 2γ / (g(γ² + ‖K − Kᵀ‖²))``
+``"theta"``               ``Y⁺ = Y + h[θF_j(Y⁺) + (1 − θ)F_j(Y)]``   every ``h`` for ``θ ≥ ½`` (A-stable)
 ``"leapfrog"``            ``Y⁺ = 2Y − Y⁻ + h² F_j(Y)``, ``Y⁻ = Y₀``  bound ``h ≤ 2 / (√g ‖K‖)``
 ``"hamiltonian"``         ``Z ← Z + h F¹_j(Y)``, ``Y ← Y − h F²_j(Z)``, ``Z₀ = 0`` (Verlet)
 ``"diffusion-reaction"``  Lie ``D_h ∘ R_h``, Strang ``D_{h/2} ∘ R_h ∘ D_{h/2}``; ``R_h Y = Y + h f(Y)``
@@ -19,13 +26,18 @@ scheme                    step ``j`` (``F_j(Y) = −K_jᵀ σ(N(K_j Y + b_j))``,
 ``g`` bounds ``σ'·N'`` (see :meth:`pdenet.layers.SymmetricLayer.slope`). The bounds come from the scheme
 stability functions in :mod:`operators.stability`; the assumptions behind each are returned with it.
 :func:`build_block` is the factory used by the networks.
+
+``reversible=True`` (leapfrog and Hamiltonian blocks) backpropagates by reconstructing the states from the last
+two instead of storing them, so the activation memory of a block does not grow with ``nt`` (see
+:class:`ReversibleIntegration`).
 """
 from __future__ import annotations
 
 import math
 import warnings
 import weakref
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -35,10 +47,12 @@ from torch import nn
 from operators import ConvOperator
 from operators.base import as_grid, check_positive_int
 from operators.registry import make_operator
-from operators.stability import max_stable_step, step_bound as scheme_step_bound
+from operators.stability import SCHEMES as CONTRACTS
+from operators.stability import Scheme, get_scheme, max_stable_step, register_scheme as register_contract
+from operators.stability import step_bound as scheme_step_bound
 
 from .diffusion import diffusion_step, fourier_diffusion_flops
-from .layers import GeneralLayer, SymmetricLayer
+from .layers import AntisymmetricLayer, GeneralLayer, SymmetricLayer
 
 OperatorSpec = str | Callable[[int, int], ConvOperator]
 STABILIZERS = ("rescale-h", "project-norm")
@@ -50,17 +64,41 @@ EIGENVALUE_GRID = (16, 16)
 @dataclass(frozen=True)
 class StepStability:
     """The stability of one step (or a whole block): the largest stable ``h`` (``inf``: every ``h``;
-    ``None``: no bound available), the largest operator norm involved, and the assumptions used."""
+    ``None``: no bound available), the largest operator norm involved, and the assumptions used.
+
+    ``amplification``: for one step, ``h ↦ max |R(h^m λ)|`` over the linearized spectrum the bound is derived
+    from (how much the linearized step can amplify a perturbation at step size ``h``; at most 1 exactly when
+    ``h`` is within the bound); ``None`` where there is no such spectrum. For a whole block (see
+    :meth:`TimeSteppingBlock.stability`), ``step_amplification`` is its largest value over the steps at the block's
+    ``h`` and ``block_amplification`` their product over the ``nt`` steps (a bound on the block's linearized
+    growth).
+    """
 
     bound: float | None
     norm: float
     assumptions: tuple[str, ...]
+    amplification: Callable[[float], float] | None = None
+    step_amplification: float | None = None
+    block_amplification: float | None = None
+
+
+def _amplification(scheme: str | Scheme, spectrum) -> Callable[[float], float]:
+    """``h ↦ max |R(h^m λ)|`` over the (sampled) spectrum ``λ``."""
+    contract = get_scheme(scheme)
+    lam = np.asarray(spectrum, dtype=np.complex128).ravel()
+
+    def amplification(h: float) -> float:
+        with np.errstate(all="ignore"):
+            return float(np.nan_to_num(np.abs(contract.amplification((h ** contract.derivative_order) * lam)),
+                                       nan=np.inf).max())
+
+    return amplification
 
 
 class Linearization(NamedTuple):
     """One term of a step, linearized: ``z = h^m·λ`` for the eigenvalues ``λ`` of ``∂fn/∂x`` at ``point``
-    must lie in the stability region of ``scheme`` (a name of :mod:`operators.stability`, whose test
-    equation ``y^(m) = λ y`` fixes ``m``: 2 for leapfrog and Verlet, whose ``fn`` is the second-order
+    must lie in the stability region of ``scheme`` (a registered name of :mod:`operators.stability`, whose
+    test equation ``y^(m) = λ y`` fixes ``m``: 2 for leapfrog and Verlet, whose ``fn`` is the second-order
     right-hand side, 1 otherwise)."""
 
     label: str
@@ -145,9 +183,19 @@ def _slope_text(layer) -> str:
     return text + (f": g = {g:.4g}" if g is not None else ": no bound on g, so none on h")
 
 
-def _symmetric_stability(scheme: str, layers: list[SymmetricLayer], grid, method: str, law: str) -> StepStability:
-    """Bound of a scheme whose linearized step involves ``−K_iᵀ D_i K_i`` only: the scheme's
-    ``step_bound`` at ``Π_i √g_i ‖K_i‖``."""
+def symmetric_stability(scheme: str | Scheme, layers: list[SymmetricLayer], grid, method: str,
+                        law: str | None = None) -> StepStability:
+    """Bound of a scheme whose linearized step involves ``−K_iᵀ D_i K_i`` only: the scheme's ``step_bound`` at
+    ``Π_i √g_i ‖K_i‖``. ``law``: the sentence saying why; by default the one-layer law of ``scheme``'s contract
+    (eigenvalues of the Jacobian in ``[−g‖K‖², 0]``, ``h ≤ |a|/(g‖K‖²)`` for its real interval ``[a, 0]``)."""
+    contract = get_scheme(scheme)
+    a = contract.real_interval[0]
+    if law is None and a == -math.inf:
+        law = (f"Jacobian −KᵀDK has eigenvalues in [−g‖K‖², 0]; {contract.name} is stable on the whole negative "
+               "real axis (A-stable): every h")
+    elif law is None:
+        law = (f"Jacobian −KᵀDK has eigenvalues in [−g‖K‖², 0]; {contract.name} (real interval "
+               f"[{a:.6g}, 0]): h ≤ {-a:.6g}/(g‖K‖²)")
     norms, texts = [], [law]
     scale = 1.0
     for layer in layers:
@@ -156,12 +204,16 @@ def _symmetric_stability(scheme: str, layers: list[SymmetricLayer], grid, method
         texts += [text, _slope_text(layer)]
         g = layer.slope()
         scale = None if (g is None or scale is None) else scale * math.sqrt(g) * norm
-    bound = None if scale is None else scheme_step_bound(scheme, scale)
-    return StepStability(bound, max(norms), tuple(dict.fromkeys(texts)))
+    if scale is None:
+        return StepStability(None, max(norms), tuple(dict.fromkeys(texts)))
+    spectrum = -np.linspace(0.0, 1.0, 2001) ** 2 * scale ** 2  # [−scale², 0], denser near 0
+    return StepStability(scheme_step_bound(contract, scale), max(norms), tuple(dict.fromkeys(texts)),
+                         _amplification(contract, spectrum))
 
 
-def _general_stability(layer: GeneralLayer, grid, method: str) -> StepStability:
-    """Forward Euler with ``K₂ D K₁``: linearized at ``D = g I``, eigenvalues of ``g K̂₂(ω) K̂₁(ω)``."""
+def general_stability(layer: GeneralLayer, grid, method: str, scheme: str | Scheme = "euler") -> StepStability:
+    """``scheme`` (forward Euler by default) on ``K₂ D K₁``: linearized at ``D = g I``, the largest ``h`` keeping
+    ``h·λ`` in the region for the eigenvalues ``λ`` of ``g K̂₂(ω) K̂₁(ω)`` over a periodic grid's frequencies."""
     norms = [_norm_of(op, grid, method) for op in layer.operators()]
     n1, n2 = EIGENVALUE_GRID if grid is None else grid
     texts = [
@@ -175,15 +227,39 @@ def _general_stability(layer: GeneralLayer, grid, method: str) -> StepStability:
     with torch.no_grad():
         product = layer.op2.symbol((n1, n2)) @ layer.op1.symbol((n1, n2))
         eigenvalues = g * torch.linalg.eigvals(product).flatten().cpu().numpy()
-    return StepStability(float(max_stable_step("euler", eigenvalues)), max(n for n, _ in norms), tuple(texts))
+    return StepStability(float(max_stable_step(scheme, eigenvalues)), max(n for n, _ in norms), tuple(texts),
+                         _amplification(scheme, eigenvalues))
 
 
-def _combine(parts: list[StepStability]) -> StepStability:
+def antisymmetric_stability(layer: AntisymmetricLayer, grid, method: str,
+                            scheme: str | Scheme = "euler") -> StepStability:
+    """``scheme`` on ``F(Y) = σ(N((K − Kᵀ − γI)Y + b))``, linearized at ``D = g I``: the eigenvalues
+    ``g(−γ ± i‖K − Kᵀ‖)`` are the extreme ones of ``g(A − γI)`` for the region of a forward Euler step
+    (``|1 + hg(−γ + iμ)|`` grows with ``|μ|``), giving ``h ≤ 2γ / (g(γ² + ‖K − Kᵀ‖²))``."""
+    norm, text = _norm_of(layer.antisymmetric_operator(), grid, "symbol" if method == "tracked" else method)
+    texts = [f"linear part K − Kᵀ − γI (γ = {layer.gamma:g}) has eigenvalues −γ + iμ, |μ| ≤ ‖K − Kᵀ‖; linearized "
+             f"at D = g·I: {get_scheme(scheme).name} needs h·g(−γ ± i‖K − Kᵀ‖) in its region",
+             text.replace("‖K‖", "‖K − Kᵀ‖"), _slope_text(layer)]
+    g = layer.slope()
+    if g is None:
+        return StepStability(None, norm, tuple(texts))
+    spectrum = g * (-layer.gamma + 1j * norm * np.linspace(-1.0, 1.0, 401))
+    return StepStability(float(max_stable_step(scheme, [g * complex(-layer.gamma, norm)])), norm, tuple(texts),
+                         _amplification(scheme, spectrum))
+
+
+def _combine(parts: list[StepStability], composite: bool = False) -> StepStability:
+    """The parts' smallest bound, largest norm and all assumptions. ``composite``: the parts are sub-steps of one
+    step (splitting), whose amplification is at most the product of theirs."""
     bounds = [p.bound for p in parts]
+    amplification = None
+    if composite and all(p.amplification is not None for p in parts):
+        amplification = lambda h: math.prod(p.amplification(h) for p in parts)  # noqa: E731
     return StepStability(
         None if any(b is None for b in bounds) else min(bounds),
         max(p.norm for p in parts),
         tuple(dict.fromkeys(a for p in parts for a in p.assumptions)),
+        amplification,
     )
 
 
@@ -200,16 +276,31 @@ class TimeSteppingBlock(nn.Module):
         operators of every step whose bound is below ``h / safety``); applied by :meth:`enforce_stability`,
         which a trainer calls after each optimizer step.
     safety : fraction of the bound that ``enforce_stability`` targets.
+    reversible : backpropagate by reconstructing the states (schemes with an exact ``inverse_step`` only): in
+        training mode with gradients enabled, ``forward`` keeps no activations of its steps (see
+        :class:`ReversibleIntegration`); in eval mode or without gradients it is the plain forward.
+
+    A scheme subclass sets ``scheme`` (its registered name) and ``contract`` (its stability contract: an
+    :class:`operators.stability.Scheme` or the name of a registered one) and implements ``step``; see
+    :func:`register_scheme`.
     """
 
     scheme: str = ""
+    #: the stability contract: an ``operators.stability.Scheme`` or a registered name (``None``: the scheme
+    #: writes its own ``linearize`` and ``step_stability``, as diffusion–reaction splitting does).
+    contract: Scheme | str | None = None
     #: ``bound(c·K) = bound(K) / c**bound_degree`` when every operator of a step is scaled by ``c``.
     bound_degree: int = 2
-    reversible: bool = False
+    #: the scheme has an exact ``inverse_step`` (``Y_j`` from ``Y_{j+1}``), so ``reversible=True`` is possible.
+    invertible: bool = False
 
     def __init__(self, channels: int, nt: int = 3, h: float = 1.0, *, shared_weights: bool = False,
-                 learn_h: bool = False, stabilize: str | None = None, safety: float = 0.9):
+                 learn_h: bool = False, stabilize: str | None = None, safety: float = 0.9, reversible: bool = False):
         super().__init__()
+        if reversible and not self.invertible:
+            raise ValueError(f"reversible=True needs a scheme with an exact inverse step (leapfrog, hamiltonian); "
+                             f"the {self.scheme!r} scheme has none")
+        self.reversible = bool(reversible)
         self.channels = check_positive_int("channels", channels)
         self.nt = check_positive_int("nt", nt)
         if isinstance(h, bool) or not isinstance(h, (int, float, np.floating)) or not math.isfinite(h) or h <= 0:
@@ -285,12 +376,18 @@ class TimeSteppingBlock(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self._check_input(y)
         self._grid = tuple(y.shape[-2:])
-        state = self.initial_state(y)
+        if self.reversible and self.training and torch.is_grad_enabled():
+            params = [p for p in self.parameters() if p.requires_grad]
+            return ReversibleIntegration.apply(self, y, *params)
+        return self.output(self.run_steps(self.initial_state(y)))
+
+    def run_steps(self, state):
+        """All ``nt`` steps from a full state, calling the step hooks after each; returns the last state."""
         for j in range(self.nt):
             state = self.step(j, state)
             for hook in self._step_hooks:
                 hook(self, j, self.output(state))
-        return self.output(state)
+        return state
 
     def integrate(self, state, reverse: bool = False):
         """All ``nt`` steps from a full state; ``reverse=True`` undoes them (reversible schemes only)."""
@@ -335,7 +432,14 @@ class TimeSteppingBlock(nn.Module):
         grid = None if grid is None else as_grid(grid)
         if method == "power" and grid is None:
             raise ValueError("method='power' needs the grid the block runs on")
-        return _combine([self.step_stability(j, grid, method) for j in range(len(self.steps))])
+        parts = [self.step_stability(j, grid, method) for j in range(len(self.steps))]
+        result = _combine(parts)
+        if any(p.amplification is None for p in parts):
+            return result
+        h = float(self.h.detach())
+        per_step = [p.amplification(h) for p in parts]
+        over_block = math.prod(per_step) if len(per_step) == self.nt else per_step[0] ** self.nt
+        return replace(result, step_amplification=max(per_step), block_amplification=over_block)
 
     def step_bound(self, grid=None, method: str = "symbol") -> float | None:
         """Largest stable ``h`` from the current weights (``inf``: every ``h``; ``None``: unknown)."""
@@ -381,20 +485,145 @@ class TimeSteppingBlock(nn.Module):
             text += ", learn_h=True"
         if self.stabilize:
             text += f", stabilize={self.stabilize!r}"
+        if self.reversible:
+            text += ", reversible=True"
         return text
+
+
+@contextmanager
+def frozen_running_stats(module: nn.Module):
+    """Inside the context, batch norms of ``module`` in training mode normalize by the batch's statistics as
+    usual but do not update their running statistics (for recomputing steps that already counted once)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def _zeros_for_none(grads, like):
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, like))
+
+
+class ReversibleIntegration(torch.autograd.Function):
+    """Backpropagation through ``nt`` invertible steps without storing their states (Chang et al., "Reversible
+    architectures for arbitrarily deep residual neural networks", AAAI 2018).
+
+    Notes
+    -----
+    The forward pass runs the steps without recording a graph and keeps only the last state (two tensors of
+    the input's shape for leapfrog ``(Y_{nt−1}, Y_nt)`` and Verlet ``(Y_nt, Z_nt)``). The backward pass walks
+    the steps in reverse: it reconstructs ``S_j = inverse_step(j, S_{j+1})`` (leapfrog:
+    ``Y_{j−1} = 2Y_j − Y_{j+1} − h² F_j(Y_j)``; Verlet: the two half steps undone in reverse order), recomputes
+    step ``j`` from ``S_j`` with a graph, and takes the vector-Jacobian product of that one step with the
+    incoming gradient. Activation memory is that of one step, whatever ``nt``; the cost is one inverse step
+    and one recomputed step per step (about twice the forward). The gradient is exact up to the rounding of
+    the reconstruction (its drift is measured by ``tests/pdenet/test_reversible.py``). Batch norm inside the
+    steps normalizes by batch statistics again in the recomputation but updates its running statistics only
+    in the forward pass. Higher derivatives are not supported.
+    """
+
+    @staticmethod
+    def forward(ctx, block: TimeSteppingBlock, y: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.block = block
+        with torch.no_grad():
+            state = block.run_steps(block.initial_state(y))
+            out = block.output(state)
+        ctx.save_for_backward(*state)
+        ctx.n_state = len(state)
+        return out.clone() if any(out is t for t in state) else out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        block, saved = ctx.block, ctx.saved_tensors
+        params = [p for p in block.parameters() if p.requires_grad]
+        state = tuple(t.detach() for t in saved)
+        with torch.enable_grad():
+            leaves = tuple(t.requires_grad_() for t in (s.clone() for s in state))
+            grads = _zeros_for_none(torch.autograd.grad(block.output(leaves), leaves, grad_out, allow_unused=True),
+                                    leaves)
+        param_grads = [torch.zeros_like(p) for p in params]
+        with frozen_running_stats(block):
+            for j in reversed(range(block.nt)):
+                with torch.no_grad():
+                    state = block.inverse_step(j, state)
+                with torch.enable_grad():
+                    leaves = tuple(t.detach().requires_grad_() for t in state)
+                    recomputed = block.step(j, leaves)
+                    found = torch.autograd.grad(recomputed, (*leaves, *params), grads, allow_unused=True)
+                grads = _zeros_for_none(found[:len(leaves)], leaves)
+                for acc, g in zip(param_grads, found[len(leaves):]):
+                    if g is not None:
+                        acc += g
+            with torch.enable_grad():  # the start may use the weights too (leapfrog's Taylor start)
+                y = block.output(state).detach().requires_grad_()
+                pairs = [(s, g) for s, g in zip(block.initial_state(y), grads) if s.requires_grad]
+                found = torch.autograd.grad([s for s, _ in pairs], (y, *params), [g for _, g in pairs],
+                                            allow_unused=True)
+        for acc, g in zip(param_grads, found[1:]):
+            if g is not None:
+                acc += g
+        return (None, found[0], *param_grads)
 
 
 SCHEMES: dict[str, type[TimeSteppingBlock]] = {}
 
 
-def register(cls: type[TimeSteppingBlock]) -> type[TimeSteppingBlock]:
-    SCHEMES[cls.scheme] = cls
+def register_scheme(cls: type[TimeSteppingBlock]) -> type[TimeSteppingBlock]:
+    """Register the block class ``cls`` under ``cls.scheme`` with its stability contract (usable as a decorator).
+
+    One call makes the scheme reachable everywhere a scheme is named: :func:`build_block`, ``PDEResNet(scheme=...)``,
+    the named configurations and the ``pdenet`` commands. ``cls.contract`` is an
+    :class:`operators.stability.Scheme` (registered in :data:`operators.stability.SCHEMES` by this call when its
+    name is new) or the name of one registered there; ``None`` only for a class that writes its own
+    ``linearize`` and ``step_stability``. Raises ``TypeError`` for a class that is no ``TimeSteppingBlock``,
+    lacks a ``step`` or a contract, and ``ValueError`` for a name already taken by another block or contract.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, TimeSteppingBlock)):
+        raise TypeError(f"register_scheme expects a subclass of pdenet.TimeSteppingBlock, got {cls!r}")
+    name = cls.scheme
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}.scheme must be a non-empty string naming the scheme, got {name!r}")
+    if name in SCHEMES:
+        raise ValueError(f"a scheme named {name!r} is already registered ({SCHEMES[name].__name__})")
+    if cls.step is TimeSteppingBlock.step:
+        raise TypeError(f"{cls.__name__} must implement step(self, j, state)")
+    contract = cls.contract
+    if contract is None:
+        if cls.step_stability is TimeSteppingBlock.step_stability or cls.linearize is TimeSteppingBlock.linearize:
+            raise TypeError(f"{cls.__name__} has no stability contract: set contract = an operators.stability.Scheme "
+                            "(or a registered name), or implement linearize and step_stability")
+    elif isinstance(contract, Scheme):
+        known = CONTRACTS.get(contract.name)
+        if known is None:
+            register_contract(contract)
+        elif known is not contract:
+            raise ValueError(f"{cls.__name__}.contract is named {contract.name!r}, but a different stability "
+                             "contract of that name is already registered")
+    elif isinstance(contract, str):
+        get_scheme(contract)  # ValueError naming the known contracts
+    else:
+        raise TypeError(f"{cls.__name__}.contract must be an operators.stability.Scheme, a registered name or None, "
+                        f"got {type(contract).__name__}")
+    SCHEMES[name] = cls
     return cls
 
 
 # ---------------------------------------------------------------------------------------- schemes
-class _LayerBlock(TimeSteppingBlock):
-    """Blocks whose steps are layers built from one operator kind (``operator``, ``hidden_channels``)."""
+class LayerBlock(TimeSteppingBlock):
+    """Blocks whose steps are layers built from one operator kind (``operator``, ``operator_kwargs``,
+    ``hidden_channels``, ``activation``, ``normalization``, ``bias``).
+
+    ``make_layer`` builds step ``j``'s weights (a :class:`~pdenet.layers.SymmetricLayer` by default); with a
+    ``contract`` and a step that evaluates its layer ``F_j`` near ``Y_j``, ``linearize`` and ``step_stability``
+    follow from the contract: ``z = hλ`` for the eigenvalues ``λ`` of ``∂F_j/∂Y`` at ``Y_j``, and the step bound
+    from ``‖K‖`` (symmetric layer), from the eigenvalues of ``g K̂₂K̂₁`` (general layer) or from ``γ`` and
+    ``‖K − Kᵀ‖`` (antisymmetric layer). A new one-step scheme therefore writes only ``step``.
+    """
 
     closed_bound = True  # a guaranteed step bound exists (given a slope bound g)
 
@@ -416,61 +645,311 @@ class _LayerBlock(TimeSteppingBlock):
     def make_layer(self, factory, j: int, activation, normalization, bias) -> nn.Module:
         return self._symmetric(factory, f"K of step {j}", activation, normalization, bias)
 
-
-@register
-class ParabolicBlock(_LayerBlock):
-    """Forward Euler with the symmetric layer: ``Y ← Y − h K_jᵀ σ(N(K_j Y + b_j))``."""
-
-    scheme = "parabolic"
-
-    def step(self, j, y):
-        return y + self.h * self.weights(j)(y)
-
-    def linearize(self, j, y):
-        return [Linearization(f"step {j}", "parabolic", self.weights(j), y, float(self.h))]
-
-    def step_stability(self, j, grid, method):
-        law = "Jacobian −KᵀDK has eigenvalues in [−g‖K‖², 0]; forward Euler: h ≤ 2/(g‖K‖²)"
-        return _symmetric_stability("parabolic", [self.weights(j)], grid, method, law)
-
-
-@register
-class EulerBlock(_LayerBlock):
-    """Forward Euler with the general layer: ``Y ← Y + h K₂ σ(N(K₁ Y + b))`` (``K₁: c -> m``, ``K₂: m -> c``)."""
-
-    scheme = "euler"
-    closed_bound = False
-
-    def make_layer(self, factory, j, activation, normalization, bias):
+    def _general(self, factory, j: int, activation, normalization, bias) -> GeneralLayer:
         op1 = _new_operator(factory, self.channels, self.hidden_channels, f"K₁ of step {j}")
         op2 = _new_operator(factory, self.hidden_channels, self.channels, f"K₂ of step {j}")
         return GeneralLayer(op1, op2, activation, normalization, bias)
 
+    def linearize(self, j, y):
+        if self.contract is None:
+            raise NotImplementedError(f"the {self.scheme!r} block has no contract; it must implement linearize")
+        return [Linearization(f"step {j}", get_scheme(self.contract).name, self.weights(j), y, float(self.h))]
+
+    def step_stability(self, j, grid, method):
+        layer = self.weights(j)
+        if self.contract is None:
+            raise NotImplementedError(f"the {self.scheme!r} block has no contract; it must implement step_stability")
+        if isinstance(layer, SymmetricLayer):
+            return symmetric_stability(self.contract, [layer], grid, method)
+        if isinstance(layer, GeneralLayer):
+            return general_stability(layer, grid, method, self.contract)
+        if isinstance(layer, AntisymmetricLayer):
+            return antisymmetric_stability(layer, grid, method, self.contract)
+        raise NotImplementedError(f"the {self.scheme!r} block's steps are {type(layer).__name__}, for which no "
+                                  "step bound is derived from the contract; implement step_stability")
+
+
+@register_scheme
+class ParabolicBlock(LayerBlock):
+    """Forward Euler with the symmetric layer: ``Y ← Y − h K_jᵀ σ(N(K_j Y + b_j))``."""
+
+    scheme = "parabolic"
+    contract = "parabolic"
+
     def step(self, j, y):
         return y + self.h * self.weights(j)(y)
 
-    def linearize(self, j, y):
-        return [Linearization(f"step {j}", "euler", self.weights(j), y, float(self.h))]
 
-    def step_stability(self, j, grid, method):
-        return _general_stability(self.weights(j), grid, method)
+@register_scheme
+class EulerBlock(LayerBlock):
+    """Forward Euler with the general layer: ``Y ← Y + h K₂ σ(N(K₁ Y + b))`` (``K₁: c -> m``, ``K₂: m -> c``)."""
+
+    scheme = "euler"
+    contract = "euler"
+    closed_bound = False
+
+    def make_layer(self, factory, j, activation, normalization, bias):
+        return self._general(factory, j, activation, normalization, bias)
+
+    def step(self, j, y):
+        return y + self.h * self.weights(j)(y)
 
 
-@register
-class LeapfrogBlock(_LayerBlock):
+class RungeKuttaBlock(LayerBlock):
+    """An explicit Runge–Kutta method with Butcher tableau ``(a, b)`` on the layer ``F_j`` of step ``j``.
+
+    Notes
+    -----
+    ``k_i = F_j(Y + h Σ_{l<i} a_{il} k_l)``, ``Y ← Y + h Σ_i b_i k_i``. On ``y' = λy`` one step multiplies by
+    ``R(hλ)``, the contract's stability function (``Σ_{m≤s} z^m/m!`` for the ``s``-stage methods of order
+    ``s ≤ 4``). ``layer="symmetric"``: ``F_j(Y) = −K_jᵀσ(N(K_jY + b_j))``, whose Jacobian has eigenvalues in
+    ``[−g‖K‖², 0]``, so ``h ≤ |a|/(g‖K‖²)`` with ``[a, 0]`` the real stability interval; ``layer="general"``:
+    ``F_j(Y) = K₂σ(N(K₁Y + b))``, bound from the eigenvalues of ``g K̂₂K̂₁`` (no guarantee). Costs ``s`` layer
+    evaluations per step.
+    """
+
+    tableau_a: tuple[tuple[float, ...], ...] = ()
+    tableau_b: tuple[float, ...] = ()
+
+    def __init__(self, channels: int, nt: int = 3, h: float = 1.0, *, layer: str = "symmetric", **kwargs):
+        if layer not in ("symmetric", "general"):
+            raise ValueError(f"unknown layer {layer!r} for the {self.scheme!r} block; expected 'symmetric' or 'general'")
+        self.layer = layer
+        self.closed_bound = layer == "symmetric"
+        super().__init__(channels, nt, h, **kwargs)
+
+    def make_layer(self, factory, j, activation, normalization, bias):
+        if self.layer == "general":
+            return self._general(factory, j, activation, normalization, bias)
+        return self._symmetric(factory, f"K of step {j}", activation, normalization, bias)
+
+    def step(self, j, y):
+        f, h = self.weights(j), self.h
+        stages = []
+        for row in self.tableau_a:
+            point = y
+            for a, k in zip(row, stages):
+                if a:
+                    point = point + (h * a) * k
+            stages.append(f(point))
+        update = sum(b * k for b, k in zip(self.tableau_b, stages) if b)
+        return y + h * update
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, layer={self.layer!r}"
+
+
+@register_scheme
+class RK2Block(RungeKuttaBlock):
+    """Heun's method (RK2): ``k₁ = F(Y)``, ``k₂ = F(Y + h k₁)``, ``Y ← Y + h/2 (k₁ + k₂)``; ``R(z) = 1 + z + z²/2``,
+    real interval ``[−2, 0]``: with the symmetric layer ``h ≤ 2/(g‖K‖²)``, as forward Euler, at second order."""
+
+    scheme = "rk2"
+    contract = "rk2"
+    tableau_a = ((), (1.0,))
+    tableau_b = (0.5, 0.5)
+
+
+@register_scheme
+class RK4Block(RungeKuttaBlock):
+    """Classical Runge–Kutta (RK4): ``k₁ = F(Y)``, ``k₂ = F(Y + h/2 k₁)``, ``k₃ = F(Y + h/2 k₂)``,
+    ``k₄ = F(Y + h k₃)``, ``Y ← Y + h/6 (k₁ + 2k₂ + 2k₃ + k₄)``; ``R(z) = Σ_{m≤4} z^m/m!``, real interval
+    ``[−2.7853, 0]``: with the symmetric layer ``h ≤ 2.7853/(g‖K‖²)``, at fourth order and four layer evaluations."""
+
+    scheme = "rk4"
+    contract = "rk4"
+    tableau_a = ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0))
+    tableau_b = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
+
+
+@register_scheme
+class AntisymmetricBlock(LayerBlock):
+    """Forward Euler with the antisymmetric layer: ``Y ← Y + h σ(N((K_j − K_jᵀ − γI) Y + b_j))``.
+
+    ``gamma`` (``γ ≥ 0``, default 0.5) damps the purely oscillatory linear part ``K − Kᵀ`` (eigenvalues ``iμ``),
+    which forward Euler alone would amplify at every ``h``; the step bound is ``h ≤ 2γ/(g(γ² + ‖K − Kᵀ‖²))``
+    (0 for ``γ = 0``). Every operator kind with ``c -> c`` channels works: ``Kᵀ`` is its exact adjoint.
+    """
+
+    scheme = "antisymmetric"
+    contract = "euler"
+
+    def __init__(self, channels: int, nt: int = 3, h: float = 1.0, *, gamma: float = 0.5, **kwargs):
+        self.gamma = gamma
+        super().__init__(channels, nt, h, **kwargs)
+
+    def make_layer(self, factory, j, activation, normalization, bias):
+        op = _new_operator(factory, self.channels, self.channels, f"K of step {j}")
+        return AntisymmetricLayer(op, self.gamma, activation, normalization, bias)
+
+    def step(self, j, y):
+        return y + self.h * self.weights(j)(y)
+
+
+def _batched_cg(matvec: Callable, rhs: torch.Tensor, tol: float, maxiter: int) -> tuple[torch.Tensor, int]:
+    """Conjugate gradients for ``A x = rhs``, one independent symmetric positive definite system per sample (the
+    first axis), all advanced together; stops when every ``‖rhs − A x‖ ≤ tol ‖rhs‖`` or after ``maxiter``
+    iterations. Returns ``x`` and the number of iterations (products with ``A``)."""
+    def dot(a, b):
+        return (a * b).flatten(1).sum(1).view(-1, *([1] * (a.dim() - 1)))
+
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rr = dot(r, r)
+    target = (tol ** 2) * rr
+    for iteration in range(1, maxiter + 1):
+        ap = matvec(p)
+        pap = dot(p, ap)
+        alpha = torch.where(pap > 0, rr / pap.clamp_min(torch.finfo(rhs.dtype).tiny), torch.zeros_like(pap))
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = dot(r, r)
+        if bool((rr_new <= target).all()):
+            return x, iteration
+        p = r + (rr_new / rr.clamp_min(torch.finfo(rhs.dtype).tiny)) * p
+        rr = rr_new
+    return x, maxiter
+
+
+@register_scheme
+class ThetaBlock(LayerBlock):
+    """The implicit θ-method with the symmetric layer: ``Y⁺ = Y + h[θ F_j(Y⁺) + (1 − θ) F_j(Y)]``,
+    ``F_j(Y) = −K_jᵀσ(K_jY + b_j)``; ``theta=1`` backward Euler, ``theta=0.5`` Crank–Nicolson.
+
+    Notes
+    -----
+    The step solves ``G(X) = X − hθF(X) − r = 0``, ``r = Y + h(1 − θ)F(Y)``, by Newton–Krylov: the Jacobian
+    ``∂G/∂X = I + hθKᵀDK`` (``D = diag σ' ≥ 0``) is symmetric positive definite, so each Newton correction is
+    found by conjugate gradients with the products ``v ↦ v + hθKᵀ(D ⊙ Kv)`` (two operator applications each,
+    see :meth:`pdenet.layers.SymmetricLayer.jacobian_at`), to a relative
+    ``0.1·‖G‖/‖r‖`` (inexact Newton), with backtracking on ``‖G‖``; Newton stops when ``‖G(X)‖ ≤ tol·‖r‖`` for
+    every sample. The gradient is the implicit function theorem's, never the solver's iterations: the output is
+    ``X_out = r + hθF(X*)`` with ``X*`` the solution held constant (equal to ``X*`` at convergence), and the
+    gradient arriving at ``X_out`` is replaced by ``λ = (I − hθ∂F/∂X(X*))^{-ᵀ} g`` (one conjugate-gradient solve
+    with the same symmetric products), so that autograd through ``r`` and ``F(X*)`` gives ``λᵀ ∂G/∂(Y, θ_j, h)``.
+
+    ``R(z) = (1 + (1 − θ)z)/(1 − θz)``: for ``θ ≥ ½`` every ``h`` is stable (A-stable), and the step bound is
+    ``inf``. Each forward pass records ``solver_log``: per step the Newton iterations, the conjugate-gradient
+    iterations (Jacobian-vector products) and the relative residual; the backward pass appends the adjoint
+    solves' iterations to ``adjoint_log``. Normalization must be ``"none"`` (batch or TV normalization would
+    make the Jacobian non-symmetric, and conjugate gradients need it symmetric).
+    """
+
+    scheme = "theta"
+    contract = "implicit-euler"
+
+    def __init__(self, channels: int, nt: int = 3, h: float = 1.0, *, theta: float = 1.0, tol: float = 1e-6,
+                 max_newton: int = 30, max_cg: int = 100, **kwargs):
+        from operators.stability import theta_scheme
+
+        self.contract = theta_scheme(theta)
+        self.theta = float(theta)
+        if kwargs.get("normalization", "none") != "none":
+            raise ValueError(f"the implicit {self.scheme!r} block needs normalization='none' (conjugate gradients need "
+                             f"the symmetric Jacobian −KᵀDK), got {kwargs['normalization']!r}")
+        if not (isinstance(tol, float) and 0 < tol < 1):
+            raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
+        super().__init__(channels, nt, h, **kwargs)
+        self.tol = tol
+        self.max_newton = check_positive_int("max_newton", max_newton)
+        self.max_cg = check_positive_int("max_cg", max_cg)
+        self.solver_log: list[dict] = []
+        self.adjoint_log: list[dict] = []
+
+    def forward(self, y):
+        self.solver_log = []
+        return super().forward(y)
+
+    def _solve(self, f, r: torch.Tensor, start: torch.Tensor, ht: float) -> tuple[torch.Tensor, dict]:
+        """Newton–Krylov for ``X − ht·F(X) = r`` from ``start``."""
+        def norm(t):
+            return t.flatten(1).norm(dim=1)
+
+        scale = norm(r).clamp_min(torch.finfo(r.dtype).tiny)
+        x = start
+        g = x - ht * f(x) - r
+        cg_total = 0
+        newton = 0
+        while newton < self.max_newton and bool((norm(g) > self.tol * scale).any()):
+            newton += 1
+            forcing = min(0.1, float((norm(g) / scale).max()))
+            delta, iterations = _batched_cg(self._jacobian_product(f, x, ht), -g, forcing, self.max_cg)
+            cg_total += iterations
+            step = 1.0
+            while True:  # backtracking: accept the first step that lowers every residual (or the smallest)
+                candidate = x + step * delta
+                g_new = candidate - ht * f(candidate) - r
+                if bool((norm(g_new) <= (1 - 1e-4 * step) * norm(g)).all()) or step < 1e-3:
+                    break
+                step /= 2
+            x, g = candidate, g_new
+        return x, {"newton": newton, "cg": cg_total, "residual": float((norm(g) / scale).max())}
+
+    def step(self, j, y):
+        f, h, theta = self.weights(j), self.h, self.theta
+        r = y + (h * (1 - theta)) * f(y) if theta < 1 else y
+        if theta == 0:
+            return r
+        ht = float(h.detach()) * theta
+        with torch.no_grad():
+            x, record = self._solve(f, r.detach(), r.detach(), ht)
+        self.solver_log.append({"step": j, **record})
+        out = r + (h * theta) * f(x)
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._adjoint_solve(f, x, ht, grad, j))
+        return out
+
+    @staticmethod
+    def _jacobian_product(f: SymmetricLayer, x: torch.Tensor, ht: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``v ↦ (I − ht ∂F/∂X(x)) v = v + ht Kᵀ(D ⊙ K v)``: symmetric, so also the transposed product the adjoint
+        solve needs."""
+        with torch.no_grad():
+            jacobian = f.jacobian_at(x)
+        return lambda v: v - ht * jacobian(v)
+
+    def _adjoint_solve(self, f, x: torch.Tensor, ht: float, grad: torch.Tensor, j: int) -> torch.Tensor:
+        """``λ = (I − ht ∂F/∂X(x))^{-ᵀ} grad`` by conjugate gradients (the matrix is symmetric)."""
+        if grad is None:  # an undefined gradient stays undefined
+            return None
+        lam, iterations = _batched_cg(self._jacobian_product(f, x, ht), grad, min(self.tol, 1e-3), self.max_cg)
+        self.adjoint_log.append({"step": j, "cg": iterations})
+        return lam
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, theta={self.theta:g}, tol={self.tol:g}"
+
+
+@register_scheme
+class LeapfrogBlock(LayerBlock):
     """Second-order (hyperbolic) leapfrog: ``Y_{j+1} = 2Y_j − Y_{j−1} − h² K_jᵀ σ(N(K_j Y_j + b_j))``.
 
-    The state is the pair ``(Y_{j−1}, Y_j)``, started at ``(Y₀, Y₀)`` (zero initial velocity). The scheme
-    is time-reversible: ``Y_{j−1} = 2Y_j − Y_{j+1} + h² F_j(Y_j)``. Linearized, ``Y'' = −KᵀDK Y`` with the
-    eigenvalues of ``KᵀDK`` in ``[0, g‖K‖²]``; stable while ``h²λ ∈ [−4, 0]``.
+    The state is the pair ``(Y_{j−1}, Y_j)`` for ``Y'' = F(Y)`` with zero initial velocity. ``start="rest"``
+    starts at ``(Y₀, Y₀)``: its first step ``Y₁ = Y₀ + h²F₀(Y₀)`` is twice the Taylor step, an error that makes
+    the trajectory converge at first order only. ``start="taylor"`` starts at ``(Y₀ + h²/2 F₀(Y₀), Y₀)``, so that
+    ``Y₁ = Y₀ + h²/2 F₀(Y₀)`` (the Taylor start), and the scheme converges at second order (one more layer
+    evaluation). The scheme is time-reversible: ``Y_{j−1} = 2Y_j − Y_{j+1} − h² F_j(Y_j)``. Linearized,
+    ``Y'' = −KᵀDK Y`` with the eigenvalues of ``KᵀDK`` in ``[0, g‖K‖²]``; stable while ``h²λ ∈ [−4, 0]``.
     """
 
     scheme = "leapfrog"
+    contract = "leapfrog"
     bound_degree = 1
-    reversible = True
+    invertible = True
+
+    def __init__(self, channels: int, nt: int = 3, h: float = 1.0, *, start: str = "rest", **kwargs):
+        if start not in ("rest", "taylor"):
+            raise ValueError(f"unknown start {start!r} for the leapfrog block; expected 'rest' or 'taylor'")
+        self.start = start
+        super().__init__(channels, nt, h, **kwargs)
 
     def initial_state(self, y):
+        if self.start == "taylor":
+            return (y + (self.h ** 2 / 2) * self.weights(0)(y), y)
         return (y, y)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", start='taylor'" if self.start == "taylor" else "")
 
     def output(self, state):
         return state[1]
@@ -484,11 +963,11 @@ class LeapfrogBlock(_LayerBlock):
         return (2 * y - y_next + self.h ** 2 * self.weights(j)(y), y)
 
     def linearize(self, j, state):
-        return [Linearization(f"step {j}", "leapfrog", self.weights(j), state[1], float(self.h))]
+        return super().linearize(j, state[1])
 
     def step_stability(self, j, grid, method):
         law = "Y'' = −KᵀDK Y with eigenvalues of KᵀDK in [0, g‖K‖²]; leapfrog: h ≤ 2/(√g‖K‖)"
-        return _symmetric_stability("leapfrog", [self.weights(j)], grid, method, law)
+        return symmetric_stability("leapfrog", [self.weights(j)], grid, method, law)
 
 
 class HamiltonianStep(nn.Module):
@@ -500,8 +979,8 @@ class HamiltonianStep(nn.Module):
         self.f2 = f2
 
 
-@register
-class HamiltonianBlock(_LayerBlock):
+@register_scheme
+class HamiltonianBlock(LayerBlock):
     """Verlet (symplectic Euler) for ``Y' = K₂ᵀσ(K₂Z)``, ``Z' = −K₁ᵀσ(K₁Y)``:
     ``Z ← Z − h K₁ᵀσ(N(K₁Y + b₁))``, then ``Y ← Y + h K₂ᵀσ(N(K₂Z + b₂))``, with ``Z₀ = 0``.
 
@@ -510,7 +989,8 @@ class HamiltonianBlock(_LayerBlock):
     """
 
     scheme = "hamiltonian"
-    reversible = True
+    contract = "hamiltonian"
+    invertible = True
 
     def make_layer(self, factory, j, activation, normalization, bias):
         return HamiltonianStep(self._symmetric(factory, f"K₁ of step {j}", activation, normalization, bias),
@@ -547,7 +1027,7 @@ class HamiltonianBlock(_LayerBlock):
     def step_stability(self, j, grid, method):
         w = self.weights(j)
         law = "Y'' = −K₂ᵀD₂K₂K₁ᵀD₁K₁ Y; Verlet: h ≤ 2/(√(g₁g₂)‖K₁‖‖K₂‖)"
-        return _symmetric_stability("hamiltonian", [w.f1, w.f2], grid, method, law)
+        return symmetric_stability("hamiltonian", [w.f1, w.f2], grid, method, law)
 
 
 class DiffusionReactionStep(nn.Module):
@@ -559,7 +1039,7 @@ class DiffusionReactionStep(nn.Module):
         self.reaction = reaction
 
 
-@register
+@register_scheme
 class DiffusionReactionBlock(TimeSteppingBlock):
     """Operator splitting of ``∂_t Y = −KᵀK Y + f(Y)``.
 
@@ -639,19 +1119,22 @@ class DiffusionReactionBlock(TimeSteppingBlock):
         w = self.weights(j)
         if self.reaction == "symmetric":
             law = "reaction Jacobian −PᵀDP has eigenvalues in [−g‖P‖², 0]; forward Euler: h ≤ 2/(g‖P‖²)"
-            reaction = _symmetric_stability("parabolic", [w.reaction], grid, method, law)
+            reaction = symmetric_stability("parabolic", [w.reaction], grid, method, law)
         else:
-            reaction = _general_stability(w.reaction, grid, method)
+            reaction = general_stability(w.reaction, grid, method)
         norm, text = _norm_of(w.diffusion, grid, method)
         fraction = 1.0 if self.splitting == "lie" else 0.5
         if self.diffusion == "explicit":
             bound = scheme_step_bound("diffusion-explicit", norm) / fraction
             law = ("explicit diffusion: eigenvalues of KᵀK in [0, ‖K‖²]; "
                    + ("h ≤ 2/‖K‖²" if fraction == 1 else "sub-steps of h/2: h ≤ 4/‖K‖²"))
+            half = _amplification("diffusion-explicit", -np.linspace(0.0, 1.0, 2001) ** 2 * norm ** 2)
+            amplification = lambda h: half(fraction * h) ** round(1 / fraction)  # noqa: E731
         else:
             bound = math.inf
             law = f"{self.diffusion} diffusion: stable for every h (KᵀK symmetric positive semi-definite)"
-        return _combine([reaction, StepStability(bound, norm, (law, text))])
+            amplification = lambda h: 1.0  # noqa: E731
+        return _combine([reaction, StepStability(bound, norm, (law, text), amplification)], composite=True)
 
 
 def build_block(scheme: str, channels: int, nt: int = 3, h: float = 1.0, operator: OperatorSpec | None = None,

@@ -4,6 +4,11 @@
 replace the configuration's defaults (``build_model("pde-parabolic-lean", nt=2, h=0.5)``) and are checked
 against the network class's keywords. ``list_configs()`` names them all, ``describe(name)`` explains one,
 ``parse_overrides(["nt=2", "operator=grouped"])`` turns command-line ``key=value`` pairs into keywords.
+``register_config`` adds a configuration of your own (reachable from the command line with ``--import``).
+
+Switching the operator by name alone (``build_model("lean-resnet20", operator="dense")``) drops the
+configuration's ``operator_kwargs``, which belong to its own operator kind; give ``operator_kwargs`` too to set
+the new kind's options.
 
 Every lean configuration has a dense twin (``dense_twin``): the same network with dense 3x3 operators.
 """
@@ -74,16 +79,37 @@ def _pde_nets() -> list[ModelConfig]:
         "parabolic": "forward Euler steps of the symmetric layer -K^T relu(BN(K Y + b))",
         "leapfrog": "leapfrog steps of the hyperbolic layer (second order in time, reversible)",
         "hamiltonian": "Verlet steps of the Hamiltonian layer pair (symplectic, reversible)",
+        "rk2": "Heun (RK2) steps of the symmetric layer (two layer evaluations per step)",
+        "rk4": "classical Runge-Kutta (RK4) steps of the symmetric layer (four layer evaluations per step)",
+        "antisymmetric": "forward Euler steps of the antisymmetric layer relu(BN((K - K^T - 0.5 I) Y + b)), "
+                         "h = 0.25 (its bound 2γ/(γ² + ‖K - K^T‖²) is about 0.3 at initialization)",
     }
+    # forward Euler amplifies the oscillatory part of the antisymmetric layer at h = 1 (diverged in training)
+    step_sizes = {"antisymmetric": 0.25}
     configs = []
     for scheme, what in layouts.items():
+        own = {**base, "scheme": scheme, "h": step_sizes.get(scheme, base["h"])}
         configs += [
             ModelConfig(f"pde-{scheme}-dense", PDEResNet, f"{stage}: {what}, dense 3x3 operators",
-                        {**base, "scheme": scheme, "operator": "dense"}),
+                        {**own, "operator": "dense"}),
             ModelConfig(f"pde-{scheme}-lean", PDEResNet, f"{stage}: {what}, lean operators",
-                        {**base, "scheme": scheme, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)},
+                        {**own, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)},
                         dense_twin=f"pde-{scheme}-dense"),
         ]
+    for scheme in ("leapfrog", "hamiltonian"):
+        configs.append(ModelConfig(
+            f"pde-{scheme}-reversible", PDEResNet,
+            f"{stage}: {layouts[scheme]}, lean operators, reversible backpropagation (states reconstructed in "
+            "the backward pass: activation memory flat in nt)",
+            {**base, "scheme": scheme, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS),
+             "block_kwargs": {"normalization": "batch", "reversible": True}},
+            dense_twin=f"pde-{scheme}-dense"))
+    configs.append(ModelConfig(
+        "pde-implicit-lean", PDEResNet,
+        f"{stage}, no batch norm in the layers: backward Euler steps of the symmetric layer, solved by Newton-CG, "
+        "gradients by the implicit function theorem; stable for every h",
+        {**base, "scheme": "theta", "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS),
+         "block_kwargs": {"theta": 1.0, "tol": 1e-4}}))
     configs.append(ModelConfig(
         "pde-diffusion-reaction", PDEResNet,
         f"{stage}: Lie splitting of a pointwise reaction layer and an implicit (FFT, periodic) diffusion "
@@ -123,6 +149,47 @@ def _segmentation() -> list[ModelConfig]:
 
 
 CONFIGS: dict[str, ModelConfig] = {c.name: c for c in _resnets() + _pde_nets() + _baselines() + _segmentation()}
+TASKS = ("classification", "segmentation")
+
+
+def register_config(name: str, builder, description: str, defaults: dict | None = None,
+                    dense_twin: str | None = None, task: str = "classification") -> ModelConfig:
+    """Add the named configuration ``name``: ``builder(num_classes=..., in_channels=..., **defaults)``.
+
+    ``builder`` is a class or function taking the keywords ``num_classes`` and ``in_channels``; ``defaults`` are
+    checked against its other keywords now, not when the model is first built. Returns the
+    :class:`ModelConfig`. ``TypeError`` for a wrong type, ``ValueError`` for a name already taken, an unknown
+    default, twin or task.
+    """
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise TypeError(f"a configuration name must be a non-empty string without spaces, got {name!r}")
+    if name in CONFIGS:
+        raise ValueError(f"a configuration named {name!r} is already registered ({CONFIGS[name].description})")
+    if not callable(builder):
+        raise TypeError(f"configuration {name!r}: builder must be a class or function, got {type(builder).__name__}")
+    if not isinstance(description, str):
+        raise TypeError(f"configuration {name!r}: description must be a string, got {type(description).__name__}")
+    if defaults is not None and not isinstance(defaults, dict):
+        raise TypeError(f"configuration {name!r}: defaults must be a dict, got {type(defaults).__name__}")
+    if task not in TASKS:
+        raise ValueError(f"configuration {name!r}: unknown task {task!r}; expected one of {TASKS}")
+    if dense_twin is not None and dense_twin not in CONFIGS:
+        raise ValueError(f"configuration {name!r}: its dense twin {dense_twin!r} is not a registered configuration")
+    config = ModelConfig(name, builder, description, dict(defaults or {}), dense_twin, task)
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        raise TypeError(f"configuration {name!r}: cannot read the keywords of builder {builder!r}") from None
+    missing = [k for k in COMMON_KEYWORDS if k not in params]
+    if missing:
+        raise TypeError(f"configuration {name!r}: builder {getattr(builder, '__name__', builder)!r} must take the "
+                        f"keywords {', '.join(COMMON_KEYWORDS)} (missing: {', '.join(missing)})")
+    unknown = sorted(set(config.defaults) - set(config.keywords()))
+    if unknown:
+        raise ValueError(f"configuration {name!r}: builder takes no option(s) {', '.join(unknown)}; it takes: "
+                         f"{', '.join(config.keywords())}")
+    CONFIGS[name] = config
+    return config
 
 
 def list_configs() -> list[str]:
@@ -142,7 +209,8 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **overri
     """Build configuration ``name`` for ``in_channels`` input channels and ``num_classes`` classes.
 
     ``overrides`` replace the configuration's defaults; a keyword the network does not take raises a
-    ``ValueError`` naming it and the keywords it does take.
+    ``ValueError`` naming it and the keywords it does take. An ``operator`` override without ``operator_kwargs``
+    builds the new kind with its own defaults (the configuration's ``operator_kwargs`` are for its own kind).
     """
     config = get_config(name)
     allowed = config.keywords()
@@ -152,7 +220,11 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **overri
             f"configuration {name!r} ({config.builder.__name__}) has no option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(allowed)}"
         )
-    return config.builder(num_classes=num_classes, in_channels=in_channels, **{**config.defaults, **overrides})
+    defaults = dict(config.defaults)
+    if "operator" in overrides and "operator_kwargs" not in overrides and overrides["operator"] != defaults.get(
+            "operator"):
+        defaults.pop("operator_kwargs", None)
+    return config.builder(num_classes=num_classes, in_channels=in_channels, **{**defaults, **overrides})
 
 
 def describe(name: str) -> str:

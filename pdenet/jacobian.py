@@ -100,11 +100,21 @@ def step_spectra(block: TimeSteppingBlock, y: torch.Tensor, k: int = 6, name: st
     return spectra
 
 
-def model_step_spectra(model: nn.Module, x: torch.Tensor, k: int = 6, seed: int = 0) -> list[StepSpectrum]:
-    """:func:`step_spectra` of every time-stepping block of ``model``, each at the input it receives from ``x``."""
+def model_step_spectra(model: nn.Module, x: torch.Tensor, k: int = 6, seed: int = 0,
+                       progress: bool = False) -> list[StepSpectrum]:
+    """:func:`step_spectra` of every time-stepping block of ``model``, each at the input it receives from ``x``;
+    ``progress``: report each block on stderr as it is done."""
+    from .progress import Progress
+
     with eval_mode(model), torch.no_grad():
         inputs = block_inputs(model, x[:1])
-    return [s for name, b in time_stepping_blocks(model) for s in step_spectra(b, inputs[name], k, name, seed)]
+    blocks = list(time_stepping_blocks(model))
+    spectra = []
+    with Progress(len(blocks), "Jacobian eigenvalues", unit="blocks", enabled=progress) as bar:
+        for name, block in blocks:
+            spectra += step_spectra(block, inputs[name], k, name, seed)
+            bar.update(1)
+    return spectra
 
 
 @contextmanager

@@ -1,7 +1,11 @@
 """Stability plots, drawn with matplotlib's Agg canvas (no display, no pyplot state).
 
-- :func:`plot_eigenvalues`: ``z = h^m λ`` of every step's linearization against the scheme's stability region
-  (shaded where ``|R(z)| ≤ 1``, its boundary from ``operators.stability.region_boundary``);
+- :func:`plot_region`: the stability regions ``{z : |R(z)| ≤ 1}`` of any schemes, drawn as the set itself
+  (filled contour of ``|R|`` on a grid, and its level line ``|R| = 1``), so regions with several branches
+  (RK4's lobes, the outside of a disc for backward Euler) come out right; a region without interior (the
+  leapfrog segment) is drawn as its real interval;
+- :func:`plot_eigenvalues`: ``z = h^m λ`` of every step's linearization against the scheme's stability region,
+  zoomed to the points;
 - :func:`plot_growth`: perturbation growth ``‖Φ_l(Y + δ) − Φ_l(Y)‖ / ‖δ‖`` through the time steps;
 - :func:`plot_singular_values`: the singular values of every operator of every block, on the periodic
   version of the grid the block acts on.
@@ -16,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import nn
 
-from operators.stability import get_scheme, in_stability_region, region_boundary
+from operators.stability import Scheme, get_scheme, region_reach
 
 from .blocks import time_stepping_blocks
 from .jacobian import PerturbationGrowth, StepSpectrum
@@ -37,8 +41,86 @@ def _save(fig: Figure, path) -> str:
     return path
 
 
+def draw_region(ax, scheme: str | Scheme, xlim: tuple[float, float], ylim: tuple[float, float], n: int = 401,
+                colour: str = "#2a7a2a", label: str | None = None) -> None:
+    """Shade ``{z : |R(z)| ≤ 1}`` of ``scheme`` inside the window ``xlim x ylim`` of ``ax`` and draw ``|R(z)| = 1``.
+
+    The set is evaluated on an ``n x n`` grid of the window (a filled contour of ``|R|`` at level 1), never
+    traced as a curve ``z(ξ)``. When no grid point is strictly inside (a region without interior, such as
+    leapfrog's segment ``[−4, 0]``), the scheme's real interval is drawn as a thick line instead.
+    """
+    contract = get_scheme(scheme)
+    xs = np.linspace(*xlim, n)
+    ys = np.linspace(*ylim, n)
+    z = xs[None, :] + 1j * ys[:, None]
+    with np.errstate(all="ignore"):
+        modulus = np.abs(np.asarray(contract.amplification(z)))
+    modulus = np.where(np.isfinite(modulus), modulus, np.inf)
+    label = label or f"|R(z)| ≤ 1 ({contract.name})"
+    if (modulus < 1 - 1e-9).any():
+        ax.contourf(xs, ys, np.minimum(modulus, 2.0), levels=[0.0, 1.0], colors=[colour], alpha=0.22)
+        ax.contour(xs, ys, np.minimum(modulus, 2.0), levels=[1.0], colors=[colour], linewidths=1.2)
+        ax.plot([], [], color=colour, lw=6, alpha=0.4, label=label)  # legend entry of the filled set
+    else:
+        a, b = contract.real_interval
+        ax.plot([max(a, xlim[0]), min(b, xlim[1])], [0, 0], color=colour, lw=4, alpha=0.6,
+                label=f"{label}: the segment [{a:g}, {b:g}]")
+
+
+def _window(z: np.ndarray, reach: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Limits holding 0, every point of ``z`` and, when the points spread over more than a fifth of it, the
+    region's reach (otherwise the window zooms to the points, inside or outside the shaded region)."""
+    re = np.concatenate([z.real, [0.0]])
+    im = np.concatenate([z.imag, [0.0]])
+    span = max(np.ptp(re), np.ptp(im), 1e-6)
+    if reach and reach < 5 * span:
+        re = np.concatenate([re, [-reach, min(reach, 0.25 * reach + span)]])
+        im = np.concatenate([im, [-0.6 * reach, 0.6 * reach]])
+        span = max(np.ptp(re), np.ptp(im))
+    pad = 0.08 * span
+    return (float(re.min() - pad), float(re.max() + pad)), (float(im.min() - pad), float(im.max() + pad))
+
+
+def plot_region(schemes: Sequence[str | Scheme] | str | Scheme, path=None, reach: float | None = None,
+                title: str | None = None, ax=None):
+    """The stability regions ``|R(z)| ≤ 1`` of one or more schemes on one set of axes (see :func:`draw_region`).
+
+    ``reach``: half the width of the window (default: 1.2 times the largest :func:`operators.stability.region_reach`
+    of the schemes, at least 3). Draws into ``ax`` when given (returns it), else into a new figure saved at
+    ``path`` (returns the path).
+    """
+    schemes = [schemes] if isinstance(schemes, (str, Scheme)) else list(schemes)
+    if not schemes:
+        raise ValueError("no scheme to draw")
+    contracts = [get_scheme(s) for s in schemes]
+    if reach is None:
+        reach = 1.2 * max(3.0, *(region_reach(c) for c in contracts))
+    if not reach > 0:
+        raise ValueError(f"reach must be positive, got {reach}")
+    if ax is None and path is None:
+        raise ValueError("give path= (to save a new figure) or ax= (to draw into)")
+    target = ax
+    if target is None:
+        fig = Figure(figsize=(6.0, 5.0), layout="constrained")
+        target = fig.add_subplot()
+    for contract, colour in zip(contracts, _colours(len(contracts))):
+        draw_region(target, contract, (-reach, 0.5 * reach), (-0.75 * reach, 0.75 * reach), colour=colour)
+    target.axhline(0, color="0.6", lw=0.6)
+    target.axvline(0, color="0.6", lw=0.6)
+    target.set_aspect("equal")
+    target.set_xlabel("Re z  (z = h^m·λ)")
+    target.set_ylabel("Im z")
+    target.set_title(title or "stability regions |R(z)| ≤ 1", fontsize=10)
+    target.legend(fontsize=8, loc="upper left")
+    return target if ax is not None else _save(fig, path)
+
+
+_MARKERS = "os^vD<>ph*"
+
+
 def plot_eigenvalues(spectra: Sequence[StepSpectrum], path, title: str | None = None) -> str:
-    """One panel per (block, scheme): the points ``z`` (one colour per step) over the shaded stability region."""
+    """One panel per (block, scheme): the points ``z`` of each step (own colour and marker, hollow so that
+    coinciding points stay visible) over the shaded stability region, zoomed to the points and 0."""
     if not spectra:
         raise ValueError("no spectra to plot")
     panels: dict[tuple[str, str], list[StepSpectrum]] = {}
@@ -47,29 +129,26 @@ def plot_eigenvalues(spectra: Sequence[StepSpectrum], path, title: str | None = 
     fig, axes = _grid_of_axes(len(panels))
     for ax, ((block, scheme), group) in zip(axes, panels.items()):
         z = np.concatenate([s.z for s in group])
-        boundary = region_boundary(scheme)
-        finite = boundary[np.isfinite(boundary)]
-        reach = 1.15 * max(np.abs(finite).max(initial=0.0), np.abs(z).max(initial=0.0), 1e-3)
-        xs = np.linspace(-reach, reach, 301)
-        grid = xs[None, :] + 1j * xs[:, None]
-        inside = np.asarray(in_stability_region(scheme, grid), dtype=float)
-        ax.contourf(xs, xs, inside, levels=[0.5, 1.5], colors=["#cfe8cf"])
-        ax.plot(finite.real, finite.imag, color="#2a7a2a", lw=1.2, label=f"|R(z)| = 1 ({scheme})")
-        colours = iter(_colours(len(group)))
-        for s in group:
-            ax.scatter(s.z.real, s.z.imag, s=18, color=next(colours), label=s.label, zorder=3,
-                       edgecolors=np.where(s.inside, "none", "red"))
+        xlim, ylim = _window(z, region_reach(scheme))
+        draw_region(ax, scheme, xlim, ylim)
+        for i, (s, colour) in enumerate(zip(group, _colours(len(group)))):
+            ax.scatter(s.z.real, s.z.imag, s=30, marker=_MARKERS[i % len(_MARKERS)], facecolors="none",
+                       edgecolors=colour, linewidths=1.2, label=s.label, zorder=3)
+            outside = ~s.inside
+            if outside.any():
+                ax.scatter(s.z.real[outside], s.z.imag[outside], s=70, marker="x", color="red", lw=1, zorder=4)
         ax.axhline(0, color="0.6", lw=0.6)
         ax.axvline(0, color="0.6", lw=0.6)
-        ax.set_xlim(-reach, reach)
-        ax.set_ylim(-reach, reach)
-        ax.set_aspect("equal")
-        ax.set_xlabel("Re z")
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        power = "h²" if get_scheme(scheme).derivative_order == 2 else "h"
+        ax.set_xlabel(f"Re z,  z = {power}·λ(Jacobian)")
         ax.set_ylabel("Im z")
         outside = sum(int((~s.inside).sum()) for s in group)
-        power = "h²" if get_scheme(scheme).derivative_order == 2 else "h"
-        ax.set_title(f"{block}: {scheme}, z = {power}·λ ({outside} of {z.size} outside)", fontsize=9)
-        ax.legend(fontsize=7, loc="upper left")
+        distinct = np.unique(np.round(z, 6)).size
+        ax.set_title(f"{block}: {scheme}, {z.size} eigenvalues ({distinct} distinct), {outside} outside (red x)",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="best", ncol=2 if len(group) > 6 else 1)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -110,8 +189,8 @@ def plot_singular_values(model: nn.Module, input_shape: Sequence[int], path, tit
             s = op.singular_values(grids[name]).cpu().numpy()
             ax.semilogy(np.linspace(0, 1, s.size), np.maximum(s, 1e-12), color=colour, lw=1,
                         label=f"{op_name} ({op.kind})" if len(ops) <= 8 else None)
-        ax.set_xlabel("fraction of singular values")
-        ax.set_ylabel("σ")
+        ax.set_xlabel("rank of the singular value / number of singular values")
+        ax.set_ylabel("singular value σ_i(K) (log scale)")
         ax.set_title(f"{name}: {block.scheme}, {grids[name][0]}x{grids[name][1]} periodic grid", fontsize=9)
         if len(ops) <= 8:
             ax.legend(fontsize=7)

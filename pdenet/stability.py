@@ -5,7 +5,12 @@ block's operators act on, then asks every :class:`~pdenet.blocks.TimeSteppingBlo
 :class:`~pdenet.networks.resnet.BasicBlock` (forward Euler with ``h = 1``) for its step bound from its
 current weights on that grid. A row holds the block's name, scheme, operator kind(s), ``max ‖K‖``, ``h``, the bound
 on ``h``, the margin ``1 − h/bound`` (negative when violated), whether ``h ≤ bound`` (``"yes"``, ``"no"``, or
-``"unknown"`` when no bound exists), the ``stabilize`` option, and the assumptions behind the bound.
+``"unknown"`` when no bound exists), the largest amplification of a perturbation by one linearized step
+(``max |R(h^m λ)|`` over the spectrum the bound comes from) and over the block (the product over its steps), the
+``stabilize`` option, and the assumptions behind the bound. The table adds the amplification over the network
+(the product over the blocks that have one) and a one-line reading of every block that is not a stable step.
+
+``report(..., progress=True)`` writes the progress of the analysis (one unit per block) to stderr.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from torch import nn
 from .blocks import TimeSteppingBlock, time_stepping_blocks
 from .networks.resnet import BasicBlock
 
-COLUMNS = ("block", "scheme", "operator", "norm", "h", "bound", "margin", "stable", "stabilize")
+COLUMNS = ("block", "scheme", "operator", "norm", "h", "bound", "margin", "stable", "amplification",
+           "block_amplification", "stabilize")
 
 
 @dataclass
@@ -37,12 +43,14 @@ class StabilityRow:
     stabilize: str
     grid: tuple[int, int]
     assumptions: list[str] = field(default_factory=list)
+    amplification: float | None = None  # max |R(h^m λ)| of one linearized step; None: not available
+    block_amplification: float | None = None  # product over the block's steps
 
     def as_dict(self) -> dict:
         """JSON-safe: an infinite bound or margin is written as the string ``"inf"``."""
         row = asdict(self)
         row["grid"] = list(self.grid)
-        for key in ("bound", "margin", "norm", "h"):
+        for key in ("bound", "margin", "norm", "h", "amplification", "block_amplification"):
             if isinstance(row[key], float) and math.isinf(row[key]):
                 row[key] = "inf" if row[key] > 0 else "-inf"
         return row
@@ -90,12 +98,22 @@ def format_table(rows: Sequence[dict]) -> str:
     """A fixed-width table of report rows (as dicts, e.g. read back from JSON), assumptions as footnotes."""
     if not rows:
         return "no time-stepping or residual blocks"
-    header = ["block", "scheme", "operator", "‖K‖", "h", "bound", "margin", "stable", "stabilize"]
-    body = [[_fmt(r[c]) if c != "margin" or r[c] is None or isinstance(r[c], str) else f"{100 * r[c]:+.1f}%"
+    header = ["block", "scheme", "operator", "‖K‖", "h", "bound", "margin", "stable", "amp/step", "amp/block",
+              "stabilize"]
+    body = [[_fmt(r.get(c)) if c != "margin" or r[c] is None or isinstance(r[c], str) else f"{100 * r[c]:+.1f}%"
              for c in COLUMNS] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
              for line in [header, ["-" * w for w in widths], *body]]
+    total = [float(r["block_amplification"]) for r in rows if r.get("block_amplification") is not None]
+    if total:
+        lines.append(f"amplification over the network (product over the {len(total)} blocks with a value): "
+                     f"{_fmt(math.prod(total))}  (amp: max |R(h^m λ)| of the linearized step; ≤ 1 means no "
+                     "perturbation grows)")
+    readings = [_reading(r) for r in rows if r["stable"] != "yes"]
+    if readings:
+        lines.append("reading:")
+        lines += [f"  {text}" for text in readings]
     notes = list(dict.fromkeys(a for r in rows for a in r["assumptions"]))
     lines.append("assumptions:")
     for r in rows:
@@ -103,6 +121,22 @@ def format_table(rows: Sequence[dict]) -> str:
         lines.append(f"  {r['block']} ({r['grid'][0]}x{r['grid'][1]} grid): [{refs}]")
     lines += [f"  [{i + 1}] {a}" for i, a in enumerate(notes)]
     return "\n".join(lines)
+
+
+def _reading(row: dict) -> str:
+    """One line on a block that is not a stable time step: what the numbers say."""
+    name, h = row["block"], _fmt(row["h"])
+    amp = row.get("amplification")
+    growth = (f"; the linearized step amplifies perturbations by up to {_fmt(amp)} per step"
+              + (f" ({_fmt(row['block_amplification'])} over the block)" if row.get("block_amplification") else "")
+              if amp is not None else "")
+    if row["stable"] == "unknown":
+        return f"{name}: no step bound for this block ({row['assumptions'][0] if row['assumptions'] else 'see below'})"
+    bound = row["bound"]
+    if bound in (0, 0.0):
+        return (f"{name}: no step size is stable — the linearized step has an eigenvalue outside the region "
+                f"for every h (not a time step of a stable ODE); h = {h}{growth}")
+    return f"{name}: h = {h} exceeds the bound {_fmt(bound)}{growth}"
 
 
 @contextmanager
@@ -187,19 +221,28 @@ def block_row(name: str, block: TimeSteppingBlock | BasicBlock, grid, method: st
         stable = "yes" if h <= bound else "no"
     kinds = "+".join(dict.fromkeys(op.kind for op in block.operators()))
     return StabilityRow(name, block.scheme, kinds, result.norm, h, bound, margin, stable,
-                        block.stabilize or "-", tuple(grid), list(result.assumptions))
+                        block.stabilize or "-", tuple(grid), list(result.assumptions),
+                        getattr(result, "step_amplification", None), getattr(result, "block_amplification", None))
 
 
-def report(model: nn.Module, input_shape: Sequence[int], method: str = "symbol") -> StabilityReport:
+def report(model: nn.Module, input_shape: Sequence[int], method: str = "symbol",
+           progress: bool = False) -> StabilityReport:
     """Stability rows of every time-stepping block and ResNet basic block of ``model`` at the grids an
     ``input_shape`` input gives.
 
     ``method``: how ``‖K‖`` is computed, ``"symbol"`` (exact on periodic grids, a guaranteed upper bound for
-    zero padding) or ``"power"`` (power iteration, exact on the grid for either boundary).
+    zero padding) or ``"power"`` (power iteration, exact on the grid for either boundary). ``progress``: report
+    each analysed block on stderr.
     """
     if method not in ("symbol", "power"):
         raise ValueError(f"unknown norm method {method!r}; expected 'symbol' or 'power'")
+    from .progress import Progress
+
     blocks = list(analysed_blocks(model))
     grids = block_grids(model, input_shape) if blocks else {}
-    rows = [block_row(name, block, grids[name], method) for name, block in blocks]
+    rows = []
+    with Progress(len(blocks), "stability report", unit="blocks", enabled=progress) as bar:
+        for name, block in blocks:
+            rows.append(block_row(name, block, grids[name], method))
+            bar.update(1)
     return StabilityReport(rows, tuple(int(s) for s in input_shape), method)

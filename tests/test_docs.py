@@ -3,9 +3,10 @@ trains. (The site itself, its API reference generated from the docstrings, its l
 are checked by tests/test_docs_site.py.)
 
 - The ```python blocks of each docs/tutorials/*.md run in order in one namespace, in a temporary directory,
-  with ``PDENET_QUICK=1`` and matplotlib's Agg backend. The blocks of docs/extending.md, which register new
-  operators, schemes and configurations, run the same way in a separate Python process. ```python no-run blocks are shown, not run; a block
-  tagged ``needs-data=NAME`` skips the rest of its tutorial, with the reason, when data set NAME is not on disk.
+  with ``PDENET_QUICK=1`` and matplotlib's Agg backend. ```python no-run blocks are shown, not run; a block
+  tagged ``needs-data=NAME`` skips the rest of its tutorial, with the reason, when data set NAME is not on disk;
+  a block tagged ``file=NAME.py`` is written to that file in the temporary directory instead of being run (a
+  module the page asks the reader to save, which later blocks import or pass to ``--import``).
 - Every ``pdenet ...``, ``torchrun ... -m pdenet.cli ...`` and ``python examples/train_fashion_mnist.py ...``
   command in a ```bash block of the docs is accepted by the real argument parser.
 """
@@ -73,7 +74,8 @@ def data_available(name: str) -> str | None:
 def test_every_tutorial_has_runnable_code():
     assert TUTORIALS, "docs/tutorials/ holds no tutorials"
     for path in TUTORIALS:
-        assert any(info.split()[:1] == ["python"] and "no-run" not in info for info, _, _ in code_blocks(path)), \
+        assert any(info.split()[:1] == ["python"] and "no-run" not in info and "file=" not in info
+                   for info, _, _ in code_blocks(path)), \
             f"{path.name} has no ```python block that the tests run"
 
 
@@ -81,10 +83,15 @@ def test_every_tutorial_has_runnable_code():
 def test_tutorial_code_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PDENET_QUICK", "1")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as for Python started there: the page's own modules import
     namespace = {"__name__": "__main__"}
     for info, code, line in code_blocks(path):
         words = info.split()
         if words[:1] != ["python"] or "no-run" in words:
+            continue
+        files = [w.split("=", 1)[1] for w in words if w.startswith("file=")]
+        if files:
+            (tmp_path / files[0]).write_text(code, encoding="utf-8")
             continue
         for word in words:
             if word.startswith("needs-data="):
@@ -99,21 +106,6 @@ def test_tutorial_code_runs(path, tmp_path, monkeypatch):
                                  f"{type(exc).__name__}: {exc}") from exc
         finally:
             plt.close("all")
-
-
-def test_extending_page_code_runs(tmp_path):
-    """docs/extending.md registers an operator kind, a scheme and a configuration: run its blocks in a fresh
-    process, so that the registrations do not reach the other tests."""
-    page = DOCS / "extending.md"
-    blocks = [code for info, code, _ in code_blocks(page) if info.split()[:1] == ["python"] and "no-run" not in info]
-    assert blocks, "docs/extending.md has no ```python block that the tests run"
-    script = tmp_path / "extending.py"
-    script.write_text("\n\n".join(blocks), encoding="utf-8")
-    env = {**os.environ, "PDENET_QUICK": "1", "MPLBACKEND": "Agg",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, f"the code of docs/extending.md failed:\n{result.stderr[-3000:]}"
 
 
 # ------------------------------------------------------------------------------------------- commands

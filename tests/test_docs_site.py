@@ -275,7 +275,7 @@ def test_pages_in_a_browser(site, browser, tmp_path_factory):
     tools.navigate(base)
     pages = tools.evaluate(NAV_LINKS)
     assert base in pages and len(pages) >= 20, f"the navigation lists only {pages}"
-    expected = ["theory/", "installation/", "benchmarks/", "extending/", "reference/", "reference/cli/",
+    expected = ["theory/", "installation/", "benchmarks/", "tutorials/extending/", "reference/", "reference/cli/",
                 "tutorials/operators/", *[f"examples/{p.stem}/" for p in sorted((ROOT / "examples").glob("*.ipynb"))]]
     for path in expected:
         assert base + path in pages, f"{path} is not in the navigation"

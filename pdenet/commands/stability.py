@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="DIR", help="write eigenvalues.png, growth.png and singular_values.png to DIR "
                                                  "(implies --jacobian)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
 def _load(args) -> tuple[torch.nn.Module, str, tuple[int, int, int]]:
@@ -67,7 +68,7 @@ def run(args) -> int:
         if args.eigs < 1:
             raise CommandError(f"--eigs must be a positive integer, got {args.eigs}")
         model, what, shape = _load(args)
-        result = report(model, shape, method=args.method)
+        result = report(model, shape, method=args.method, progress=not args.no_progress)
     except (CommandError, ValueError) as exc:
         return fail("stability", exc)
     print(f"stability report: {what}, input {shape[0]}x{shape[1]}x{shape[2]}, ‖K‖ by {args.method}")
@@ -78,7 +79,7 @@ def run(args) -> int:
         from ..jacobian import model_step_spectra, perturbation_growth
 
         x = model_input(model, shape, seed=args.seed)
-        spectra = model_step_spectra(model, x, k=args.eigs, seed=args.seed)
+        spectra = model_step_spectra(model, x, k=args.eigs, seed=args.seed, progress=not args.no_progress)
         growth = perturbation_growth(model, x, seed=args.seed)
         print("\nJacobian eigenvalues z = h^m·λ of each step (leading by modulus):")
         for s in spectra:

@@ -7,19 +7,20 @@ import torch
 
 from operators import DenseConv
 from operators.stability import (
-    SCHEMES, get_scheme, in_stability_region, max_stable_step, region_boundary, stability_function, step_bound,
+    SCHEMES, Scheme, get_scheme, in_stability_region, max_stable_step, region_reach, register_scheme,
+    stability_function, step_bound, taylor_polynomial, theta_scheme,
 )
 
 NAMES = ["euler", "parabolic", "leapfrog", "hamiltonian", "diffusion-explicit", "diffusion-implicit",
-         "implicit-euler"]
+         "implicit-euler", "crank-nicolson", "rk2", "rk4"]
 
 
 def test_all_schemes_registered_and_unknown_names_rejected():
     assert set(NAMES) <= set(SCHEMES)
-    with pytest.raises(ValueError, match="unknown scheme 'rk4'.*parabolic"):
-        get_scheme("rk4")
+    with pytest.raises(ValueError, match="unknown scheme 'rk5'.*parabolic"):
+        get_scheme("rk5")
     for fn in (stability_function, lambda s: max_stable_step(s, [-1.0]), lambda s: step_bound(s, 1.0),
-               lambda s: region_boundary(s), lambda s: in_stability_region(s, 0.5)):
+               lambda s: region_reach(s), lambda s: in_stability_region(s, 0.5)):
         with pytest.raises(ValueError, match="known schemes"):
             fn("nope")
     with pytest.raises(TypeError, match="scheme"):
@@ -46,7 +47,7 @@ def test_stability_functions_values_numpy_and_torch():
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))
-def test_real_interval_and_boundary_agree_with_the_stability_function(name):
+def test_real_interval_agrees_with_the_stability_function(name):
     """Brute force on the real axis: the stable part containing 0 is exactly ``real_interval``."""
     s = get_scheme(name)
     a, b = s.real_interval
@@ -59,10 +60,6 @@ def test_real_interval_and_boundary_agree_with_the_stability_function(name):
     assert (left.max() if left.size else -math.inf) == pytest.approx(a, abs=2e-3) or (a == -math.inf and left.size == 0)
     right = z[(z > 0) & ~inside]
     assert right.min() == pytest.approx(b, abs=2e-3)
-    boundary = region_boundary(name, 257)
-    assert boundary.shape == (257,)
-    r = np.abs(stability_function(name)(boundary[np.isfinite(boundary)]))
-    np.testing.assert_allclose(r, 1, atol=1e-9)
 
 
 def test_max_stable_step_closed_forms_on_real_spectra():
@@ -131,8 +128,8 @@ def test_step_bound_closed_forms():
         max_stable_step("euler", [])
     with pytest.raises(ValueError, match="nan"):
         max_stable_step("euler", [float("nan")])
-    with pytest.raises(ValueError, match="n must be"):
-        region_boundary("euler", 1)
+    with pytest.raises(ValueError, match="directions must be"):
+        region_reach("euler", 1)
 
 
 def _random_op(boundary, c=3, seed=0):
@@ -218,3 +215,53 @@ def test_max_stable_step_on_an_operator_spectrum():
     eigenvalues = -op.singular_values(grid) ** 2
     assert max_stable_step("parabolic", eigenvalues) == pytest.approx(op.step_bound("parabolic", grid), rel=1e-12)
     assert max_stable_step("leapfrog", eigenvalues) == pytest.approx(op.step_bound("leapfrog", grid), rel=1e-12)
+
+
+def test_runge_kutta_and_theta_contracts():
+    """RK2/RK4 are Taylor polynomials of e^z; the RK4 interval ends at the real root of (R(x) − 1)/x, a cubic
+    (−2.78529356...); θ ≥ ½ is A-stable, θ < ½ has the interval [−2/(1 − 2θ), 0]."""
+    z = np.array([-1.5 + 0.3j, 0.2, -2.7])
+    np.testing.assert_allclose(stability_function("rk2")(z), 1 + z + z ** 2 / 2)
+    np.testing.assert_allclose(stability_function("rk4")(z), 1 + z + z ** 2 / 2 + z ** 3 / 6 + z ** 4 / 24)
+    assert get_scheme("rk2").real_interval == (-2.0, 0.0)
+    a = get_scheme("rk4").real_interval[0]
+    roots = np.roots([1 / 24, 1 / 6, 1 / 2, 1])  # (R(x) − 1)/x = 1 + x/2 + x²/6 + x³/24
+    assert a == pytest.approx(float(roots[np.abs(roots.imag) < 1e-12].real[0]), rel=1e-12)
+    assert step_bound("rk4", 2.0) == pytest.approx(2.785293563405282 / 4, rel=1e-12)
+    assert step_bound("rk2", 2.0) == pytest.approx(0.5, rel=1e-15)
+    # RK4 contains a piece of the imaginary axis (|z| < 2√2), forward Euler and RK2 none
+    assert in_stability_region("rk4", 2.8j) and not in_stability_region("rk4", 2.9j)
+    assert not in_stability_region("rk2", 0.1j)
+    np.testing.assert_allclose(stability_function("crank-nicolson")(z), (1 + z / 2) / (1 - z / 2))
+    assert theta_scheme(1.0) is get_scheme("implicit-euler") and theta_scheme(0.5) is get_scheme("crank-nicolson")
+    lam = -np.random.default_rng(0).uniform(0.1, 9, 30) + 1j * np.random.default_rng(1).uniform(-9, 9, 30)
+    for theta in (0.5, 0.7, 1.0):
+        assert max_stable_step(theta_scheme(theta), lam) == math.inf
+    assert theta_scheme(0.25).real_interval == (-4.0, 0.0) and theta_scheme(0.25) is get_scheme("theta-0.25")
+    assert max_stable_step("theta-0.25", [-2.0]) == pytest.approx(2.0)
+    np.testing.assert_allclose(stability_function("theta-0.25")(z), (1 + 0.75 * z) / (1 - 0.25 * z))
+    with pytest.raises(ValueError, match="theta must be"):
+        theta_scheme(1.5)
+    with pytest.raises(ValueError, match="stages must be"):
+        taylor_polynomial(0)
+
+
+def test_user_contracts_are_checked_and_registered_once():
+    heun = Scheme("test-heun", "Heun", lambda z: 1 + z + z * z / 2)
+    assert heun.real_interval == (-2.0, 0.0)            # computed from R along the real axis
+    assert in_stability_region(heun, -1.0 + 0.5j)       # real inputs and Python numbers are made complex
+    register_scheme(heun)
+    try:
+        assert get_scheme("test-heun") is heun
+        with pytest.raises(ValueError, match="'test-heun' is already registered"):
+            register_scheme(Scheme("test-heun", "again", lambda z: 1 + z))
+    finally:
+        del SCHEMES["test-heun"]
+    with pytest.raises(TypeError, match="expects an operators.stability.Scheme"):
+        register_scheme("rk4")
+    with pytest.raises(ValueError, match=r"R\(0\) must be 1"):
+        Scheme("bad", "inconsistent", lambda z: 2 + z)
+    with pytest.raises(TypeError, match="stability_function must be callable"):
+        Scheme("bad", "not callable", 3)
+    with pytest.raises(ValueError, match="derivative_order"):
+        Scheme("bad", "third order", lambda z: 1 + z, derivative_order=3)

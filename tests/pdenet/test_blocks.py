@@ -239,8 +239,8 @@ def test_bad_number_of_steps(nt):
 
 
 def test_bad_names():
-    with pytest.raises(ValueError, match=r"unknown scheme 'rk4'.*parabolic"):
-        build_block("rk4", 2)
+    with pytest.raises(ValueError, match=r"unknown scheme 'rk5'.*parabolic"):
+        build_block("rk5", 2)
     with pytest.raises(ValueError, match="nonexistent"):
         build_block("parabolic", 2, operator="nonexistent")
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
