@@ -373,9 +373,22 @@ class TimeSteppingBlock(nn.Module):
         if y.dim() != 4 or y.shape[1] != self.channels:
             raise ValueError(f"{type(self).__name__} expects (batch, {self.channels}, n1, n2), got {tuple(y.shape)}")
 
+    @property
+    def capture_limit(self) -> str:
+        """Why ``torch.compile(fullgraph=True)``, ``torch.export`` and ``torch.jit.trace`` cannot record this block
+        as one graph in its present mode, or ``""``. ``torch.compile`` without ``fullgraph`` runs such a part
+        eagerly; ``torch.export`` and ``torch.jit.trace`` refuse it with this reason."""
+        if self.reversible and self.training:
+            return ("reversible backpropagation reconstructs the states in a hand-written backward that calls "
+                    "autograd itself")
+        return ""
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self._check_input(y)
         self._grid = tuple(y.shape[-2:])
+        if (torch.jit.is_tracing() or torch.compiler.is_exporting()) and self.capture_limit:
+            raise RuntimeError(f"{type(self).__name__} cannot be recorded as a graph: {self.capture_limit}; run it "
+                               "eagerly, or through torch.compile without fullgraph")
         if self.reversible and self.training and torch.is_grad_enabled():
             params = [p for p in self.parameters() if p.requires_grad]
             return ReversibleIntegration.apply(self, y, *params)
@@ -856,6 +869,11 @@ class ThetaBlock(LayerBlock):
         self.max_cg = check_positive_int("max_cg", max_cg)
         self.solver_log: list[dict] = []
         self.adjoint_log: list[dict] = []
+
+    @property
+    def capture_limit(self) -> str:
+        return ("each step is solved to a tolerance by Newton iterations whose number depends on the data, and its "
+                "gradient comes from a hand-written adjoint solve")
 
     def forward(self, y):
         self.solver_log = []

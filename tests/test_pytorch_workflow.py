@@ -47,12 +47,23 @@ def assert_float32_close(candidate, eager, float64, what):
         assert err <= 4 * err_eager + 1e-4 * scale + 1e-7, f"{what}, tensor {i}: {err:.3g} vs eager {err_eager:.3g}"
 
 
+def capture_limits(model) -> list[str]:
+    """The reasons parts of ``model`` give for not being recordable as one graph in their present mode."""
+    return [m.capture_limit for m in model.modules() if getattr(m, "capture_limit", "")]
+
+
 def compile_check(name, fused, backend):
+    """A training step under ``torch.compile`` against eager; ``fullgraph=True`` unless a part of the model states
+    why it cannot be one graph (then ``fullgraph=True`` must fail, and the step without it must still be right)."""
     model, x = model_and_input(name)
     if fused:
         fuse(model)
     reference = copy.deepcopy(model).double()
-    compiled = torch.compile(copy.deepcopy(model), backend=backend, fullgraph=True)
+    limited = bool(capture_limits(model))
+    if limited:
+        with pytest.raises(Exception):
+            step_results(torch.compile(copy.deepcopy(model), backend=backend, fullgraph=True), x)
+    compiled = torch.compile(copy.deepcopy(model), backend=backend, fullgraph=not limited)
     eager_results = step_results(model, x)
     assert_float32_close(step_results(compiled, x), eager_results, step_results(reference, x.double()),
                          f"{name} ({'fused' if fused else 'as built'}) under torch.compile({backend})")
@@ -79,9 +90,15 @@ def test_inductor_equals_eager(name, fused):
 
 @pytest.mark.parametrize("name", list_configs())
 def test_export_round_trips(name, tmp_path):
-    """``torch.export.export`` in evaluation mode, saved and loaded: the same outputs as the model."""
+    """``torch.export.export`` in evaluation mode, saved and loaded: the same outputs as the model (a model with a
+    part that cannot be one graph is refused with that part's reason)."""
     model, x = model_and_input(name)
     model.eval()
+    limits = capture_limits(model)
+    if limits:
+        with pytest.raises(RuntimeError, match="cannot be recorded as a graph"):
+            torch.export.export(model, (x,))
+        return
     program = torch.export.export(model, (x,))
     path = tmp_path / "model.pt2"
     torch.export.save(program, path)
@@ -94,9 +111,14 @@ def test_export_round_trips(name, tmp_path):
 @pytest.mark.parametrize("name", list_configs())
 def test_jit_trace_is_correct_on_a_new_input(name):
     """A model traced in evaluation mode (with gradients on, as by default, and off) gives the model's outputs on
-    an input it was not traced with, and the traced model's gradients are the model's."""
+    an input it was not traced with, and the traced model's gradients are the model's; a model with a part that
+    cannot be one graph is refused with that part's reason, never traced wrongly."""
     model, x = model_and_input(name)
     model.eval()
+    if capture_limits(model):
+        with pytest.raises(RuntimeError, match="cannot be recorded as a graph"):
+            torch.jit.trace(model, (x,))
+        return
     other = (torch.randn_like(x) * 3 + 1).requires_grad_()
     expected = model(other)
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), other)
