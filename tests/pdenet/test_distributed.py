@@ -1,5 +1,4 @@
 """Data-parallel training: 2 processes (gloo, CPU) give the model of 1 process with the same global batch."""
-import os
 import socket
 
 import pytest
@@ -149,18 +148,20 @@ def test_two_nodes_on_loopback_match_one_process(fmnist_dir, tmp_path):
     one = subprocess.run([sys.executable, *cli_train_command(fmnist_dir, tmp_path / "one")], capture_output=True,
                          text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
-                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "pdenet-test",
-                               "--rdzv-endpoint", f"127.0.0.1:{port}",
-                               *cli_train_command(fmnist_dir, tmp_path / "two")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
+    for attempt in range(3):  # the free port can be taken before the rendezvous binds it: retry with a new one
+        port, out = free_port(), tmp_path / f"two-{attempt}"
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                                   str(n), "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id",
+                                   f"pdenet-test-{attempt}", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                                   *cli_train_command(fmnist_dir, out)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+        outputs = [node.communicate(timeout=300) for node in nodes]
+        if all(node.returncode == 0 for node in nodes):
+            break
     for node, (_, err) in zip(nodes, outputs):
         assert node.returncode == 0, err
     assert sum("cpu x2" in out for out, _ in outputs) == 1  # one rank reports, for a world of 2
-    assert_same_run(load_checkpoint(tmp_path / "one" / "checkpoint.pt"),
-                    load_checkpoint(tmp_path / "two" / "checkpoint.pt"))
+    assert_same_run(load_checkpoint(tmp_path / "one" / "checkpoint.pt"), load_checkpoint(out / "checkpoint.pt"))
 
 
 def test_torchrun_cli_two_processes_match_one_process(fmnist_dir, tmp_path):
@@ -184,57 +185,3 @@ def test_torchrun_cli_two_processes_match_one_process(fmnist_dir, tmp_path):
     assert two.returncode == 0, two.stderr
     assert "cpu x2" in two.stdout and two.stdout.count("== lean-resnet20") == 1  # rank 0 reports
     assert_same_run(load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two"))
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (Linux ``/proc``)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
-def test_a_killed_worker_is_restarted_and_the_run_ends_as_an_uninterrupted_one(fmnist_dir, tmp_path):
-    """Under ``torchrun --max-restarts 1`` with ``--checkpoint-every 1``, a worker killed mid-run is restarted, the
-    run resumes from its newest checkpoint by itself (``--resume auto`` is the default for a restarted worker) and
-    ends with the weights of an uninterrupted run."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from pdenet.checkpoint import load_checkpoint
-
-    def torchrun(out):
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "--max-restarts", "1", *cli_train_command(fmnist_dir, out), "--epochs", "3", "--checkpoint-every", "1"]
-
-    straight = subprocess.run(torchrun(tmp_path / "straight"), capture_output=True, text=True, timeout=120)
-    assert straight.returncode == 0, straight.stderr
-    run = subprocess.Popen(torchrun(tmp_path / "killed"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint, deadline, killed = tmp_path / "killed" / "checkpoint.pt", time.monotonic() + 240, None
-    while killed is None and run.poll() is None and time.monotonic() < deadline:
-        try:
-            position = load_checkpoint(checkpoint)["position"] if checkpoint.is_file() else None
-        except (OSError, ValueError, RuntimeError, EOFError):
-            position = None  # being replaced
-        workers = _children(run.pid)
-        if position is not None and workers:
-            killed = workers[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.02)
-    out, err = run.communicate(timeout=300)
-    assert killed is not None, "the run ended before a worker could be killed"
-    assert run.returncode == 0, err
-    assert "resuming" in out
-    a, b = load_checkpoint(tmp_path / "straight" / "checkpoint.pt"), load_checkpoint(checkpoint)
-    assert a["epoch"] == b["epoch"] == 3
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
