@@ -229,7 +229,8 @@ def stored_settings(out: Path) -> dict:
                                "put --out on a file system that every machine of the run shares")
         if (out / "settings.json").is_file():
             try:
-                return {**json.loads((out / "settings.json").read_text()), "threads_used": None}
+                stored = json.loads((out / "settings.json").read_text())
+                return {**stored, "threads_used": stored.get("threads")}  # as the run was told
             except json.JSONDecodeError as exc:
                 raise CommandError(f"cannot resume: {out / 'settings.json'} is not valid JSON ({exc})") from None
         raise CommandError(f"cannot resume: {path} does not exist")
