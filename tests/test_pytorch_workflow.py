@@ -3,7 +3,6 @@ backward against eager, ``torch.export`` round trips, ``torch.jit.trace`` on a n
 autocast (bfloat16), as built and as ``pdenet.fuse`` rewrites it; and no module of the project using a private
 torch name."""
 import copy
-import io
 import re
 from pathlib import Path
 

@@ -7,7 +7,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.flop_counter import FlopCounterMode
 
 import pdenet_kernels
-from pdenet_kernels import ops
 
 CL = torch.channels_last
 compiled = pytest.mark.skipif(not pdenet_kernels.available(), reason=f"compiled kernels: {pdenet_kernels.status()}")

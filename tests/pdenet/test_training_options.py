@@ -1,7 +1,6 @@
 """The trainer's inputs and options: any iterable of batches (pdenet's loader, a list, a ``DataLoader`` with or
 without a ``DistributedSampler``), mixed precision on every named configuration, gradient accumulation against
 the large batch, gradient clipping, the fp16 scaler in checkpoints, ``torch.compile``, and their errors."""
-import copy
 
 import pytest
 import torch
