@@ -16,11 +16,9 @@ import contextlib
 import gzip
 import importlib.util
 import io
-import os
 import re
 import shlex
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
