@@ -16,7 +16,7 @@ from .allocator import keep_freed_memory
 
 DESCRIPTION = ("Convolutional networks written as discretized PDEs: train a network, evaluate a checkpoint, compare "
                "costs, check stability, build the compiled CPU kernels. 'pdenet COMMAND --help' describes each.")
-COMMANDS = ("train", "evaluate", "cost", "stability", "kernels")
+COMMANDS = ("train", "evaluate", "cost", "stability", "export", "kernels")
 
 
 def build_parser() -> argparse.ArgumentParser:

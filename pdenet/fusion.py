@@ -1,5 +1,6 @@
 """Fusion as an explicit model transform: ``fuse(model)`` rewrites a plain model for the fused CPU training path,
-``unfuse(model)`` undoes it.
+``unfuse(model)`` undoes it; ``fuse(model, inference=True)`` folds the batch norms for inference instead
+(``pdenet.folding``, one-way).
 
 A fused module is its plain module with another ``forward`` (the same submodules, parameters, buffers and
 ``state_dict`` keys, so checkpoints load either way and an optimizer built before fusing keeps its parameters).
@@ -30,6 +31,7 @@ from operators import LeanConv
 from pdenet_kernels import batch_norm_relu, fused_kernels_apply, lean_kernel_applies
 from pdenet_kernels.ops import residual_block
 
+from .folding import FoldedBasicBlock, FoldedConv, fold_model
 from .networks.layers import downsample2x
 from .networks.resnet import BasicBlock
 
@@ -127,24 +129,39 @@ _KINDS = {FusedBasicBlock: "residual block", FusedSequential: "batch norm + ReLU
 @dataclass
 class FusionReport:
     """What ``fuse`` rewrote (``fused``: module name -> what it runs as) and what it left as it is (``left``: module
-    name -> why)."""
+    name -> why), for ``purpose`` ``"training"`` or ``"inference"``."""
 
     fused: dict[str, str] = field(default_factory=dict)
     left: dict[str, str] = field(default_factory=dict)
+    purpose: str = "training"
 
     def __str__(self) -> str:
         if not self.fused and not self.left:
             return "fuse: nothing in this model has a fused form (it runs as it is)"
         kinds = Counter(self.fused.values())
+        target = "CPU training" if self.purpose == "training" else "inference (batch norms folded)"
         lines = ["fuse: " + (", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in kinds.items())
-                             + " fused for CPU training" if kinds else "nothing fused")]
+                             + f" fused for {target}" if kinds else "nothing fused")]
         lines += [f"  left as is: {name or '(model)'}: {reason}" for name, reason in self.left.items()]
         return "\n".join(lines)
 
 
-def fuse(model: nn.Module) -> FusionReport:
+def fuse(model: nn.Module, inference: bool = False) -> FusionReport:
     """Rewrite ``model`` in place for the fused CPU training path (see the module notes) and report what was
-    fused and what was left, with why. Idempotent; ``unfuse`` undoes it."""
+    fused and what was left, with why. Idempotent; ``unfuse`` undoes it.
+
+    ``inference=True``: fold every batch norm into the operator before it and run lean layers with their bias,
+    residual and ReLU as one kernel call (``pdenet.folding``); the model must be in eval mode, and the rewrite is
+    one-way (its outputs equal the eval-mode model's, its parameters and state dict differ)."""
+    if inference:
+        if not _is_folded(model):
+            unfuse(model)
+        report = FusionReport(purpose="inference")
+        fold_model(model, report)
+        return report
+    if _is_folded(model):
+        raise ValueError("this model's batch norms are folded for inference (fuse(model, inference=True)); it "
+                         "cannot be fused for training: rebuild it or load its checkpoint")
     report = FusionReport()
     for name, module in model.named_modules():
         if type(module) is BasicBlock:
@@ -160,9 +177,16 @@ def fuse(model: nn.Module) -> FusionReport:
     return report
 
 
+def _is_folded(model: nn.Module) -> bool:
+    return any(type(m) in (FoldedBasicBlock, FoldedConv) for m in model.modules())
+
+
 def unfuse(model: nn.Module) -> nn.Module:
     """Undo ``fuse`` in place: every fused module becomes its plain module again (same parameters, buffers and
-    ``state_dict`` keys). Returns ``model``."""
+    ``state_dict`` keys). Returns ``model``. A model folded for inference cannot be unfolded (``ValueError``)."""
+    if _is_folded(model):
+        raise ValueError("this model's batch norms are folded for inference (fuse(model, inference=True)), which "
+                         "cannot be undone: rebuild the model or load its checkpoint")
     for module in model.modules():
         if type(module) in _PLAIN:
             module.__class__ = _PLAIN[type(module)]
@@ -170,5 +194,5 @@ def unfuse(model: nn.Module) -> nn.Module:
 
 
 def is_fused(model: nn.Module) -> bool:
-    """Whether any module of ``model`` is in its fused form."""
-    return any(type(m) in _PLAIN for m in model.modules())
+    """Whether any module of ``model`` is in a fused form (for training, or folded for inference)."""
+    return any(type(m) in _PLAIN for m in model.modules()) or _is_folded(model)

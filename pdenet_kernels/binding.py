@@ -40,6 +40,11 @@ class Addend(ctypes.Structure):
     _fields_ = [("add", _PTR), ("pitch", _I64), ("mask", _PTR)]
 
 
+class Epilogue(ctypes.Structure):
+    """``epilogue`` of ``csrc/lean.c``: ``y = act(P x + S x + add [mask] + bias)`` as the forward stores ``y``."""
+    _fields_ = [("add", _PTR), ("pitch", _I64), ("mask", _PTR), ("bias", _PTR), ("relu", _I64)]
+
+
 class BnLayer(ctypes.Structure):
     """``bn_layer`` of ``csrc/batch_norm.c``."""
     _fields_ = [("pixels", _I64), ("channels", _I64), ("threads", _I64), ("gamma", _PTR), ("beta", _PTR),
@@ -49,7 +54,7 @@ class BnLayer(ctypes.Structure):
 def configure(lib: ctypes.CDLL) -> None:
     """The kernels' argument and result types."""
     ref = ctypes.POINTER
-    lib.lean_forward.argtypes = [ref(LeanShape)] + [_PTR] * 6
+    lib.lean_forward.argtypes = [ref(LeanShape)] + [_PTR] * 3 + [ref(Epilogue)] + [_PTR] * 3
     lib.lean_backward.argtypes = [ref(LeanShape), _PTR, ref(BnGradient)] + [_PTR] * 4 + [ref(Addend), _PTR, _PTR]
     lib.bn_relu_forward.argtypes = [ref(BnLayer)] + [_PTR] * 8
     lib.bn_relu_backward_coefficients.argtypes = [ref(BnLayer)] + [_PTR] * 10
@@ -148,16 +153,22 @@ def lean_shape(x: torch.Tensor, c_out: int, stencil_channels: int, taps: torch.T
                      len(taps), taps.data_ptr())
 
 
-def lean_forward(x, pointwise, stencil, taps, k: int, circular: bool, groups: int, moments_about=None):
+def lean_forward(x, pointwise, stencil, taps, k: int, circular: bool, groups: int, moments_about=None, bias=None,
+                 residual=None, relu: bool = False):
     """``y = P x + S x`` (``pointwise`` (c_out, c_in/g), ``stencil`` (m, ntaps) on the int64 flat indices ``taps``
-    of the ``k x k`` square); with ``moments_about`` (c_out,) also float64 (2, c_out) sums of ``y − shift`` and
-    ``(y − shift)²`` over the batch and the pixels, summed as the kernel writes ``y``."""
+    of the ``k x k`` square), or ``y = act(P x + S x + r + b)`` with a ``residual`` ``r`` like ``y``, a ``bias``
+    ``b`` (c_out,) and ``act`` the ReLU where ``relu``, applied as the kernel stores ``y``; with ``moments_about``
+    (c_out,) also float64 (2, c_out) sums of ``y − shift`` and ``(y − shift)²`` over the batch and the pixels,
+    summed as the kernel writes ``y``."""
     c_out = pointwise.shape[0]
     y = torch.empty((x.shape[0], c_out, *x.shape[2:]), dtype=x.dtype, memory_format=torch.channels_last)
     moments = None if moments_about is None else torch.empty(2, c_out, dtype=torch.float64)
     shape = lean_shape(x, c_out, stencil.shape[0], taps, k, circular, groups)
+    epilogue = None
+    if bias is not None or residual is not None or relu:
+        epilogue = ctypes.byref(Epilogue(_ptr(residual), c_out, None, _ptr(bias), int(relu)))
     check(library().lean_forward(ctypes.byref(shape), x.data_ptr(), pointwise.data_ptr(), stencil.data_ptr(),
-                                 y.data_ptr(), _ptr(moments_about), _ptr(moments)), "lean_forward")
+                                 epilogue, y.data_ptr(), _ptr(moments_about), _ptr(moments)), "lean_forward")
     return y if moments_about is None else (y, moments)
 
 

@@ -402,6 +402,77 @@ def lean_conv_backward(grad: Tensor, x: Tensor, pointwise: Tensor, stencil: Tens
     return _apply(torch.ops.pdenet.lean_conv_backward, _LeanConvBackward, args)
 
 
+# ---------------------------------------------------------------------------------------------- lean_conv_affine
+def lean_conv_affine_reference(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int,
+                               circular: bool, groups: int, bias: Tensor, residual: Tensor | None,
+                               relu: bool) -> Tensor:
+    """``act(P x + S x + b [+ r])`` by PyTorch's operations (differentiable): the plain composition
+    ``lean_conv_affine`` replaces."""
+    y = lean_conv_reference(x, pointwise, stencil, taps, kernel_size, circular, groups) + bias.to(x.dtype)[:, None, None]
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def _check_affine(x: Tensor, pointwise: Tensor, bias: Tensor, residual: Tensor | None) -> None:
+    c_out = pointwise.shape[0]
+    if bias.shape != (c_out,) or (residual is not None and residual.shape != (x.shape[0], c_out, *x.shape[2:])):
+        raise ValueError(f"pdenet::lean_conv_affine: the bias must have shape ({c_out},) and the residual the "
+                         f"output's shape {(x.shape[0], c_out, *x.shape[2:])}, got {tuple(bias.shape)} and "
+                         f"{None if residual is None else tuple(residual.shape)}")
+
+
+def _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual) -> bool:
+    return (lean_kernel_applies(x, pointwise, stencil, groups) and bias.dtype == torch.float32
+            and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu")))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lean_conv_affine", mutates_args=())
+def lean_conv_affine_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int,
+                        circular: bool, groups: int, bias: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+    _check_lean(x, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
+    _check_affine(x, pointwise, bias, residual)
+    if _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual):
+        return binding.lean_forward(*_lean_contiguous(x, pointwise, stencil, taps), kernel_size, circular, groups,
+                                    bias=bias.contiguous(),
+                                    residual=None if residual is None else binding.channels_last(residual),
+                                    relu=relu)
+    with torch.autocast(x.device.type, enabled=False):
+        return lean_conv_affine_reference(x, pointwise, stencil, taps, kernel_size, circular, groups, bias, residual,
+                                          relu)
+
+
+@lean_conv_affine_op.register_fake
+def _(x, pointwise, stencil, taps, kernel_size, circular, groups, bias, residual, relu):
+    _check_lean(x, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
+    _check_affine(x, pointwise, bias, residual)
+    if _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual):
+        return x.new_empty((x.shape[0], pointwise.shape[0], *x.shape[2:])).contiguous(
+            memory_format=torch.channels_last)
+    return lean_conv_affine_reference(x, pointwise, stencil, taps, kernel_size, circular, groups, bias, residual,
+                                      relu)
+
+
+@register_flop_formula(torch.ops.pdenet.lean_conv_affine)
+def _(x_shape, pointwise_shape, stencil_shape, taps_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return _lean_flops(x_shape, pointwise_shape, stencil_shape, kernel_size)
+
+
+def lean_conv_affine(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int, circular: bool,
+                     groups: int, bias: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``act(P x + S x + b [+ r])`` (``act`` the ReLU where ``relu``): the inference layer of a lean operator with
+    a batch norm folded into it, one pass of the compiled kernel that applies bias, residual and ReLU as it stores
+    ``y``. Where something is differentiated it is the plain composition of ``lean_conv`` and PyTorch's
+    operations (the registered operator has no autograd formula: it serves inference)."""
+    if _differentiated(x, pointwise, stencil, bias, *(() if residual is None else (residual,))):
+        y = lean_conv(x, pointwise, stencil, taps, kernel_size, circular, groups) + bias[:, None, None]
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if relu else y
+    return torch.ops.pdenet.lean_conv_affine(x, pointwise, stencil, taps, kernel_size, circular, groups, bias,
+                                             residual, relu)
+
+
 # ---------------------------------------------------------------------------------------------- batch_norm_relu
 def _plain_batch_norm_relu(z, residual, weight, bias, eps):
     """``max(0, BN(z) [+ r])`` with the batch's statistics by PyTorch's operations (differentiable)."""

@@ -9,7 +9,7 @@ import ctypes
 
 import numpy as np
 
-from .binding import (KERNEL_OK, MASK_APPLIED, MASK_BYTES, MASK_FROM_OUTPUT, Addend, BnGradient, BnLayer,
+from .binding import (KERNEL_OK, MASK_APPLIED, MASK_BYTES, MASK_FROM_OUTPUT, Addend, BnGradient, BnLayer, Epilogue,
                       LeanShape)
 
 
@@ -25,8 +25,9 @@ def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:
 
 
 def _lean(lib) -> str:
-    """Forward and backward lean kernels: odd sizes, channel mismatch, groups, both boundaries, the batch-norm
-    output gradient in its three mask modes with a shortcut's masked gradient added."""
+    """Forward and backward lean kernels: odd sizes, channel mismatch, groups, both boundaries, the forward's
+    epilogue (a residual of a wider pitch, a bias, the ReLU), the batch-norm output gradient in its three mask modes
+    with a shortcut's masked gradient added."""
     nr = lib.lean_block_channels()
     rng = np.random.default_rng(0)
     taps = np.array([1, 3, 4, 5, 7], dtype=np.int64)  # the 3x3 cross
@@ -54,16 +55,22 @@ def _lean(lib) -> str:
 
         ref = np.concatenate([x[..., i] @ p[o].T for i, o in rows], -1)
         ref[..., :m] += sum(w * sx for w, sx in zip(s.T, shifted))
-        expected = {"forward": ref, "input gradient": input_grad(d), "pointwise gradient": pointwise_grad(d),
+        residual = rng.standard_normal((2, 5, 7, c_out + 1), dtype=np.float32)
+        bias = rng.standard_normal(c_out, dtype=np.float32)
+        expected = {"forward": ref, "forward with its epilogue": np.maximum(ref + residual[..., :c_out] + bias, 0),
+                    "input gradient": input_grad(d), "pointwise gradient": pointwise_grad(d),
                     "stencil gradient": stencil_grad(d),
                     "output moments": np.stack([(ref - shift).sum((0, 1, 2)), ((ref - shift) ** 2).sum((0, 1, 2))])}
-        got = {"forward": np.empty_like(d), "input gradient": np.empty_like(x), "pointwise gradient": np.empty_like(p),
+        got = {"forward": np.empty_like(d), "forward with its epilogue": np.empty_like(d), "input gradient": np.empty_like(x), "pointwise gradient": np.empty_like(p),
                "stencil gradient": np.empty_like(s), "output moments": np.empty((2, c_out))}
         shape = ctypes.byref(LeanShape(2, 5, 7, c_in, c_out, m, 3, groups, int(circular), 1, len(taps),
                                        taps.ctypes.data))
         weights = (x.ctypes.data, p.ctypes.data, s.ctypes.data)
-        codes = [lib.lean_forward(shape, *weights, got["forward"].ctypes.data, shift.ctypes.data,
-                                  got["output moments"].ctypes.data)]
+        epilogue = Epilogue(residual.ctypes.data, c_out + 1, None, bias.ctypes.data, 1)
+        codes = [lib.lean_forward(shape, *weights, None, got["forward"].ctypes.data, shift.ctypes.data,
+                                  got["output moments"].ctypes.data),
+                 lib.lean_forward(shape, *weights, ctypes.byref(epilogue), got["forward with its epilogue"].ctypes.data,
+                                  None, None)]
         grads = [got[k].ctypes.data for k in ("input gradient", "pointwise gradient", "stencil gradient")]
         codes.append(lib.lean_backward(shape, d.ctypes.data, None, *weights, grads[0], None, *grads[1:]))
         if not circular:  # the output gradient of batch norm's backward, a gm + e z + f, from (d, z = forward)

@@ -144,6 +144,18 @@ typedef struct {
 /* v where the VW bytes at m are set (-1), else 0 */
 static inline vec keep_where_set(const int8_t *m, vec v) { return keep_where(widen_mask(m), v); }
 
+/* What a register block does to its sums as it stores them: y_j = act(sum_j + add_j [mask_j] + bias_j), act the
+   ReLU (relu != 0) or the identity; add NULL for no addend, bias NULL for none. The backward uses the addend
+   alone (a shortcut's gradient), the inference forward all three (a folded batch norm's bias, the residual, the
+   block's ReLU). */
+typedef struct {
+  addend add;
+  const float *bias;
+  int64_t relu;
+} epilogue;
+/* max(v, 0) */
+static inline vec relu(vec v) { return keep_where(v > (vec){0}, v); }
+
 /* sums[j] += sum_{i < n} (y_ij - k_j), sums[co + j] += sum_i (y_ij - k_j)^2 for a tile's output y (pitch co) and a
    shift k (co), in float, from cache after the tile's stores (summed in the register blocks, they would spill
    the blocks' sums of y with AVX2's 16 registers). Two pixels at a time: independent sums. */
@@ -181,7 +193,7 @@ static void tile_moments(const float *y, int64_t n, int64_t co, const float *shi
 static inline __attribute__((always_inline)) void forward_block(const geometry *g, const float *a, const float *pt,
                                                                 const float *wt, int ntaps, const float *const *src,
                                                                 int64_t j0, int64_t q, float *y, int mr,
-                                                                const int rows, const int nv, const addend *ad) {
+                                                                const int rows, const int nv, const epilogue *ep) {
   vec c[WIDE][2];
   const float *row[WIDE]; /* pixels past mr repeat pixel 0: computed, never stored */
   const int64_t ci = g->ci, co = g->co;
@@ -210,10 +222,10 @@ static inline __attribute__((always_inline)) void forward_block(const geometry *
       if (nv > 1) c[i][1] += w1 * vload(s + VW);
     }
   }
-  if (ad && ad->add) { /* y_j += add_j [mask_j] over the block's mr pixels */
-    const float *add = ad->add + q * ad->pitch + j0;
-    const int8_t *keep = ad->mask ? ad->mask + q * ad->pitch + j0 : NULL;
-    const int64_t pitch = ad->pitch;
+  if (ep && ep->add.add) { /* y_j += add_j [mask_j] over the block's mr pixels */
+    const float *add = ep->add.add + q * ep->add.pitch + j0;
+    const int8_t *keep = ep->add.mask ? ep->add.mask + q * ep->add.pitch + j0 : NULL;
+    const int64_t pitch = ep->add.pitch;
 #pragma GCC unroll 12
     for (int i = 0; i < rows; ++i)
       if (i < mr) {
@@ -221,6 +233,21 @@ static inline __attribute__((always_inline)) void forward_block(const geometry *
         c[i][0] += keep ? keep_where_set(keep + i * pitch, add0) : add0;
         if (nv > 1) c[i][1] += keep ? keep_where_set(keep + i * pitch + VW, add1) : add1;
       }
+  }
+  if (ep && ep->bias) {
+    const vec b0 = vload(ep->bias + j0), b1 = nv > 1 ? vload(ep->bias + j0 + VW) : b0;
+#pragma GCC unroll 12
+    for (int i = 0; i < rows; ++i) {
+      c[i][0] += b0;
+      if (nv > 1) c[i][1] += b1;
+    }
+  }
+  if (ep && ep->relu) {
+#pragma GCC unroll 12
+    for (int i = 0; i < rows; ++i) {
+      c[i][0] = relu(c[i][0]);
+      if (nv > 1) c[i][1] = relu(c[i][1]);
+    }
   }
   y += j0;
 #pragma GCC unroll 12
@@ -234,7 +261,7 @@ static inline __attribute__((always_inline)) void forward_block(const geometry *
 /* The same for the output channels j0 <= j < j1 one at a time (blocks cut by co, m or a group boundary). */
 static void forward_scalar(const geometry *g, const float *x_pixel, const float *pt, const float *wt,
                            const float *const *src, int64_t j0, int64_t j1, int64_t q, float *y, int mr,
-                           const addend *ad) {
+                           const epilogue *ep) {
   for (int i = 0; i < mr; ++i)
     for (int64_t j = j0; j < j1; ++j) {
       const float *a = x_pixel + i * g->ci + (j / g->cog) * g->cig;
@@ -242,8 +269,12 @@ static void forward_scalar(const geometry *g, const float *x_pixel, const float 
       for (int64_t c = 0; c < g->cig; ++c) acc += a[c] * pt[c * g->co + j];
       if (j < g->m)
         for (int t = 0; t < g->ntaps; ++t) acc += wt[t * g->m + j] * src[t * TILE + i][j];
-      const int64_t at = (q + i) * (ad ? ad->pitch : 0) + j;
-      if (ad && ad->add && (!ad->mask || ad->mask[at])) acc += ad->add[at];
+      if (ep) {
+        const int64_t at = (q + i) * ep->add.pitch + j;
+        if (ep->add.add && (!ep->add.mask || ep->add.mask[at])) acc += ep->add.add[at];
+        if (ep->bias) acc += ep->bias[j];
+        if (ep->relu && !(acc > 0.f)) acc = 0.f;
+      }
       y[i * g->co + j] = acc;
     }
 }
@@ -286,7 +317,7 @@ static channel_block *plan_blocks(const geometry *g) {
    tap table, filled here; x holds the pixels [origin, end), pixel q at x + (q - origin) ci). */
 static void forward_tile(const geometry *g, const channel_block *plan, const float *x, int64_t origin, int64_t end,
                          const float *pt, const float *wt, const float *zero, const float **src, int64_t p0,
-                         int64_t n, float *y, const addend *ad) {
+                         int64_t n, float *y, const epilogue *ep) {
   const int64_t ci = g->ci, co = g->co;
   tile_sources(g, x, origin, zero, p0, n, src);
   for (int64_t i = 0; i < n;) {
@@ -298,18 +329,18 @@ static void forward_tile(const geometry *g, const channel_block *plan, const flo
       const float *a = x_pixel + b->input;
       const int64_t j0 = b->j0, q = p0 + i;
       if (b->nv == 0) {
-        forward_scalar(g, x_pixel, pt, wt, src + i, j0, b[1].j0, q, y_pixel, mr, ad);
+        forward_scalar(g, x_pixel, pt, wt, src + i, j0, b[1].j0, q, y_pixel, mr, ep);
       } else if (!wide) {
-        if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, mr, MR, 2, ad);
-        else forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, mr, MR, 1, ad);
+        if (b->nv == 2) forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, mr, MR, 2, ep);
+        else forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, mr, MR, 1, ep);
       } else if (b->nv == 1) {
-        forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, WIDE, WIDE, 1, ad);
+        forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, WIDE, WIDE, 1, ep);
       } else if (VW == 16) { /* AVX-512: 24 accumulators fit its 32 registers */
-        forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, WIDE, WIDE, 2, ad);
+        forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, WIDE, WIDE, 2, ep);
       } else { /* AVX2: two blocks of MR pixels */
-        forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, MR, MR, 2, ad);
+        forward_block(g, a, pt, wt, b->ntaps, src + i, j0, q, y_pixel, MR, MR, 2, ep);
         forward_block(g, a + MR * ci, pt, wt, b->ntaps, src + i + MR, j0, q + MR, y_pixel + MR * co, MR, MR, 2,
-                      ad);
+                      ep);
       }
     }
     i += mr;
@@ -346,14 +377,15 @@ static char *thread_scratch(int threads, size_t bytes, size_t *pitch) {
   return kernel_calloc((size_t)threads, *pitch);
 }
 
-/* y = P x + S x and, unless out is NULL, the moments of y about shift (co): out[j] = sum_p (y_j(p) - shift_j),
-   out[co + j] = sum_p (y_j(p) - shift_j)^2, summed in float over a tile, in double across tiles and across
-   threads in thread order (batch norm's statistics, with the running mean as the shift). Returns an error code
-   (kernels.h). */
-int lean_forward(const lean_shape *shape, const float *x, const float *p, const float *s, float *y,
-                 const float *shift, double *out) {
+/* y = P x + S x, or with ep (NULL for none) y = act(P x + S x + add [mask] + bias) as its register blocks store it
+   (an add of pitch >= co), and, unless out is NULL, the moments of y about shift (co): out[j] = sum_p (y_j(p) -
+   shift_j), out[co + j] = sum_p (y_j(p) - shift_j)^2, summed in float over a tile, in double across tiles and
+   across threads in thread order (batch norm's statistics, with the running mean as the shift). Returns an error
+   code (kernels.h). */
+int lean_forward(const lean_shape *shape, const float *x, const float *p, const float *s, const epilogue *ep,
+                 float *y, const float *shift, double *out) {
   geometry g;
-  if (!make_geometry(&g, shape, 0)) return KERNEL_INVALID;
+  if (!make_geometry(&g, shape, 0) || (ep && ep->add.add && ep->add.pitch < g.co)) return KERNEL_INVALID;
   const int nthreads = (int)shape->threads, ntaps = g.ntaps;
   const int64_t co = g.co, pixels = g.B * g.H * g.W, tiles = (pixels + TILE - 1) / TILE;
   float *wt, *pt = tile_weights(&g, p, s, 0, &wt);
@@ -374,7 +406,7 @@ int lean_forward(const lean_shape *shape, const float *x, const float *p, const 
 #pragma omp for schedule(static)
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t p0 = tile * TILE, n = pixels - p0 < TILE ? pixels - p0 : TILE;
-        forward_tile(&g, plan, x, 0, pixels, pt, wt, zero, src, p0, n, y, NULL);
+        forward_tile(&g, plan, x, 0, pixels, pt, wt, zero, src, p0, n, y, ep);
         if (out) {
           tile_moments(y + p0 * co, n, co, shift, sums);
           for (int64_t j = 0; j < 2 * co; ++j) mine[j] += sums[j];
@@ -587,6 +619,7 @@ int lean_backward(const lean_shape *shape, const float *d, const bn_gradient *bg
   size_t pitch;
   char *scratch = thread_scratch(nthreads, table + sizeof(float) * (zeros + (np + NR) + (ns + NR) + windows), &pitch);
   const int failed = !scratch || (dx && (!pt || !plan));
+  const epilogue shortcut = {add ? *add : (addend){NULL, 0, NULL}, NULL, 0};
   if (!failed) {
     memset(gp, 0, np * sizeof(float));
     memset(gs, 0, ns * sizeof(float));
@@ -605,7 +638,7 @@ int lean_backward(const lean_shape *shape, const float *d, const bn_gradient *bg
         const float *dw = bg ? window : d;
         for (int64_t p0 = first; p0 < last; p0 += TILE) {
           const int64_t n = last - p0 < TILE ? last - p0 : TILE;
-          if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, add);
+          if (dx) forward_tile(&adj, plan, dw, lo, hi, pt, wt, zero, src, p0, n, dx, &shortcut);
           weight_grad_tile(&g, dw + (p0 - lo) * co, x, zero, src, p0, n, gq_local, gs_local);
         }
       }
