@@ -465,6 +465,7 @@ def lean_conv_affine(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor
     ``y``. Where something is differentiated it is the plain composition of ``lean_conv`` and PyTorch's
     operations (the registered operator has no autograd formula: it serves inference)."""
     if _differentiated(x, pointwise, stencil, bias, *(() if residual is None else (residual,))):
+        _check_affine(x, pointwise, bias, residual)
         y = lean_conv(x, pointwise, stencil, taps, kernel_size, circular, groups) + bias[:, None, None]
         if residual is not None:
             y = y + residual
