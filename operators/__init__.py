@@ -1,6 +1,7 @@
 """Linear convolution operators with exact adjoints, Fourier symbols, spectra and step bounds."""
 from .base import ConvOperator
 from .circulant import CirculantConv
+from .conv2d import LeanConv2d
 from .dense import DenseConv
 from .depthwise import DepthwiseConv
 from .dottest import dottest
@@ -12,6 +13,7 @@ from .registry import OPERATORS, make_operator, register_operator
 from .separable import SeparableConv
 
 __all__ = [
-    "ConvOperator", "DenseConv", "LeanConv", "GroupedConv", "SeparableConv", "DepthwiseConv", "PointwiseConv",
-    "CirculantConv", "OPERATORS", "make_operator", "register_operator", "count_flops", "dottest", "channel_shuffle",
+    "ConvOperator", "DenseConv", "LeanConv", "LeanConv2d", "GroupedConv", "SeparableConv", "DepthwiseConv",
+    "PointwiseConv", "CirculantConv", "OPERATORS", "make_operator", "register_operator", "count_flops", "dottest",
+    "channel_shuffle",
 ]

@@ -5,8 +5,9 @@ float32 a compiled kernel computes ``P x + S x`` in one pass over channels-last 
 and the stencil taps accumulate in registers before one store), and its backward both weight gradients and the
 input gradient in one pass; elsewhere two ``F.conv2d`` calls. The operator carries its fake implementation,
 autograd and FLOP formulas, so ``torch.compile``, ``torch.export``, autocast, ``torch.func`` and PyTorch's FLOP
-counter see it. The adjoint is the same operator with ``P^T`` and the flipped stencil. All paths are checked
-against the dense reference ``conv_same(x, equivalent_dense_weight())`` in the tests.
+counter see it. The adjoint is the same operator with ``P^T`` and the flipped stencil. A strided operator
+(``stride=s``) runs as two ``F.conv2d`` calls with stride ``s``. All paths are checked against the dense reference
+``F.conv2d(x, equivalent_dense_weight(), stride=s, padding=k // 2)`` in the tests.
 """
 from __future__ import annotations
 
@@ -50,9 +51,17 @@ class LeanConv(ConvOperator):
     ``flops`` and by the registered operator's FLOP formula that PyTorch's counter uses (the compiled kernel
     skips the zero taps: ``c_out c_in/g + points · m``).
 
-    Memory format: where the compiled kernel runs (CPU, float32) the output is channels-last, as
+    Stride ``s`` (``stride=s``): ``K_s x = P x[..., ::s, ::s] + S_s x``, ``S_s`` the depthwise stencil
+    correlation with stride ``s`` and padding ``k // 2`` (zeros, or periodic padding first): the coupling and the
+    stencil evaluated on the coarse grid only, ``ceil(n/s)`` pixels per axis, as
+    ``nn.Conv2d(k, stride=s, padding=k // 2)``; equal to ``F.conv2d(x, equivalent_dense_weight(), stride=s,
+    padding=k // 2)``. Its adjoint is the transposed convolution, its symbol the polyphase symbol of
+    ``operators.base.polyphase_symbol`` (``(n1/s, n2/s, c_out, s² c_in)``), its multiply-adds per output pixel
+    those of stride 1.
+
+    Memory format: where the compiled kernel runs (CPU, float32, stride 1) the output is channels-last, as
     ``nn.Conv2d`` returns with a channels-last weight; a network that keeps channels-last pays no conversion.
-    Elsewhere the output follows ``F.conv2d``'s choice.
+    Elsewhere the output follows ``F.conv2d``'s choice. (``operators.LeanConv2d`` returns the input's format.)
 
     Initialisation as ``nn.Conv2d``: every weight uniform in ``±1/√fan_in`` with
     ``fan_in = c_in/g + points`` (the number of terms summed into one output).
@@ -61,8 +70,8 @@ class LeanConv(ConvOperator):
     kind = "lean"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, boundary: str = "zeros",
-                 stencil: str = "cross", groups: int = 1):
-        super().__init__(in_channels, out_channels, kernel_size, boundary)
+                 stencil: str = "cross", groups: int = 1, stride: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, boundary, stride)
         if not isinstance(stencil, str) or stencil not in STENCILS:
             raise ValueError(f"unknown stencil {stencil!r}; expected one of {STENCILS}")
         self.groups = check_positive_int("groups", groups)
@@ -75,17 +84,26 @@ class LeanConv(ConvOperator):
         if stencil == "none":
             self.register_parameter("stencil", None)
             self.register_buffer("stencil_index", None)
-            points = 0
         else:
             r = k // 2
             grid = torch.arange(k * k)
             index = grid if stencil == "full" else grid[(grid // k == r) | (grid % k == r)]
-            points = index.numel()
             self.register_buffer("stencil_index", index, persistent=False)
-            self.stencil = nn.Parameter(torch.empty(min(in_channels, out_channels), points))
-        bound = 1.0 / math.sqrt(in_channels // groups + points)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+            self.stencil = nn.Parameter(torch.empty(min(in_channels, out_channels), index.numel()))
+        self.reset_parameters()
+
+    @property
+    def fan_in(self) -> int:
+        """The number of terms summed into one output: ``c_in/g + points``."""
+        points = 0 if self.stencil is None else self.stencil.shape[1]
+        return self.in_channels // self.groups + points
+
+    def reset_parameters(self) -> None:
+        """Every weight uniform in ``±1/√fan_in`` (``nn.Conv2d``'s default rule with the lean ``fan_in``)."""
+        bound = 1.0 / math.sqrt(self.fan_in)
+        with torch.no_grad():
+            for p in self.parameters():
+                nn.init.uniform_(p, -bound, bound)
 
     # ------------------------------------------------------------------ kernels in standard form
     def pointwise_kernel(self) -> torch.Tensor:
@@ -103,7 +121,9 @@ class LeanConv(ConvOperator):
         return torch.block_diag(*self.pointwise.view(self.groups, -1, self.in_channels // self.groups))
 
     def equivalent_dense_weight(self) -> torch.Tensor:
-        """The ``(c_out, c_in, k, k)`` kernel of the same operator as a dense convolution (the reference)."""
+        """The ``(c_out, c_in, k, k)`` kernel of the same operator as a dense convolution (the reference):
+        ``W[:, :, r, r] = P`` plus ``W[j, j] = s_j`` for ``j < m``; ``K_s x = F.conv2d(x, W, stride=s,
+        padding=r)`` for the zero boundary."""
         k, r = self.kernel_size, self.kernel_size // 2
         w = self.pointwise_matrix().new_zeros(self.out_channels, self.in_channels, k, k)
         w[:, :, r, r] = self.pointwise_matrix()
@@ -115,10 +135,45 @@ class LeanConv(ConvOperator):
 
     # ------------------------------------------------------------------ operator hooks
     def _forward(self, x):
+        if self.stride > 1:
+            r = self.kernel_size // 2
+            return self._two_convolutions(x, (r, r))
         if self.stencil is None:
             return F.conv2d(x, self.pointwise_kernel().to(x.dtype), groups=self.groups)
         return lean_conv(x, self.pointwise, self.stencil, self.stencil_index, self.kernel_size,
                          self.boundary == "circular", self.groups)
+
+    def padded_forward(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+        """``nn.Conv2d``'s arithmetic with the equivalent kernel ``W`` and another padding ``(p1, p2)``.
+
+        ``F.conv2d(x, W, stride=s, padding=(p1, p2))`` for the zero boundary; for the circular one ``x`` is first
+        padded periodically by ``(p1, p2)`` and the correlation takes no padding (``padding_mode="circular"``).
+        ``padding = (k // 2, k // 2)`` is ``forward``; any other runs as two convolutions: the coupling ``P`` on
+        the pixels under the kernel centres, the stencil depthwise with that padding.
+        """
+        self._check_input(x, self.in_channels, "padded_forward")
+        p1, p2 = (int(p) for p in padding)
+        if min(p1, p2) < 0:
+            raise ValueError(f"padding must be non-negative, got {(p1, p2)}")
+        r = self.kernel_size // 2
+        return self._forward(x) if (p1, p2) == (r, r) else self._two_convolutions(x, (p1, p2))
+
+    def _two_convolutions(self, x, padding):
+        """``P`` and ``S`` as two strided ``F.conv2d`` calls, ``nn.Conv2d``'s padding ``(p1, p2)``."""
+        (p1, p2), r, s = padding, self.kernel_size // 2, self.stride
+        if self.boundary == "circular":
+            x = F.pad(x, (p2, p2, p1, p1), mode="circular")
+            p1 = p2 = 0
+        centres = x if (p1, p2) == (r, r) else F.pad(x, (p2 - r, p2 - r, p1 - r, p1 - r))  # negative: crops
+        out = F.conv2d(centres, self.pointwise_kernel().to(x.dtype), stride=s, groups=self.groups)
+        kernel = self.stencil_kernel()
+        if kernel is None:
+            return out
+        m = kernel.shape[0]
+        smooth = F.conv2d(x[:, :m], kernel.to(x.dtype), stride=s, padding=(p1, p2), groups=m)
+        if m == out.shape[1]:
+            return out + smooth
+        return torch.cat([out[:, :m] + smooth, out[:, m:]], 1)
 
     def _adjoint(self, y):
         pt = adjoint_coupling(self.pointwise, self.groups)

@@ -10,8 +10,11 @@ exactly. ``captured = ‖M ⊙ W‖_F / ‖W‖_F`` reports how much of each ker
 
 Eligible: ``nn.Conv2d`` with a 3x3 kernel, stride 1, dilation 1, one group, padding 1 (or ``"same"``) and
 padding mode ``"zeros"`` or ``"circular"`` (which become the operator's boundary condition), and
-``operators.DenseConv`` with a 3x3 kernel. A convolution bias is kept, as a separate per-channel add
-(:class:`BiasedOperator`). Everything else is left alone and listed with the reason.
+``operators.DenseConv`` with a 3x3 kernel. With ``strided=True`` also such convolutions with a stride ``s`` (the
+same on both axes), which become strided lean operators ``K_s x = P x[..., ::s, ::s] + S_s x``
+(``LeanConv(stride=s)``: the same arithmetic as ``nn.Conv2d(3, stride=s, padding=1)`` with the kernel ``M ⊙ W``).
+A convolution bias is kept, as a separate per-channel add (:class:`BiasedOperator`). Everything else is left
+alone and listed with the reason.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class Replacement:
     params_before: int
     params_after: int
     captured: float | None  # ‖M ⊙ W‖ / ‖W‖ with init="dense", else None
+    stride: int = 1
 
 
 @dataclass
@@ -70,6 +74,7 @@ class LeanifyReport:
     stencil: str
     groups: int
     init: str
+    strided: bool = False
     replaced: list[Replacement] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
 
@@ -85,23 +90,29 @@ class LeanifyReport:
         return {**asdict(self), "params_before": self.params_before, "params_after": self.params_after}
 
     def __str__(self) -> str:
-        lines = [f"leanify (stencil={self.stencil!r}, groups={self.groups}, init={self.init!r}): "
+        options = f"stencil={self.stencil!r}, groups={self.groups}, init={self.init!r}"
+        options += ", strided=True" if self.strided else ""
+        lines = [f"leanify ({options}): "
                  f"replaced {len(self.replaced)}, skipped {len(self.skipped)}; parameters of the replaced "
                  f"layers {self.params_before} -> {self.params_after}"]
         for r in self.replaced:
             kept = "" if r.captured is None else f", captured {r.captured:.3f}"
-            lines.append(f"  replaced {r.name}: {r.kind} {r.in_channels}->{r.out_channels} ({r.boundary}"
+            stride = f", stride {r.stride}" if r.stride != 1 else ""
+            lines.append(f"  replaced {r.name}: {r.kind} {r.in_channels}->{r.out_channels} ({r.boundary}{stride}"
                          f"{', bias' if r.bias else ''}), {r.params_before} -> {r.params_after} weights{kept}")
         lines += [f"  skipped  {s.name}: {s.kind}, {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
 
-def _conv2d_problems(conv: nn.Conv2d) -> list[str]:
+def _conv2d_problems(conv: nn.Conv2d, strided: bool) -> list[str]:
     problems = []
     if tuple(conv.kernel_size) != (3, 3):
         problems.append(f"kernel {conv.kernel_size[0]}x{conv.kernel_size[1]} (only 3x3)")
-    if tuple(conv.stride) != (1, 1):
-        problems.append(f"stride {tuple(conv.stride)} (only 1)")
+    stride = tuple(conv.stride)
+    if stride != (1, 1) and not strided:
+        problems.append(f"stride {stride} (only 1; pass strided=True for strided lean operators)")
+    elif stride[0] != stride[1]:
+        problems.append(f"stride {stride} (only the same stride on both axes)")
     if tuple(conv.dilation) != (1, 1):
         problems.append(f"dilation {tuple(conv.dilation)} (only 1)")
     if conv.groups != 1:
@@ -139,20 +150,24 @@ def init_from_dense(lean: LeanConv, weight: torch.Tensor) -> float:
     return float(lean.equivalent_dense_weight().norm() / total) if total > 0 else 1.0
 
 
-def _make_lean(weight: torch.Tensor, boundary: str, stencil: str, groups: int,
-               init: str) -> tuple[LeanConv, float | None]:
+def _make_lean(weight: torch.Tensor, boundary: str, stencil: str, groups: int, init: str,
+               stride: int) -> tuple[LeanConv, float | None]:
     c_out, c_in = weight.shape[:2]
-    lean = LeanConv(c_in, c_out, 3, boundary, stencil=stencil, groups=groups).to(weight.device, weight.dtype)
+    lean = LeanConv(c_in, c_out, 3, boundary, stencil=stencil, groups=groups, stride=stride)
+    lean = lean.to(weight.device, weight.dtype)
     captured = init_from_dense(lean, weight) if init == "dense" else None
     return lean, captured
 
 
-def leanify(model: nn.Module, stencil: str = "cross", groups: int = 1, init: str = "dense") -> LeanifyReport:
+def leanify(model: nn.Module, stencil: str = "cross", groups: int = 1, init: str = "dense",
+            strided: bool = False) -> LeanifyReport:
     """Replace, in place, every eligible 3x3 convolution of ``model`` by a :class:`~operators.LeanConv`.
 
     ``stencil`` (``"cross"``, ``"full"``, ``"none"``) and ``groups`` are the lean operator's tuning
     parameters; ``init="dense"`` projects the dense weights onto the lean structure (see the module notes),
-    ``init="random"`` keeps the lean operator's own initialisation. A module used at several places is
+    ``init="random"`` keeps the lean operator's own initialisation. ``strided=True`` also replaces 3x3
+    convolutions with a stride ``s`` by strided lean operators (``LeanConv(stride=s)``); by default they are
+    skipped. A module used at several places is
     replaced by one lean operator (weights stay shared). Operators of ``operators`` other than 3x3
     ``DenseConv`` are not looked into. Returns a :class:`LeanifyReport`.
     """
@@ -163,7 +178,9 @@ def leanify(model: nn.Module, stencil: str = "cross", groups: int = 1, init: str
     groups = check_positive_int("groups", groups)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-    report = LeanifyReport(stencil, groups, init)
+    if not isinstance(strided, bool):
+        raise TypeError(f"strided must be a bool, got {strided!r}")
+    report = LeanifyReport(stencil, groups, init, strided)
     done: dict[int, nn.Module] = {}
 
     def convert(name: str, module: nn.Module) -> nn.Module | None:
@@ -171,10 +188,10 @@ def leanify(model: nn.Module, stencil: str = "cross", groups: int = 1, init: str
         if isinstance(module, DenseConv):
             k = module.kernel_size
             problems = [] if k == 3 else [f"kernel {k}x{k} (only 3x3)"]
-            weight, boundary, bias = module.weight, module.boundary, None
+            weight, boundary, bias, stride = module.weight, module.boundary, None, module.stride
         elif isinstance(module, nn.Conv2d):
-            problems = _conv2d_problems(module)
-            weight, bias = module.weight, module.bias
+            problems = _conv2d_problems(module, strided)
+            weight, bias, stride = module.weight, module.bias, module.stride[0]
             boundary = "circular" if module.padding_mode == "circular" else "zeros"
         else:
             return None
@@ -184,11 +201,11 @@ def leanify(model: nn.Module, stencil: str = "cross", groups: int = 1, init: str
         if problems:
             report.skipped.append(Skip(name, type(module).__name__, "; ".join(problems)))
             return None
-        lean, captured = _make_lean(weight.detach(), boundary, stencil, groups, init)
+        lean, captured = _make_lean(weight.detach(), boundary, stencil, groups, init, stride)
         new = lean if bias is None else BiasedOperator(lean, bias)
         report.replaced.append(Replacement(
             name, type(module).__name__, c_in, c_out, boundary, bias is not None,
-            sum(p.numel() for p in module.parameters()), sum(p.numel() for p in new.parameters()), captured))
+            sum(p.numel() for p in module.parameters()), sum(p.numel() for p in new.parameters()), captured, stride))
         return new
 
     def walk(prefix: str, parent: nn.Module) -> None:

@@ -189,3 +189,126 @@ def test_bad_models():
         leanify("resnet20")
     with pytest.raises(TypeError, match="itself a convolution"):
         leanify(nn.Conv2d(2, 2, 3, padding=1))
+
+
+# ------------------------------------------------------------------------------ strided convolutions (ResNet-18)
+class BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock``: the first 3x3 convolution carries the stride, the shortcut a 1x1
+    strided convolution with batch norm."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 layout (7x7 stride-2 stem, max pooling, four stages of two blocks), narrower."""
+
+    def __init__(self, width=8, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        stages, inplanes = [], width
+        for i, planes in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes)))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def convs(model, kernel):
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (kernel, kernel)}
+
+
+def test_strided_resnet18_replaces_every_3x3_convolution():
+    torch.manual_seed(0)
+    model = ResNet18()
+    three, seven, one = convs(model, 3), convs(model, 7), convs(model, 1)
+    strided = {n for n, m in three.items() if m.stride == (2, 2)}
+    assert len(three) == 16 and strided == {"layer2.0.conv1", "layer3.0.conv1", "layer4.0.conv1"}
+    assert len(seven) == 1 and len(one) == 3
+
+    report = leanify(model, strided=True)
+
+    assert {r.name for r in report.replaced} == set(three)
+    assert {r.name for r in report.replaced if r.stride == 2} == strided
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert set(reasons) == set(seven) | set(one)
+    assert "kernel 7x7 (only 3x3)" in reasons["conv1"]
+    assert all("kernel 1x1 (only 3x3)" in reasons[n] for n in one)
+    for name in three:
+        lean = model.get_submodule(name)
+        assert type(lean) is LeanConv and lean.stride == (2 if name in strided else 1)
+    assert not convs(model, 3)
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert model.layer2[0].conv1.pointwise.grad is not None
+    text = str(report)
+    assert "strided=True" in text and "replaced layer2.0.conv1: Conv2d 8->16 (zeros, stride 2)" in text
+    assert report.to_dict()["replaced"][0]["stride"] == 1
+
+
+def test_strided_convolutions_are_skipped_by_default_with_the_option_named():
+    model = ResNet18()
+    report = leanify(model)
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert len(report.replaced) == 13
+    for name in ("layer2.0.conv1", "layer3.0.conv1", "layer4.0.conv1"):
+        assert "stride (2, 2)" in reasons[name] and "strided=True" in reasons[name]
+    assert "strided" not in str(report).splitlines()[0]
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_strided_dense_init_keeps_outputs_of_lean_structured_kernels(padding_mode):
+    torch.manual_seed(3)
+    model = ResNet18().double()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+            module.padding_mode = padding_mode
+            with torch.no_grad():
+                module.weight.mul_(lean_structure_mask(module.out_channels, module.in_channels, 1, "cross"))
+        if isinstance(module, nn.BatchNorm2d):  # non-trivial statistics, used in evaluation mode
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+    ref = model(x)
+    report = leanify(model, strided=True, init="dense")
+    assert len(report.replaced) == 16 and all(r.captured == pytest.approx(1.0) for r in report.replaced)
+    assert {r.boundary for r in report.replaced} == {"circular" if padding_mode == "circular" else "zeros"}
+    torch.testing.assert_close(model(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_strided_option_checks():
+    with pytest.raises(TypeError, match="strided must be a bool"):
+        leanify(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1)), strided="yes")
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, stride=(2, 1), padding=1), nn.Conv2d(2, 2, 3, stride=3, padding=1))
+    report = leanify(model, strided=True)
+    assert [s.reason for s in report.skipped] == ["stride (2, 1) (only the same stride on both axes)"]
+    assert report.replaced[0].stride == 3 and model[1].operator.stride == 3
+    x = torch.randn(1, 2, 7, 8)
+    assert model[1](x).shape == (1, 2, 3, 3)
