@@ -6,7 +6,7 @@ the operator: ``B(K x + b₀) = K' x + b'`` with ``K' = diag(a) K`` (each output
 ``b' = a ⊙ b₀ + c``. For a lean operator ``K = P + S`` that is ``P' = diag(a) P`` and each stencil ``s_j`` scaled
 by ``a_j``; a dense operator or ``nn.Conv2d`` becomes an ``nn.Conv2d`` with a bias. The folded layer
 (:class:`FoldedConv`) computes ``act(K' x + b' [+ r])``; for a lean operator on inputs the compiled kernels take
-(float32 CPU) that is one call of ``torch.ops.pdenet.lean_conv_affine``, which adds the bias, the residual and
+(float32 CPU, stride 1) that is one call of ``torch.ops.pdenet.lean_conv_affine``, which adds the bias, the residual and
 applies the ReLU as it stores ``y``.
 
 Patterns folded:
@@ -27,7 +27,7 @@ import copy
 import torch
 from torch import nn
 
-from operators import DenseConv, LeanConv
+from operators import DenseConv, LeanConv, LeanConv2d
 from pdenet_kernels.ops import lean_conv_affine
 
 from .networks.layers import downsample2x
@@ -53,11 +53,10 @@ def why_not_foldable(conv: nn.Module, bn: nn.Module) -> str:
         return f"{type(bn).__name__} is not a plain nn.BatchNorm2d"
     if not bn.track_running_stats or bn.running_mean is None:
         return "batch norm without running statistics (it normalizes with the batch's statistics)"
-    if type(conv) is LeanConv:
-        return "" if getattr(conv, "stride", 1) == 1 else "a strided lean operator"
-    if type(conv) is DenseConv or type(conv) is nn.Conv2d:
+    if type(conv) in (LeanConv, LeanConv2d, DenseConv, nn.Conv2d):
         return ""
-    return f"folding a batch norm into {type(conv).__name__} is not implemented (lean, dense and nn.Conv2d are)"
+    return (f"folding a batch norm into {type(conv).__name__} is not implemented (lean, LeanConv2d, dense and "
+            "nn.Conv2d are)")
 
 
 @torch.no_grad()
@@ -67,10 +66,14 @@ def fold(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[nn.Module, torch.Tensor |
     scale, shift = batch_norm_affine(bn)
     if type(conv) is LeanConv:
         lean = copy.deepcopy(conv)
-        lean.pointwise.mul_(scale.to(lean.pointwise.dtype)[:, None])
-        if lean.stencil is not None:
-            lean.stencil.mul_(scale[: lean.stencil.shape[0], None].to(lean.stencil.dtype))
+        _scale_lean(lean, scale)
         return lean, nn.Parameter(shift.to(lean.pointwise.dtype))
+    if type(conv) is LeanConv2d:
+        layer = copy.deepcopy(conv)
+        _scale_lean(layer.operator, scale)
+        dtype = layer.operator.pointwise.dtype
+        layer.bias = nn.Parameter(shift.to(dtype) + (0 if conv.bias is None else scale.to(dtype) * conv.bias))
+        return layer, None
     if type(conv) is DenseConv:
         k = conv.kernel_size
         dense = nn.Conv2d(conv.in_channels, conv.out_channels, k, padding=k // 2, padding_mode=conv.boundary,
@@ -85,12 +88,20 @@ def fold(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[nn.Module, torch.Tensor |
     return dense, None
 
 
+def _scale_lean(lean: LeanConv, scale: torch.Tensor) -> None:
+    """``K ← diag(a) K`` for a lean ``K``: the coupling's rows and the stencils scaled by ``a`` in place."""
+    lean.pointwise.mul_(scale.to(lean.pointwise.dtype)[:, None])
+    if lean.stencil is not None:
+        lean.stencil.mul_(scale[: lean.stencil.shape[0], None].to(lean.stencil.dtype))
+
+
 class FoldedConv(nn.Module):
     """``act(K x + b [+ r])``: an operator with an inference-mode batch norm folded into it (``K``, ``b``), then
     an optional residual ``r`` and activation (``None``, ``nn.ReLU`` or ``nn.ReLU6``).
 
-    A lean ``K`` with its bias ``b`` runs as ``pdenet_kernels.lean_conv_affine``: one compiled-kernel call on
-    float32 CPU inputs, the ReLU included. An ``nn.Conv2d`` ``K`` holds ``b`` as its own bias."""
+    A lean ``K`` of stride 1 with its bias ``b`` runs as ``pdenet_kernels.lean_conv_affine``: one compiled-kernel
+    call on float32 CPU inputs, the ReLU included. An ``nn.Conv2d`` or ``LeanConv2d`` ``K`` holds ``b`` as its own
+    bias."""
 
     def __init__(self, operator: nn.Module, bias: torch.Tensor | None, activation: nn.Module | None):
         super().__init__()
@@ -100,7 +111,7 @@ class FoldedConv(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         op, relu = self.operator, type(self.activation) is nn.ReLU
-        if type(op) is LeanConv and op.stencil is not None:
+        if type(op) is LeanConv and op.stencil is not None and op.stride == 1:
             y = lean_conv_affine(x, op.pointwise, op.stencil, op.stencil_index, op.kernel_size,
                                  op.boundary == "circular", op.groups, self.bias, residual, relu)
             return y if relu or self.activation is None else self.activation(y)

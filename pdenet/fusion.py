@@ -51,6 +51,8 @@ def _plain_lean(conv: nn.Module) -> str:
         return f"{type(conv).__name__} is not a lean operator"
     if conv.stencil is None:
         return "lean operator without a stencil"
+    if conv.stride != 1:
+        return f"stride {conv.stride} (the fused layers keep the resolution)"
     if conv.boundary != "zeros":
         return f"{conv.boundary!r} boundary (the fused layers take the zero boundary)"
     return ""

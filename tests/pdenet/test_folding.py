@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import pdenet_kernels
-from operators import DenseConv, LeanConv
+from operators import DenseConv, LeanConv, LeanConv2d
 from pdenet import build_model, fuse, unfuse
 from pdenet.configs import list_configs
 from pdenet.folding import FoldedBasicBlock, FoldedConv, batch_norm_affine, fold
@@ -107,10 +107,12 @@ def test_a_model_fused_for_training_can_be_folded_for_inference():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=2e-5 * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize("kind", ["lean", "dense", "conv2d"])
+@pytest.mark.parametrize("kind", ["lean", "strided lean", "LeanConv2d", "dense", "conv2d"])
 def test_fold_scales_each_output_channel_and_adds_the_shift(kind):
     torch.manual_seed(1)
-    conv = {"lean": lambda: LeanConv(6, 4, stencil="full"), "dense": lambda: DenseConv(6, 4, boundary="circular"),
+    conv = {"lean": lambda: LeanConv(6, 4, stencil="full"), "strided lean": lambda: LeanConv(6, 4, stride=2),
+            "LeanConv2d": lambda: LeanConv2d(6, 4, 3, stride=2, padding=0),
+            "dense": lambda: DenseConv(6, 4, boundary="circular"),
             "conv2d": lambda: nn.Conv2d(6, 4, 3, padding=1, bias=True)}[kind]().double()
     bn = trained_looking(nn.BatchNorm2d(4).double())
     folded, bias = fold(conv, bn)

@@ -1,0 +1,150 @@
+"""Inference latency of the lean ResNet-20 against its dense twin and the FLOP-matched MobileNetV2 and
+ShuffleNetV2, at batch 1 and 32, in every way a user would run them, side by side in one run.
+
+Variants of each model:
+
+- ``eager``: the model as built, in eval mode under ``torch.inference_mode``;
+- ``folded``: ``pdenet.fuse(model, inference=True)``: batch norms folded into the operators before them, lean
+  layers with their bias, residual and ReLU as one compiled-kernel call (the dense twin's convolutions become
+  ``nn.Conv2d`` with a bias: oneDNN);
+- ``compiled``: ``torch.compile`` (inductor) of the folded model;
+- ``onnxruntime``: the ONNX file of ``pdenet.export.export_onnx`` in onnxruntime (when ``onnxruntime`` is
+  installed), with as many intra-op threads as torch.
+
+Every variant runs both in NCHW and in channels-last, and the faster is reported (the table says which), so each
+network gets its best memory format. Each round times every (model, variant, format) once, in turn, so drift of
+the host's speed hits them alike; the table gives the median over rounds of the per-round medians, and each
+time's ratio to the dense ResNet-20's best time at the same batch ("speed-up": how many times faster).
+
+    python benchmarks/latency.py                         # 3x32x32, batches 1 and 32, 2 threads
+    python benchmarks/latency.py --threads 1 --rounds 9 --batches 1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# benchmarks/operators.py shares its name with the package: keep this folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from pdenet import build_model, fuse, match_width  # noqa: E402
+from pdenet.costs import flops_per_image  # noqa: E402
+from pdenet.export import export_onnx  # noqa: E402
+
+LEAN, DENSE, MATCHED = "lean-resnet20", "resnet20", ("mobilenetv2", "shufflenetv2")
+VARIANTS = ("eager", "folded", "compiled", "onnxruntime")
+CL = torch.channels_last
+
+
+def build(name: str, input_shape, width_mult=None):
+    overrides = {} if width_mult is None else {"width_mult": width_mult}
+    return build_model(name, num_classes=10, in_channels=input_shape[0], **overrides).eval()
+
+
+def models(input_shape) -> dict:
+    """The lean and dense ResNet-20 and the baselines at the largest width multiplier within the lean FLOPs."""
+    nets = {LEAN: build(LEAN, input_shape), DENSE: build(DENSE, input_shape)}
+    target = flops_per_image(nets[LEAN], input_shape)
+    for name in MATCHED:
+        width, _ = match_width(lambda w, name=name: build(name, input_shape, w), target, input_shape)
+        nets[f"{name} (w={width:.3f})"] = build(name, input_shape, width)
+    return nets
+
+
+def runner(model, variant: str, channels_last: bool, example: torch.Tensor, threads: int):
+    """A callable ``x -> output`` for the variant, or ``None`` where it is unavailable (onnxruntime absent)."""
+    model = copy.deepcopy(model)
+    if variant == "eager":
+        net = model.to(memory_format=CL) if channels_last else model
+        return lambda x: net(x)
+    fuse(model, inference=True)
+    if variant == "folded":
+        net = model.to(memory_format=CL) if channels_last else model
+        return lambda x: net(x)
+    if variant == "compiled":
+        net = torch.compile(model.to(memory_format=CL) if channels_last else model)
+        return lambda x: net(x)
+    if importlib.util.find_spec("onnxruntime") is None or channels_last:  # ONNX takes NCHW
+        return None
+    import onnxruntime
+
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    export_onnx(model, example, path)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x.numpy()})
+
+
+def median_time(fn, x, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", default="3x32x32", help="image shape CxHxW (default 3x32x32)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7, help="rounds over all variants (median reported)")
+    parser.add_argument("--calls", type=int, default=0,
+                        help="calls per variant and round (default: 200 at batch 1, 10 at batch 32 and more)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    input_shape = tuple(int(n) for n in args.input.lower().split("x"))
+    nets = models(input_shape)
+    flops = {name: flops_per_image(net, input_shape) for name, net in nets.items()}
+
+    lines = [f"# inference latency, {args.input}, {args.threads} thread(s), torch {torch.__version__}, "
+             f"{platform.processor() or platform.machine()}, {datetime.date.today()}"]
+    for batch in args.batches:
+        calls = args.calls or (200 if batch == 1 else 10)
+        x = torch.randn(batch, *input_shape)
+        inputs = {False: x, True: x.contiguous(memory_format=CL)}
+        runs = {}
+        with torch.inference_mode():
+            for name, net in nets.items():
+                for variant in args.variants:
+                    for cl in (False, True):
+                        fn = runner(net, variant, cl, x, args.threads)
+                        if fn is not None:
+                            for _ in range(3 if variant == "compiled" else 1):  # compile in the warm-up
+                                fn(inputs[cl])
+                            median_time(fn, inputs[cl], max(5, calls // 10))
+                            runs[name, variant, cl] = (fn, [])
+            for _ in range(args.rounds):
+                for (name, variant, cl), (fn, times) in runs.items():
+                    times.append(median_time(fn, inputs[cl], calls))
+        best = {}
+        for (name, variant, cl), (_, times) in runs.items():
+            t = statistics.median(times)
+            if (name, variant) not in best or t < best[name, variant][0]:
+                best[name, variant] = (t, "channels-last" if cl else "NCHW")
+        dense = min(t for (name, _), (t, _) in best.items() if name == DENSE)
+        lines += ["", f"batch {batch} ({calls} calls per round, {args.rounds} rounds; speed-up: the dense "
+                      f"ResNet-20's best time / this time)", "",
+                  "| model | MFLOPs/img | variant | format | ms | speed-up |", "|---|---|---|---|---|---|"]
+        for (name, variant), (t, fmt) in best.items():
+            lines.append(f"| {name} | {flops[name] / 1e6:.1f} | {variant} | {fmt} | {1e3 * t:.3f} | "
+                         f"{dense / t:.2f}x |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
