@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from operators import DenseConv, LeanConv, LeanConv2d
-from pdenet_kernels.ops import lean_conv_affine
+from pdenet_kernels.ops import lean_conv_affine, residual_block_inference
 
 from .networks.layers import downsample2x
 from .networks.resnet import BasicBlock
@@ -126,7 +126,7 @@ class FoldedConv(nn.Module):
 class FoldedBasicBlock(nn.Module):
     """A ResNet ``BasicBlock`` with its batch norms folded: ``y = ReLU(K₂' ReLU(K₁' D x + b₁) + b₂ + Q' D x)``
     (``D`` the block's 2x2 average pooling at stride 2; ``Q'`` the identity, zero channels appended, or the folded
-    1x1 projection)."""
+    1x1 projection). With lean operators the two layers are one ``residual_block_inference`` call."""
 
     def __init__(self, block: BasicBlock):
         super().__init__()
@@ -143,7 +143,23 @@ class FoldedBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:
             x = downsample2x(x)
+        if self.one_call:
+            k1, k2 = self.conv1.operator, self.conv2.operator
+            return residual_block_inference(x, self.shortcut(x), k1.stencil_index, k1.kernel_size,
+                                            k1.boundary == "circular", k1.groups,
+                                            (k1.pointwise, k1.stencil, self.conv1.bias),
+                                            (k2.pointwise, k2.stencil, self.conv2.bias))
         return self.conv2(self.conv1(x), residual=self.shortcut(x))
+
+    @property
+    def one_call(self) -> bool:
+        """Whether the block runs as one ``residual_block_inference`` call: two lean operators of stride 1 with
+        stencils, alike in stencil, kernel size, groups and boundary."""
+        k1, k2 = self.conv1.operator, self.conv2.operator
+        return (type(k1) is type(k2) is LeanConv and k1.stencil is not None and k2.stencil is not None
+                and k1.stride == k2.stride == 1
+                and (k1.stencil_type, k1.kernel_size, k1.groups, k1.boundary)
+                == (k2.stencil_type, k2.kernel_size, k2.groups, k2.boundary))
 
 
 def _block_reason(block: BasicBlock) -> str:

@@ -414,12 +414,12 @@ def lean_conv_affine_reference(x: Tensor, pointwise: Tensor, stencil: Tensor, ta
     return F.relu(y) if relu else y
 
 
-def _check_affine(x: Tensor, pointwise: Tensor, bias: Tensor, residual: Tensor | None) -> None:
-    c_out = pointwise.shape[0]
-    if bias.shape != (c_out,) or (residual is not None and residual.shape != (x.shape[0], c_out, *x.shape[2:])):
-        raise ValueError(f"pdenet::lean_conv_affine: the bias must have shape ({c_out},) and the residual the "
-                         f"output's shape {(x.shape[0], c_out, *x.shape[2:])}, got {tuple(bias.shape)} and "
-                         f"{None if residual is None else tuple(residual.shape)}")
+def _check_affine(x_shape, pointwise: Tensor, bias: Tensor, residual: Tensor | None,
+                  name: str = "lean_conv_affine") -> None:
+    c_out, out_shape = pointwise.shape[0], (x_shape[0], pointwise.shape[0], *x_shape[2:])
+    if bias.shape != (c_out,) or (residual is not None and residual.shape != out_shape):
+        raise ValueError(f"pdenet::{name}: the bias must have shape ({c_out},) and the residual the output's shape "
+                         f"{out_shape}, got {tuple(bias.shape)} and {None if residual is None else tuple(residual.shape)}")
 
 
 def _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual) -> bool:
@@ -431,7 +431,7 @@ def _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual) -> boo
 def lean_conv_affine_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int,
                         circular: bool, groups: int, bias: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
     _check_lean(x, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
-    _check_affine(x, pointwise, bias, residual)
+    _check_affine(x.shape, pointwise, bias, residual)
     if _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual):
         return binding.lean_forward(*_lean_contiguous(x, pointwise, stencil, taps), kernel_size, circular, groups,
                                     bias=bias.contiguous(),
@@ -445,7 +445,7 @@ def lean_conv_affine_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Ten
 @lean_conv_affine_op.register_fake
 def _(x, pointwise, stencil, taps, kernel_size, circular, groups, bias, residual, relu):
     _check_lean(x, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
-    _check_affine(x, pointwise, bias, residual)
+    _check_affine(x.shape, pointwise, bias, residual)
     if _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual):
         return x.new_empty((x.shape[0], pointwise.shape[0], *x.shape[2:])).contiguous(
             memory_format=torch.channels_last)
@@ -465,13 +465,74 @@ def lean_conv_affine(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor
     ``y``. Where something is differentiated it is the plain composition of ``lean_conv`` and PyTorch's
     operations (the registered operator has no autograd formula: it serves inference)."""
     if _differentiated(x, pointwise, stencil, bias, *(() if residual is None else (residual,))):
-        _check_affine(x, pointwise, bias, residual)
+        _check_affine(x.shape, pointwise, bias, residual)
         y = lean_conv(x, pointwise, stencil, taps, kernel_size, circular, groups) + bias[:, None, None]
         if residual is not None:
             y = y + residual
         return F.relu(y) if relu else y
     return torch.ops.pdenet.lean_conv_affine(x, pointwise, stencil, taps, kernel_size, circular, groups, bias,
                                              residual, relu)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::residual_block_inference", mutates_args=())
+def residual_block_inference_op(x: Tensor, residual: Tensor, taps: Tensor, kernel_size: int, circular: bool,
+                                groups: int, pointwise1: Tensor, stencil1: Tensor, bias1: Tensor, pointwise2: Tensor,
+                                stencil2: Tensor, bias2: Tensor) -> Tensor:
+    """``ReLU(K₂ ReLU(K₁ x + b₁) + b₂ + r)``: a residual block with its batch norms folded, two lean kernel calls
+    (each applying its bias, the residual and the ReLU as it stores) in one operator call."""
+    _check_lean(x, pointwise1, stencil1, taps, kernel_size, groups, "residual_block_inference")
+    _check_affine(x.shape, pointwise1, bias1, None, "residual_block_inference")
+    _check_affine((x.shape[0], pointwise1.shape[0], *x.shape[2:]), pointwise2, bias2, residual,
+                  "residual_block_inference")
+    if (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
+            and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual)):
+        x, taps = binding.channels_last(x), taps.contiguous()
+        h = binding.lean_forward(x, pointwise1.contiguous(), stencil1.contiguous(), taps, kernel_size, circular,
+                                 groups, bias=bias1.contiguous(), relu=True)
+        return binding.lean_forward(h, pointwise2.contiguous(), stencil2.contiguous(), taps, kernel_size, circular,
+                                    groups, bias=bias2.contiguous(), residual=binding.channels_last(residual),
+                                    relu=True)
+    with torch.autocast(x.device.type, enabled=False):
+        return _residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1,
+                                                   stencil1, bias1, pointwise2, stencil2, bias2)
+
+
+def _residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1, stencil1, bias1,
+                                        pointwise2, stencil2, bias2):
+    h = lean_conv_affine_reference(x, pointwise1, stencil1, taps, kernel_size, circular, groups, bias1, None, True)
+    return lean_conv_affine_reference(h, pointwise2, stencil2, taps, kernel_size, circular, groups, bias2, residual,
+                                      True)
+
+
+@residual_block_inference_op.register_fake
+def _(x, residual, taps, kernel_size, circular, groups, pointwise1, stencil1, bias1, pointwise2, stencil2, bias2):
+    _check_lean(x, pointwise1, stencil1, taps, kernel_size, groups, "residual_block_inference")
+    c_out = pointwise2.shape[0]
+    if (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
+            and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual)):
+        return x.new_empty((x.shape[0], c_out, *x.shape[2:])).contiguous(memory_format=torch.channels_last)
+    return _residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1,
+                                               stencil1, bias1, pointwise2, stencil2, bias2)
+
+
+@register_flop_formula(torch.ops.pdenet.residual_block_inference)
+def _(x_shape, residual_shape, taps_shape, kernel_size, circular, groups, pointwise1_shape, stencil1_shape,
+      bias1_shape, pointwise2_shape, stencil2_shape, *args, out_shape=None, **kwargs) -> int:
+    h_shape = (x_shape[0], pointwise1_shape[0], *x_shape[2:])
+    return (_lean_flops(x_shape, pointwise1_shape, stencil1_shape, kernel_size)
+            + _lean_flops(h_shape, pointwise2_shape, stencil2_shape, kernel_size))
+
+
+def residual_block_inference(x: Tensor, residual: Tensor, taps: Tensor, kernel_size: int, circular: bool,
+                             groups: int, layer1: tuple, layer2: tuple) -> Tensor:
+    """``ReLU(K₂ ReLU(K₁ x + b₁) + b₂ + r)`` for ``layer = (pointwise, stencil, bias)`` (lean operators with their
+    batch norms folded): one operator call in inference, the composition of ``lean_conv_affine`` where something
+    is differentiated."""
+    if _differentiated(x, residual, *layer1, *layer2):
+        h = lean_conv_affine(x, *layer1[:2], taps, kernel_size, circular, groups, layer1[2], None, True)
+        return lean_conv_affine(h, *layer2[:2], taps, kernel_size, circular, groups, layer2[2], residual, True)
+    return torch.ops.pdenet.residual_block_inference(x, residual, taps, kernel_size, circular, groups, *layer1,
+                                                     *layer2)
 
 
 # ---------------------------------------------------------------------------------------------- batch_norm_relu

@@ -56,14 +56,14 @@ def test_folded_model_equals_the_eval_mode_model(name):
 
 
 @compiled
-def test_lean_resnet_runs_every_lean_layer_as_one_kernel_call_and_no_batch_norm():
+def test_lean_resnet_runs_each_block_as_one_operator_call_and_no_batch_norm():
     model = trained_looking(build_model("lean-resnet20"))
     report = fuse(model, inference=True)
     assert sorted(set(report.fused.values())) == ["operator + batch norm pair", "residual block"]
     assert sum(kind == "residual block" for kind in report.fused.values()) == 9 and not report.left
     assert str(report).startswith("fuse: 1 operator + batch norm pair, 9 residual blocks fused for inference")
     counts = ops_run(model, torch.randn(1, 3, 32, 32))
-    assert counts["pdenet::lean_conv_affine"] == 18  # two per block (the dense stem sees the image channels)
+    assert counts["pdenet::residual_block_inference"] == 9  # one per block (the dense stem sees the image channels)
     assert not any("batch_norm" in n for n in counts), counts
     assert counts.get("aten::relu", 0) == 1  # the stem's; the blocks' ReLUs run inside the lean kernel
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -204,6 +204,28 @@ def test_lean_conv_affine_gradients_in_float64():
         return lean_conv_affine(x, pointwise, stencil, op.stencil_index, 3, False, 1, bias, residual, True)
 
     assert torch.autograd.gradcheck(f, (x, op.pointwise, op.stencil, bias, residual))
+
+
+@pytest.mark.parametrize("channels", [(16, 16), (16, 32), (5, 7)], ids=str)
+def test_residual_block_inference_matches_two_affine_layers(channels):
+    from pdenet_kernels.ops import residual_block_inference
+
+    c_in, c_out = channels
+    op1, x, bias1, _ = affine_problem(c_in, c_out, seed=1)
+    op2, _, bias2, residual = affine_problem(c_out, c_out, seed=2)
+    taps = op1.stencil_index
+    with torch.no_grad():
+        got = residual_block_inference(x, residual, taps, 3, False, 1, (op1.pointwise, op1.stencil, bias1),
+                                       (op2.pointwise, op2.stencil, bias2))
+        h = lean_conv_affine_reference(x, op1.pointwise, op1.stencil, taps, 3, False, 1, bias1, None, True)
+        expected = lean_conv_affine_reference(h, op2.pointwise, op2.stencil, taps, 3, False, 1, bias2, residual, True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    args = (x, residual, taps, 3, False, 1, op1.pointwise.detach(), op1.stencil.detach(), bias1,
+            op2.pointwise.detach(), op2.stencil.detach(), bias2)
+    torch.library.opcheck(torch.ops.pdenet.residual_block_inference.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="residual_block_inference: the bias must have shape"):
+        torch.ops.pdenet.residual_block_inference(*args[:-1], bias2[:-1])
 
 
 def test_folded_model_compiles():
