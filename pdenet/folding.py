@@ -126,7 +126,8 @@ class FoldedConv(nn.Module):
 class FoldedBasicBlock(nn.Module):
     """A ResNet ``BasicBlock`` with its batch norms folded: ``y = ReLU(K₂' ReLU(K₁' D x + b₁) + b₂ + Q' D x)``
     (``D`` the block's 2x2 average pooling at stride 2; ``Q'`` the identity, zero channels appended, or the folded
-    1x1 projection). With lean operators the two layers are one ``residual_block_inference`` call."""
+    1x1 projection). With lean operators (``one_call``, see ``_one_call``) the two layers are one
+    ``residual_block_inference`` call."""
 
     def __init__(self, block: BasicBlock):
         super().__init__()
@@ -134,6 +135,7 @@ class FoldedBasicBlock(nn.Module):
         self.conv1 = FoldedConv(*fold(block.conv1, block.bn1), nn.ReLU())
         self.conv2 = FoldedConv(*fold(block.conv2, block.bn2), nn.ReLU())
         self.projection = None if block.projection is None else FoldedConv(*fold(*block.projection), None)
+        self.one_call = _one_call(self.conv1.operator, self.conv2.operator)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.projection is not None:
@@ -151,15 +153,14 @@ class FoldedBasicBlock(nn.Module):
                                             (k2.pointwise, k2.stencil, self.conv2.bias))
         return self.conv2(self.conv1(x), residual=self.shortcut(x))
 
-    @property
-    def one_call(self) -> bool:
-        """Whether the block runs as one ``residual_block_inference`` call: two lean operators of stride 1 with
-        stencils, alike in stencil, kernel size, groups and boundary."""
-        k1, k2 = self.conv1.operator, self.conv2.operator
-        return (type(k1) is type(k2) is LeanConv and k1.stencil is not None and k2.stencil is not None
-                and k1.stride == k2.stride == 1
-                and (k1.stencil_type, k1.kernel_size, k1.groups, k1.boundary)
-                == (k2.stencil_type, k2.kernel_size, k2.groups, k2.boundary))
+
+def _one_call(k1: nn.Module, k2: nn.Module) -> bool:
+    """Whether a folded block with the operators ``k1, k2`` runs as one ``residual_block_inference`` call: two lean
+    operators of stride 1 with stencils, alike in stencil, kernel size, groups and boundary."""
+    return (type(k1) is type(k2) is LeanConv and k1.stencil is not None and k2.stencil is not None
+            and k1.stride == k2.stride == 1
+            and (k1.stencil_type, k1.kernel_size, k1.groups, k1.boundary)
+            == (k2.stencil_type, k2.kernel_size, k2.groups, k2.boundary))
 
 
 def _block_reason(block: BasicBlock) -> str:

@@ -388,7 +388,10 @@ def _apply(op, function_class: type, args: tuple):
 
 def _differentiated(*tensors: Tensor) -> bool:
     """Whether reverse-mode autograd records an operation on ``tensors`` (``torch.func.grad`` included), or one of
-    them carries a forward-mode tangent (``torch.func.jvp``, ``jacfwd``, ``forward_ad``)."""
+    them carries a forward-mode tangent (``torch.func.jvp``, ``jacfwd``, ``forward_ad``); never in inference
+    mode."""
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return True
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
