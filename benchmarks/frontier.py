@@ -109,7 +109,8 @@ def default_grid() -> list[Point]:
 def quick_grid() -> list[Point]:
     """A handful of tiny networks, one or two per family."""
     return [Point("lean ResNet", "lean-resnet20", 0.5, 8, "cross"),
-            Point("lean ResNet", "lean-resnet20", 1, 8, "cross"), Point("lean ResNet", "lean-resnet20", 0.5, 8, "full"), Point("dense ResNet", "resnet20", 0.25, 8),
+            Point("lean ResNet", "lean-resnet20", 1, 8, "cross"), Point("lean ResNet", "lean-resnet20", 0.5, 8, "full"),
+            Point("dense ResNet", "resnet20", 0.25, 8),
             Point("MobileNetV2", "mobilenetv2", 0.1), Point("ShuffleNetV2", "shufflenetv2", 0.1),
             Point("PDE-ResNet", "pde-parabolic-lean", 0.25, 1, "cross")]
 
