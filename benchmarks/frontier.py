@@ -140,12 +140,12 @@ def run_key(data: str, point: Point, seed: int) -> str:
     return f"{data}/{point.label}/seed {seed}"
 
 
-def measure_rates(grid, datasets, batch_size: int, quick: bool) -> dict[str, dict[str, float]]:
+def measure_rates(points, datasets, batch_size: int, quick: bool) -> dict[str, dict[str, float]]:
     """Training images/s of every network on every data set, timed on a few fused training steps."""
     rates = {}
     for data, (train_set, _) in datasets.items():
         rates[data] = {}
-        for point in grid:
+        for point in points:
             model = build(point, train_set)
             step = measure_train_step(model, train_set.image_shape, batch_size, warmup=0 if quick else 2,
                                       repeats=1 if quick else 3, channels_last=True)
@@ -181,18 +181,26 @@ def assign_epochs(points, rates, sizes, seeds: int, budget_s: float, epochs: int
     return chosen, total, fits
 
 
-def make_plan(grid, rates, sizes, args) -> dict:
-    """The most tiers that fit in the budget (or ``--tiers``), their epochs, and the runs in order (seed by seed)."""
-    budget = 60 * args.budget_minutes
-    tiers = sorted({p.tier for p in grid})
-    for tier in ([args.tiers] if args.tiers else reversed(tiers)):
+def make_plan(grid, measure, sizes, args) -> dict:
+    """The most tiers that fit in the budget (or tiers 1..``--tiers``), their epochs, and the runs in order (seed
+    by seed). ``measure(points)`` gives ``{data: {label: images/s}}``; a tier's networks are timed only when the
+    tiers below it fit."""
+    rates = {data: {} for data in sizes}
+    tiers = [t for t in sorted({p.tier for p in grid}) if not args.tiers or t <= args.tiers]
+    chosen = None
+    for tier in tiers:
         points = [p for p in grid if p.tier <= tier]
-        epochs, total, fits = assign_epochs(points, rates, sizes, len(args.seeds), budget, args.epochs,
-                                            args.equal_time)
-        if fits or args.tiers or args.quick:
+        for data, measured in measure([p for p in points if p.tier == tier]).items():
+            rates[data].update(measured)
+        fit = assign_epochs(points, rates, sizes, len(args.seeds), 60 * args.budget_minutes, args.epochs,
+                            args.equal_time)
+        if chosen is None or fit[2] or args.tiers:
+            chosen = (tier, points, *fit)
+        if not fit[2] and not args.tiers:
             break
+    tier, points, epochs, total, fits = chosen
     runs = [{"data": data, **asdict(p), "seed": seed, "epochs": epochs[data, p.label], "key": run_key(data, p, seed)}
-            for seed in args.seeds for data in rates for p in points]
+            for seed in args.seeds for data in sizes for p in points]
     return {"settings": plan_settings(args), "tiers": tier, "fits": fits, "estimate_s": total, "rates": rates,
             "runs": runs}
 
@@ -486,9 +494,11 @@ def main(argv=None) -> int:
                         {1, torch.get_num_threads()}, channels_last=True)
     sizes = {name: (len(train), len(test)) for name, (train, test) in datasets.items()}
     if plan is None:
-        print(f"timing training steps of {len(grid)} networks on {', '.join(datasets)} "
-              f"({torch.get_num_threads()} threads) ...", flush=True)
-        plan = make_plan(grid, measure_rates(grid, datasets, args.batch_size, args.quick), sizes, args)
+        print(f"timing training steps on {', '.join(datasets)} ({torch.get_num_threads()} threads) ...", flush=True)
+        timing = time.perf_counter()
+        plan = make_plan(grid, lambda points: measure_rates(points, datasets, args.batch_size, args.quick), sizes,
+                         args)
+        print(f"timed {len(plan['rates'][args.data[0]])} networks in {time.perf_counter() - timing:.0f} s", flush=True)
         (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     print(format_plan(plan, grid, sizes), flush=True)
     done = {row_key(r) for r in read_results(out / "results.csv")}

@@ -71,13 +71,20 @@ RATES = {"fashion-mnist": {GRID[0].label: 1000.0, GRID[1].label: 250.0, GRID[2].
 SIZES = {"fashion-mnist": (60000, 10000), "cifar10": (10000, 2000)}
 
 
-def plan_for(*argv):
-    return frontier.make_plan(GRID, RATES, SIZES, frontier.parse_args(list(argv)))
+def plan_for(*argv, timed=None):
+    """The plan for these options, with the made-up speeds; ``timed`` collects the networks timed."""
+    def measure(points):
+        (timed if timed is not None else []).extend(p.label for p in points)
+        return {data: {p.label: RATES[data][p.label] for p in points} for data in RATES}
+
+    return frontier.make_plan(GRID, measure, SIZES, frontier.parse_args(list(argv)))
 
 
 def test_the_budget_takes_the_most_tiers_then_the_most_epochs():
     seconds = {tier: frontier.assign_epochs(GRID[:tier], RATES, SIZES, 2, 1e12, 1, False)[1] for tier in (1, 2, 3)}
-    plan = plan_for("--budget-minutes", str(seconds[2] / 60 + 1))  # tiers 1-2 at one epoch, not 3
+    timed = []
+    plan = plan_for("--budget-minutes", str(seconds[2] / 60 + 1), timed=timed)  # tiers 1-2 at one epoch, not 3
+    assert timed == [p.label for p in GRID]  # each once; tier 3 too, to find that it does not fit
     assert plan["tiers"] == 2 and plan["fits"] and plan["estimate_s"] <= 60 * plan["settings"]["budget_minutes"]
     assert {r["epochs"] for r in plan["runs"]} == {1} and len(plan["runs"]) == 2 * 2 * 2
     assert [r["seed"] for r in plan["runs"]] == [0] * 4 + [1] * 4  # seed by seed
@@ -85,7 +92,9 @@ def test_the_budget_takes_the_most_tiers_then_the_most_epochs():
     (epochs,) = {r["epochs"] for r in roomy["runs"]}
     assert roomy["tiers"] == 3 and epochs >= 5 and roomy["estimate_s"] <= 5 * seconds[3]
     assert frontier.assign_epochs(GRID, RATES, SIZES, 2, 1e12, epochs + 1, False)[1] > 5 * seconds[3]
-    tight = plan_for("--budget-minutes", "1")
+    timed.clear()
+    tight = plan_for("--budget-minutes", "1", timed=timed)
+    assert timed == [GRID[0].label]  # tier 1 does not fit: the others are not timed
     assert tight["tiers"] == 1 and not tight["fits"] and {r["epochs"] for r in tight["runs"]} == {1}
     assert "warning: the estimate exceeds the budget" in frontier.format_plan(tight, GRID, SIZES)
     assert plan_for("--tiers", "3", "--epochs", "2")["runs"][0]["epochs"] == 2
