@@ -8,9 +8,10 @@ and 3 fill it in and add the largest networks. Data: Fashion-MNIST (all 60,000 t
 10,000) and the CIFAR-10 development copy, read where ``pdenet.data`` finds them. Every run trains with
 ``pdenet``'s Trainer (SGD, cosine schedule, the data set's augmentation, channels-last, as ``pdenet train``).
 
-Budget. Before training, a few training steps of every network are timed on each data set; from these images/s
-the plan takes the most tiers that fit in ``--budget-minutes`` (at ``--epochs`` epochs when given, else at one),
-then the most epochs that fit (equal epochs for every network), and prints its estimate. With ``--equal-time``
+Budget. Before training, a few training steps of each network are timed on each data set, tier by tier; from
+these images/s the plan takes the most tiers that fit in ``--budget-minutes`` (at ``--epochs`` epochs when given,
+else at one; a tier is timed only when the tiers below it fit), then the most epochs that fit (equal epochs for
+every network), and prints its estimate. With ``--equal-time``
 every run gets the same share of the budget instead, as whole epochs (at least one) at its measured speed.
 
 Resumable. The plan is kept in ``plan.json`` and every finished run is appended to ``results.csv`` at once; the
@@ -21,7 +22,7 @@ Output (``--out``): ``results.csv`` (one row per run), ``results.md`` (mean ± s
 per network, frontier membership), ``accuracy_vs_flops.png``, ``accuracy_vs_params.png`` and
 ``accuracy_vs_train_time.png`` (one panel per data set, each family's frontier drawn through its points).
 
-    python benchmarks/frontier.py                          # the default grid, sized to about two hours
+    python benchmarks/frontier.py                          # the default grid, planned for two hours
     python benchmarks/frontier.py --budget-minutes 480     # more tiers and epochs
     python benchmarks/frontier.py --equal-time             # the same training time for every run
     python benchmarks/frontier.py --quick                  # a few tiny networks on a few hundred images
@@ -45,7 +46,7 @@ import torch
 # benchmarks/operators.py shares its name with the operators package: keep this folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from pdenet.allocator import keep_freed_memory  # noqa: E402
-from pdenet.commands._common import CommandError, load_split  # noqa: E402
+from pdenet.commands._common import CommandError, load_split, plural  # noqa: E402
 from pdenet.commands.train import format_row  # noqa: E402
 from pdenet.configs import LEAN_KWARGS, build_model  # noqa: E402
 from pdenet.costs import (count_parameters, fastest_threads, flops_per_image, measure_latency,  # noqa: E402
@@ -494,7 +495,8 @@ def main(argv=None) -> int:
                         {1, torch.get_num_threads()}, channels_last=True)
     sizes = {name: (len(train), len(test)) for name, (train, test) in datasets.items()}
     if plan is None:
-        print(f"timing training steps on {', '.join(datasets)} ({torch.get_num_threads()} threads) ...", flush=True)
+        print(f"timing training steps on {', '.join(datasets)} ({plural(torch.get_num_threads(), 'thread')}) ...",
+              flush=True)
         timing = time.perf_counter()
         plan = make_plan(grid, lambda points: measure_rates(points, datasets, args.batch_size, args.quick), sizes,
                          args)
