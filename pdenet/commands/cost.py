@@ -1,4 +1,8 @@
-"""``pdenet cost --config A B C``: parameters, FLOPs, latency and throughput of several networks side by side."""
+"""``pdenet cost --config A B C``: parameters, FLOPs, latency and throughput of several networks side by side.
+
+``--width W`` and ``--depth D`` scale every configuration (``pdenet.configs.build_model(name, width=W,
+depth=D)``). Each network's parameters and FLOPs are printed as soon as it is built, before the timings.
+"""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="model option applied to every configuration (VALUE a Python literal or a string); "
                         "repeatable")
+    add_knob_arguments(p)
     p.add_argument("--batch-size", type=int, default=128, help="batch for the throughput (default 128)")
     p.add_argument("--train", action="store_true", help="also time training steps at --batch-size")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median; default 20)")
@@ -32,6 +37,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the fastest of 1, half and all cores "
                                                "in a short probe, as pdenet train picks them)")
     p.add_argument("--json", metavar="FILE", help="also write the table to FILE as JSON")
+
+
+def add_knob_arguments(p: argparse.ArgumentParser, **kwargs) -> None:
+    """``--width W`` and ``--depth D`` (``kwargs`` go to both ``add_argument`` calls, e.g. ``default=``)."""
+    from ..configs import DEPTH_HELP, WIDTH_HELP
+
+    p.add_argument("--width", type=float, metavar="W", help=WIDTH_HELP, **kwargs)
+    p.add_argument("--depth", type=int, metavar="D", help=DEPTH_HELP, **kwargs)
+
+
+def with_knobs(overrides: dict, width: float | None, depth: int | None) -> dict:
+    """``overrides`` plus ``width`` and ``depth`` where given (``build_model`` takes them as keywords);
+    CommandError where an override sets them too."""
+    knobs = {k: v for k, v in (("width", width), ("depth", depth)) if v is not None}
+    both = sorted(set(knobs) & set(overrides))
+    if both:
+        raise CommandError(f"give --{both[0]} or --override {both[0]}=..., not both")
+    return {**overrides, **knobs}
+
+
+def cost_line(name: str, model, input_shape) -> str:
+    """``NAME: P parameters, F FLOPs per image (C x H x W)``: measured by ``pdenet.costs`` (PyTorch's counter)."""
+    from ..costs import count_parameters, flops_per_image
+
+    c, h, w = input_shape
+    return (f"{name}: {count_parameters(model):,} parameters, {flops_per_image(model, input_shape):,} FLOPs per "
+            f"image on {c}x{h}x{w} (PyTorch's FLOP counter)")
 
 
 @restored_threads()
@@ -51,10 +83,12 @@ def run(args: argparse.Namespace) -> int:
             shape, classes = tuple(args.input_shape), args.num_classes
             if min(shape) < 1 or classes < 1:
                 raise CommandError(f"--input-shape {shape} and --num-classes {classes} must be positive")
-        overrides = parse_override_args(args.override)
+        overrides = with_knobs(parse_override_args(args.override), args.width, args.depth)
         models = {name: build_named_model(name, classes, shape[0], overrides) for name in args.config}
     except CommandError as exc:
         return fail("cost", exc)
+    for name, model in models.items():
+        print(cost_line(name, model, shape), flush=True)
 
     if args.threads is None and cores > 1:  # on a busy machine fewer threads can be many times faster
         from .train import ThreadTuner

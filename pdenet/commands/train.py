@@ -34,6 +34,7 @@ import torch
 from ..training import AMP_MODES, OPTIMIZERS, SCHEDULES, TASKS, TrainConfig, Trainer, seed_everything, task_class
 from ._common import (CommandError, build_named_model, fail, load_split, parse_override_args, plural,
                       restored_threads, set_threads)
+from .cost import add_knob_arguments, cost_line, with_knobs
 
 HELP = "train a network on a data set (checkpoints every epoch, metrics, costs and stability report)"
 
@@ -65,6 +66,8 @@ DEFAULTS = {
     "zoom": None,            # None: the data set's own zoom range and colour jitter (Dataset.zoom_range,
     "color_jitter": None,    # Dataset.color_jitter; CamVid's are on, the classification sets' off)
     "overrides": {},
+    "width": None,           # None: the configuration's own width and depth (see pdenet.configs.Knobs)
+    "depth": None,
     "eval_every": 1,
     "eval_batch_size": 1000,
     "channels_last": True,   # NHWC: faster on CPU for these networks (measured), see the module docstring
@@ -128,6 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", dest="override", action="append", default=s, metavar="KEY=VALUE",
                    help="model option passed to the configuration (VALUE is a Python literal when it parses as "
                         "one, else a string); repeatable")
+    add_knob_arguments(p, default=s)
     p.add_argument("--eval-every", type=int, default=s, help="evaluate every N epochs and after the last (default 1)")
     p.add_argument("--eval-batch-size", type=int, default=s, help="evaluation batch (default 1000)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=s,
@@ -320,6 +324,7 @@ def setup(settings: dict, dist):
         config = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
+    overrides = with_knobs(settings["overrides"], settings["width"], settings["depth"])
     if config.batch_size % dist.world_size:
         raise CommandError(f"--batch-size {config.batch_size} is not divisible by the {dist.world_size} processes")
     if settings["eval_every"] < 1 or settings["eval_batch_size"] < 1 or settings["checkpoint_every"] < 0:
@@ -349,14 +354,15 @@ def setup(settings: dict, dist):
         except OSError as exc:
             raise CommandError(f"cannot write the output directory {out}: {exc.strerror or exc}") from None
     settings["out"] = str(out)
-    meta = {"config": settings["config"], "overrides": settings["overrides"],
+    meta = {"config": settings["config"], "overrides": overrides,
             "num_classes": train_set.num_classes, "in_channels": train_set.image_shape[0],
             "input_shape": list(train_set.image_shape), "task": settings["task"], "data": settings["data"],
             "settings": {k: v for k, v in settings.items() if k not in RUNTIME}}
 
     seed_everything(config.seed)
     model = build_named_model(settings["config"], train_set.num_classes, train_set.image_shape[0],
-                              settings["overrides"]).to(dist.device)
+                              overrides).to(dist.device)
+    say(dist, cost_line(settings["config"], model, train_set.image_shape))
     tuner = None
     if settings["threads"] is None and threads > 1 and not dist.enabled and dist.device.type == "cpu":
         tuner = ThreadTuner(threads, train_set.image_shape, config.batch_size, settings["channels_last"])

@@ -1,0 +1,210 @@
+"""benchmarks/frontier.py: the Pareto frontier on hand-made points, the budget's plan on made-up speeds, and the
+``--quick`` grid end to end on the real data sets (table, plots, resuming)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import itertools
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_frontier():
+    spec = importlib.util.spec_from_file_location("frontier_benchmark", ROOT / "benchmarks" / "frontier.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+frontier = load_frontier()
+
+
+# ------------------------------------------------------------------------------------------- the frontier
+@pytest.mark.parametrize("costs, accuracies, front", [
+    ([1, 2, 3, 4, 5], [0.5, 0.4, 0.7, 0.7, 0.9], [0, 2, 4]),   # 1 is beaten by 0, 3 ties 2's accuracy at more cost
+    ([5, 4, 3, 2, 1], [0.9, 0.7, 0.7, 0.4, 0.5], [4, 2, 0]),   # the same points in another order
+    ([1, 1, 2], [0.3, 0.6, 0.5], [1]),                         # equal cost: only the more accurate one
+    ([2, 2], [0.5, 0.5], [0]),                                 # identical points: the first
+    ([1, 2, 3], [0.1, 0.2, 0.3], [0, 1, 2]),                   # accuracy grows with cost: all of them
+    ([3], [0.4], [0]),
+    ([], [], []),
+])
+def test_pareto_front_on_hand_made_points(costs, accuracies, front):
+    assert frontier.pareto_front(costs, accuracies) == front
+
+
+def test_pareto_front_is_exactly_the_undominated_points():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        costs = [rng.choice([1, 2, 3, 5, 8]) for _ in range(n)]
+        accuracies = [rng.choice([0.1, 0.5, 0.6, 0.9]) for _ in range(n)]
+        points = list(zip(costs, accuracies))
+
+        def dominated(i):
+            return any(c <= points[i][0] and a >= points[i][1] and (c, a) != points[i] for c, a in points)
+
+        undominated = {points[i] for i in range(n) if not dominated(i)}
+        front = frontier.pareto_front(costs, accuracies)
+        assert {points[i] for i in front} == undominated and len(front) == len(undominated)
+        assert [costs[i] for i in front] == sorted(costs[i] for i in front)
+
+
+def test_pareto_front_needs_matching_lengths():
+    with pytest.raises(ValueError, match="2 costs for 1 accuracies"):
+        frontier.pareto_front([1, 2], [0.5])
+
+
+# ------------------------------------------------------------------------------------------- the plan
+GRID = [frontier.Point("lean ResNet", "lean-resnet20", 1, 20, "cross", 1),
+        frontier.Point("dense ResNet", "resnet20", 1, 20, None, 2),
+        frontier.Point("MobileNetV2", "mobilenetv2", 0.5, None, None, 3)]
+RATES = {"fashion-mnist": {GRID[0].label: 1000.0, GRID[1].label: 250.0, GRID[2].label: 100.0},
+         "cifar10": {GRID[0].label: 800.0, GRID[1].label: 200.0, GRID[2].label: 80.0}}
+SIZES = {"fashion-mnist": (60000, 10000), "cifar10": (10000, 2000)}
+
+
+def plan_for(*argv, timed=None):
+    """The plan for these options, with the made-up speeds; ``timed`` collects the networks timed."""
+    def measure(points):
+        (timed if timed is not None else []).extend(p.label for p in points)
+        return {data: {p.label: RATES[data][p.label] for p in points} for data in RATES}
+
+    return frontier.make_plan(GRID, measure, SIZES, frontier.parse_args(list(argv)))
+
+
+def test_the_budget_takes_the_most_tiers_then_the_most_epochs():
+    seconds = {tier: frontier.assign_epochs(GRID[:tier], RATES, SIZES, 2, 1e12, 1, False)[1] for tier in (1, 2, 3)}
+    timed = []
+    plan = plan_for("--budget-minutes", str(seconds[2] / 60 + 1), timed=timed)  # tiers 1-2 at one epoch, not 3
+    assert timed == [p.label for p in GRID]  # each once; tier 3 too, to find that it does not fit
+    assert plan["tiers"] == 2 and plan["fits"] and plan["estimate_s"] <= 60 * plan["settings"]["budget_minutes"]
+    assert {r["epochs"] for r in plan["runs"]} == {1} and len(plan["runs"]) == 2 * 2 * 2
+    assert [r["seed"] for r in plan["runs"]] == [0] * 4 + [1] * 4  # seed by seed
+    roomy = plan_for("--budget-minutes", str(5 * seconds[3] / 60))
+    (epochs,) = {r["epochs"] for r in roomy["runs"]}
+    assert roomy["tiers"] == 3 and epochs >= 5 and roomy["estimate_s"] <= 5 * seconds[3]
+    assert frontier.assign_epochs(GRID, RATES, SIZES, 2, 1e12, epochs + 1, False)[1] > 5 * seconds[3]
+    timed.clear()
+    tight = plan_for("--budget-minutes", "1", timed=timed)
+    assert timed == [GRID[0].label]  # tier 1 does not fit: the others are not timed
+    assert tight["tiers"] == 1 and not tight["fits"] and {r["epochs"] for r in tight["runs"]} == {1}
+    assert "warning: the estimate exceeds the budget" in frontier.format_plan(tight, GRID, SIZES)
+    assert plan_for("--tiers", "3", "--epochs", "2")["runs"][0]["epochs"] == 2
+
+
+def test_equal_time_gives_every_run_its_share_in_whole_epochs():
+    budget_s = 4 * 3600
+    plan = plan_for("--equal-time", "--tiers", "2", "--budget-minutes", str(budget_s / 60))
+    share = budget_s / len(plan["runs"])
+    for run in plan["runs"]:
+        rate, sizes = RATES[run["data"]][frontier.point_of(run).label], SIZES[run["data"]]
+        assert frontier.run_seconds(run["epochs"], rate, sizes) <= share < frontier.run_seconds(run["epochs"] + 1,
+                                                                                                  rate, sizes)
+    epochs = {(r["data"], r["config"]): r["epochs"] for r in plan["runs"]}
+    for data in SIZES:  # the faster network trains for more epochs
+        assert epochs[data, "lean-resnet20"] > epochs[data, "resnet20"] >= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "2", "--equal-time"], "--epochs and --equal-time exclude each other"),
+    (["--seeds", "0", "0"], "--seeds must be distinct"),
+    (["--budget-minutes", "0"], "--budget-minutes must be positive"),
+    (["--train-images", "0"], "--train-images must be a positive integer"),
+    (["--tiers", "4"], "invalid choice: 4"),
+])
+def test_bad_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- --quick end to end
+def missing_data() -> str | None:
+    from pdenet.data import load_dataset
+
+    for name in frontier.DATA:
+        try:
+            load_dataset(name, "test")
+        except (FileNotFoundError, ValueError) as exc:
+            return str(exc).splitlines()[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    reason = missing_data()
+    if reason:
+        pytest.skip(f"--quick reads Fashion-MNIST and the CIFAR-10 development copy: {reason}")
+    out = tmp_path_factory.mktemp("frontier")
+    assert frontier.main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_quick_writes_the_table(quick):
+    from pdenet.configs import build_model
+    from pdenet.costs import flops_per_image
+
+    rows = read_csv(quick / "results.csv")
+    grid = frontier.quick_grid()
+    assert tuple(rows[0]) == frontier.COLUMNS
+    assert len(rows) == len(grid) * 2 * len(frontier.DATA)
+    assert {(r["data"], r["seed"]) for r in rows} == set(itertools.product(frontier.DATA, ("0", "1")))
+    for row in rows:
+        assert 0 <= float(row["accuracy"]) <= 1 and math.isfinite(float(row["accuracy"]))
+        assert int(row["parameters"]) > 0 and int(row["flops"]) > 0 and int(row["epochs"]) == 1
+        assert float(row["train_images_per_s"]) > 0 and float(row["latency_ms"]) > 0 and float(row["train_time_s"]) > 0
+    lean = next(r for r in rows if r["config"] == "lean-resnet20" and r["data"] == "cifar10")
+    model = build_model("lean-resnet20", width=float(lean["width"]), depth=int(lean["depth"]))
+    assert int(lean["flops"]) == flops_per_image(model, (3, 32, 32))
+    table = (quick / "results.md").read_text()
+    assert table.count(" ± ") == len(grid) * len(frontier.DATA)
+    assert "| family | config | width | depth | stencil | seeds |" in table
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_quick_draws_the_plots(quick):
+    for *_, name in frontier.AXES:
+        data = (quick / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, name
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_a_rerun_skips_the_finished_runs_and_finishes_the_rest(quick, capsys):
+    path = quick / "results.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:20])  # the last run interrupted while it was written
+    capsys.readouterr()
+    assert frontier.main(["--quick", "--threads", "1", "--out", str(quick)]) == 0
+    captured = capsys.readouterr()
+    assert f"{len(lines) - 2} of {len(lines) - 1} runs already in" in captured.out
+    assert "skipping an incomplete row" in captured.err
+    rows = read_csv(path)
+    assert len(rows) == len(lines) - 1 and all(r["threads"] for r in rows)
+    capsys.readouterr()
+    assert frontier.main(["--quick", "--threads", "1", "--out", str(quick)]) == 0
+    assert f"{len(lines) - 1} of {len(lines) - 1} runs already in" in capsys.readouterr().out
+    assert len(read_csv(path)) == len(lines) - 1
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_other_settings_do_not_mix_into_a_grid(quick, capsys):
+    assert frontier.main(["--quick", "--seeds", "0", "1", "2", "--out", str(quick)]) == 2
+    assert "planned with other settings (seeds: [0, 1] there, [0, 1, 2] here)" in capsys.readouterr().err
