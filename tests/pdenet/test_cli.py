@@ -160,8 +160,9 @@ def test_cost_side_by_side(tmp_path, capsys):
     assert main(["cost", "--config", "lean-resnet20", "resnet20", "--input-shape", "1", "28", "28",
                  "--repeats", "2", "--batch-size", "8", "--threads", "1", "--json", str(tmp_path / "c.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "input 1x28x28, 10 classes, 1 thread"
-    assert lines[3].startswith("lean-resnet20") and lines[4].startswith("resnet20")
+    assert lines[0].startswith("lean-resnet20: 34,986 parameters") and lines[1].startswith("resnet20: ")  # before timing
+    assert lines[2] == "input 1x28x28, 10 classes, 1 thread"
+    assert lines[5].startswith("lean-resnet20") and lines[6].startswith("resnet20")
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     from pdenet.configs import build_model
     from pdenet.costs import flops_per_image
