@@ -16,8 +16,13 @@ network gets its best memory format. Each round times every (model, variant, for
 the host's speed hits them alike; the table gives the median over rounds of the per-round medians, and each
 time's ratio to the dense ResNet-20's best time at the same batch ("speed-up": how many times faster).
 
+``--breakdown`` says where the folded lean ResNet-20's time goes at batch 1: PyTorch's profiler over one forward
+(time per operator, and what remains: Python), then one residual block at each level of the call: the module,
+the registered operator, and the compiled kernels called directly (two calls of the binding).
+
     python benchmarks/latency.py                         # 3x32x32, batches 1 and 32, 2 threads
     python benchmarks/latency.py --threads 1 --rounds 9 --batches 1
+    python benchmarks/latency.py --breakdown --threads 1
 """
 from __future__ import annotations
 
@@ -95,6 +100,63 @@ def median_time(fn, x, calls: int) -> float:
     return statistics.median(times)
 
 
+def quantile_time(fn, calls: int = 2000, q: float = 0.1) -> float:
+    """The ``q`` quantile of ``calls`` timed calls after a warm-up: a per-call cost robust to a busy host."""
+    for _ in range(calls // 10):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[int(q * calls)]
+
+
+def breakdown(input_shape) -> list[str]:
+    """Where the folded lean ResNet-20's batch-1 time goes (see the module notes)."""
+    from pdenet.folding import FoldedBasicBlock
+    from pdenet_kernels import binding
+    from pdenet_kernels.ops import residual_block_inference
+
+    model = build(LEAN, input_shape)
+    fuse(model, inference=True)
+    x = torch.randn(1, *input_shape)
+    with torch.inference_mode():
+        total = quantile_time(lambda: model(x), calls=500)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(50):
+                model(x)
+    top = list(prof.key_averages())
+    top.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    lines = [f"# where the folded {LEAN}'s batch-1 time goes ({torch.get_num_threads()} thread(s)): "
+             f"{1e3 * total:.3f} ms per forward (10% quantile)", "",
+             "| operator (profiler, self time) | calls per forward | µs per forward |", "|---|---|---|"]
+    for event in top[:8]:
+        lines.append(f"| {event.key} | {event.count // 50} | {event.self_cpu_time_total / 50:.1f} |")
+    block = next(m for m in model.modules() if isinstance(m, FoldedBasicBlock) and m.one_call)
+    k1, k2 = block.conv1.operator, block.conv2.operator
+    h = torch.randn(1, k1.in_channels, *input_shape[1:]).contiguous(memory_format=CL)
+    layers = ((k1.pointwise, k1.stencil, block.conv1.bias), (k2.pointwise, k2.stencil, block.conv2.bias))
+    taps = k1.stencil_index
+
+    def kernels():
+        z = binding.lean_forward(h, *layers[0][:2], taps, 3, False, 1, bias=layers[0][2], relu=True)
+        return binding.lean_forward(z, *layers[1][:2], taps, 3, False, 1, bias=layers[1][2], residual=h, relu=True)
+
+    with torch.inference_mode():
+        levels = [("the block module", lambda: block(h)),
+                  ("residual_block_inference (the function)",
+                   lambda: residual_block_inference(h, h, taps, 3, False, 1, *layers)),
+                  ("torch.ops.pdenet.residual_block_inference",
+                   lambda: torch.ops.pdenet.residual_block_inference(h, h, taps, 3, False, 1, *layers[0], *layers[1])),
+                  ("two binding calls of the kernel", kernels)]
+        times = [(name, quantile_time(fn)) for name, fn in levels]
+    lines += ["", f"one {k1.in_channels}-channel residual block at {input_shape[1]}x{input_shape[2]} (10% quantile of 2000 "
+                  "calls each)", "", "| level | µs per call |", "|---|---|"]
+    lines += [f"| {name} | {1e6 * t:.1f} |" for name, t in times]
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", default="3x32x32", help="image shape CxHxW (default 3x32x32)")
@@ -104,9 +166,14 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=0,
                         help="calls per variant and round (default: 200 at batch 1, 10 at batch 32 and more)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: where the folded lean ResNet-20's batch-1 time goes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     input_shape = tuple(int(n) for n in args.input.lower().split("x"))
+    if args.breakdown:
+        print("\n".join(breakdown(input_shape)))
+        return 0
     nets = models(input_shape)
     flops = {name: flops_per_image(net, input_shape) for name, net in nets.items()}
 

@@ -69,22 +69,23 @@ def _padded(x: Tensor, r: int, circular: bool) -> tuple[Tensor, int]:
     return (F.pad(x, (r, r, r, r), mode="circular"), 0) if circular and r else (x, r)
 
 
-def _check_lean(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int, groups: int,
+def _check_lean(xs, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int, groups: int,
                 name: str = "lean_conv") -> None:
-    """A clear ``ValueError`` for arguments that do not make a lean operator on ``x``."""
+    """A clear ``ValueError`` for arguments that do not make a lean operator on an input of shape ``xs`` (each
+    shape read once: this runs on every call)."""
+    ps, ss, ts = pointwise.shape, stencil.shape, taps.shape
     problem = ""
-    if x.dim() != 4:
-        problem = f"x must be 4-D (batch, channels, n1, n2), got shape {tuple(x.shape)}"
-    elif pointwise.dim() != 2 or stencil.dim() != 2 or taps.dim() != 1:
+    if len(xs) != 4:
+        problem = f"x must be 4-D (batch, channels, n1, n2), got shape {tuple(xs)}"
+    elif len(ps) != 2 or len(ss) != 2 or len(ts) != 1:
         problem = (f"pointwise (c_out, c_in/groups), stencil (m, ntaps) and taps (ntaps,) must be 2-D, 2-D and 1-D, "
-                   f"got {tuple(pointwise.shape)}, {tuple(stencil.shape)} and {tuple(taps.shape)}")
-    elif groups < 1 or x.shape[1] % groups or pointwise.shape[0] % groups or pointwise.shape[1] * groups != x.shape[1]:
-        problem = (f"pointwise of shape {tuple(pointwise.shape)} with groups={groups} does not take "
-                   f"{x.shape[1]} input channels")
-    elif stencil.shape[0] > min(x.shape[1], pointwise.shape[0]) or stencil.shape[1] != taps.shape[0]:
-        problem = (f"stencil of shape {tuple(stencil.shape)} needs at most min(c_in, c_out) = "
-                   f"{min(x.shape[1], pointwise.shape[0])} rows and one column per tap ({taps.shape[0]})")
-    elif kernel_size < 1 or kernel_size % 2 == 0 or kernel_size > 9 or taps.dtype != torch.int64:
+                   f"got {tuple(ps)}, {tuple(ss)} and {tuple(ts)}")
+    elif groups < 1 or xs[1] % groups or ps[0] % groups or ps[1] * groups != xs[1]:
+        problem = f"pointwise of shape {tuple(ps)} with groups={groups} does not take {xs[1]} input channels"
+    elif ss[0] > min(xs[1], ps[0]) or ss[1] != ts[0]:
+        problem = (f"stencil of shape {tuple(ss)} needs at most min(c_in, c_out) = {min(xs[1], ps[0])} rows and "
+                   f"one column per tap ({ts[0]})")
+    elif kernel_size < 1 or kernel_size % 2 == 0 or kernel_size > 9 or taps.dtype is not torch.int64:
         problem = f"kernel_size must be odd in 1..9 and taps int64, got {kernel_size} and {taps.dtype}"
     if problem:
         raise ValueError(f"pdenet::{name}: {problem}")
@@ -102,12 +103,15 @@ def lean_kernel_applies(x: Tensor, pointwise: Tensor, stencil: Tensor, groups: i
     """Whether the compiled lean kernel computes ``lean_conv`` for these tensors: 4-D non-empty float32 CPU
     tensors, the kernels loaded, and ``groups == 1`` or whole register blocks per group (other group widths would
     run the kernel's scalar path, slower than PyTorch's convolutions)."""
-    c_out, cig = pointwise.shape
-    if not (x.device.type == "cpu" and x.dtype == pointwise.dtype == stencil.dtype == torch.float32
-            and x.dim() == 4 and x.numel() > 0 and binding.available()):
+    f32 = torch.float32
+    if not (x.dtype is f32 and pointwise.dtype is f32 and stencil.dtype is f32 and x.is_cpu and x.dim() == 4
+            and x.numel() > 0 and binding.available()):
         return False
+    if groups == 1:
+        return True
+    c_out, cig = pointwise.shape
     block = binding.block_channels()
-    return groups == 1 or ((c_out // groups) % block == 0 and cig % block == 0)
+    return (c_out // groups) % block == 0 and cig % block == 0
 
 
 def fused_kernels_apply(x: Tensor) -> bool:
@@ -166,7 +170,7 @@ def _lean_contiguous(x, pointwise, stencil, taps):
 @torch.library.custom_op(f"{NAMESPACE}::lean_conv", mutates_args=())
 def lean_conv_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int, circular: bool,
                  groups: int) -> Tensor:
-    _check_lean(x, pointwise, stencil, taps, kernel_size, groups)
+    _check_lean(x.shape, pointwise, stencil, taps, kernel_size, groups)
     if lean_kernel_applies(x, pointwise, stencil, groups):
         return binding.lean_forward(*_lean_contiguous(x, pointwise, stencil, taps), kernel_size, circular, groups)
     with torch.autocast(x.device.type, enabled=False):
@@ -175,7 +179,7 @@ def lean_conv_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, ke
 
 @lean_conv_op.register_fake
 def _(x, pointwise, stencil, taps, kernel_size, circular, groups):
-    _check_lean(x, pointwise, stencil, taps, kernel_size, groups)
+    _check_lean(x.shape, pointwise, stencil, taps, kernel_size, groups)
     if lean_kernel_applies(x, pointwise, stencil, groups):
         return x.new_empty((x.shape[0], pointwise.shape[0], *x.shape[2:])).contiguous(
             memory_format=torch.channels_last)
@@ -188,7 +192,7 @@ def _(x_shape, pointwise_shape, stencil_shape, taps_shape, kernel_size, *args, o
 
 
 def _check_lean_backward(grad, x, pointwise, stencil, taps, kernel_size, groups) -> None:
-    _check_lean(x, pointwise, stencil, taps, kernel_size, groups, "lean_conv_backward")
+    _check_lean(x.shape, pointwise, stencil, taps, kernel_size, groups, "lean_conv_backward")
     if grad.shape != (x.shape[0], pointwise.shape[0], *x.shape[2:]):
         raise ValueError(f"pdenet::lean_conv_backward: the output gradient must have the output's shape "
                          f"{(x.shape[0], pointwise.shape[0], *x.shape[2:])}, got {tuple(grad.shape)}")
@@ -426,14 +430,14 @@ def _check_affine(x_shape, pointwise: Tensor, bias: Tensor, residual: Tensor | N
 
 
 def _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual) -> bool:
-    return (lean_kernel_applies(x, pointwise, stencil, groups) and bias.dtype == torch.float32
-            and (residual is None or (residual.dtype == torch.float32 and residual.device.type == "cpu")))
+    return (lean_kernel_applies(x, pointwise, stencil, groups) and bias.dtype is torch.float32
+            and (residual is None or (residual.dtype is torch.float32 and residual.is_cpu)))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::lean_conv_affine", mutates_args=())
 def lean_conv_affine_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int,
                         circular: bool, groups: int, bias: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
-    _check_lean(x, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
+    _check_lean(x.shape, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
     _check_affine(x.shape, pointwise, bias, residual)
     if _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual):
         return binding.lean_forward(*_lean_contiguous(x, pointwise, stencil, taps), kernel_size, circular, groups,
@@ -447,7 +451,7 @@ def lean_conv_affine_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Ten
 
 @lean_conv_affine_op.register_fake
 def _(x, pointwise, stencil, taps, kernel_size, circular, groups, bias, residual, relu):
-    _check_lean(x, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
+    _check_lean(x.shape, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
     _check_affine(x.shape, pointwise, bias, residual)
     if _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual):
         return x.new_empty((x.shape[0], pointwise.shape[0], *x.shape[2:])).contiguous(
@@ -483,10 +487,8 @@ def residual_block_inference_op(x: Tensor, residual: Tensor, taps: Tensor, kerne
                                 stencil2: Tensor, bias2: Tensor) -> Tensor:
     """``ReLU(K₂ ReLU(K₁ x + b₁) + b₂ + r)``: a residual block with its batch norms folded, two lean kernel calls
     (each applying its bias, the residual and the ReLU as it stores) in one operator call."""
-    _check_lean(x, pointwise1, stencil1, taps, kernel_size, groups, "residual_block_inference")
-    _check_affine(x.shape, pointwise1, bias1, None, "residual_block_inference")
-    _check_affine((x.shape[0], pointwise1.shape[0], *x.shape[2:]), pointwise2, bias2, residual,
-                  "residual_block_inference")
+    _check_block_inference(x, residual, taps, kernel_size, groups, pointwise1, stencil1, bias1, pointwise2, stencil2,
+                           bias2)
     if (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
             and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual)):
         x, taps = binding.channels_last(x), taps.contiguous()
@@ -500,6 +502,16 @@ def residual_block_inference_op(x: Tensor, residual: Tensor, taps: Tensor, kerne
                                                    stencil1, bias1, pointwise2, stencil2, bias2)
 
 
+def _check_block_inference(x, residual, taps, kernel_size, groups, pointwise1, stencil1, bias1, pointwise2, stencil2,
+                           bias2) -> None:
+    """``_check_lean`` and ``_check_affine`` for both layers: ``x -> h`` and ``h -> y`` with the residual."""
+    h_shape = (x.shape[0], pointwise1.shape[0], *x.shape[2:])
+    for shape, pointwise, stencil, bias, addend in ((x.shape, pointwise1, stencil1, bias1, None),
+                                                    (h_shape, pointwise2, stencil2, bias2, residual)):
+        _check_lean(shape, pointwise, stencil, taps, kernel_size, groups, "residual_block_inference")
+        _check_affine(shape, pointwise, bias, addend, "residual_block_inference")
+
+
 def _residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1, stencil1, bias1,
                                         pointwise2, stencil2, bias2):
     h = lean_conv_affine_reference(x, pointwise1, stencil1, taps, kernel_size, circular, groups, bias1, None, True)
@@ -509,7 +521,8 @@ def _residual_block_inference_reference(x, residual, taps, kernel_size, circular
 
 @residual_block_inference_op.register_fake
 def _(x, residual, taps, kernel_size, circular, groups, pointwise1, stencil1, bias1, pointwise2, stencil2, bias2):
-    _check_lean(x, pointwise1, stencil1, taps, kernel_size, groups, "residual_block_inference")
+    _check_block_inference(x, residual, taps, kernel_size, groups, pointwise1, stencil1, bias1, pointwise2, stencil2,
+                           bias2)
     c_out = pointwise2.shape[0]
     if (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
             and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual)):
@@ -636,7 +649,7 @@ def residual_block_op(x: Tensor, shortcut: Tensor | None, channels: int, taps: T
     mask in the kernels' mask format (empty with a given shortcut, whose mask comes from ``y``); then the two
     layers' running means and variances, updated (new tensors)."""
     _require_fused(x, "residual_block")
-    _check_lean(x, pointwise1, stencil1, taps, kernel_size, groups, "residual_block")
+    _check_lean(x.shape, pointwise1, stencil1, taps, kernel_size, groups, "residual_block")
     c = pointwise1.shape[0]
     if pointwise2.shape != (channels, c // groups) or stencil2.shape != (min(c, channels), taps.shape[0]):
         raise ValueError(f"pdenet::residual_block: the second layer's pointwise {tuple(pointwise2.shape)} and stencil "

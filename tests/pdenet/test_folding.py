@@ -226,6 +226,8 @@ def test_residual_block_inference_matches_two_affine_layers(channels):
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="residual_block_inference: the bias must have shape"):
         torch.ops.pdenet.residual_block_inference(*args[:-1], bias2[:-1])
+    with pytest.raises(ValueError, match="residual_block_inference: pointwise of shape .* does not take"):
+        torch.ops.pdenet.residual_block_inference(*args[:-3], args[-3][:, :-1], *args[-2:])
 
 
 def test_folded_model_compiles():
