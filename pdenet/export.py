@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pdenet_kernels.ops import lean_conv_affine_reference, lean_conv_reference
+from pdenet_kernels.ops import (lean_conv_affine_reference, lean_conv_reference,
+                                residual_block_inference_reference)
 
 from .fusion import FusionReport, fuse
 
@@ -33,7 +34,8 @@ def decompositions() -> dict:
     """pdenet's registered inference operators written with PyTorch's operations, for
     ``ExportedProgram.run_decompositions``."""
     return {torch.ops.pdenet.lean_conv.default: lean_conv_reference,
-            torch.ops.pdenet.lean_conv_affine.default: lean_conv_affine_reference}
+            torch.ops.pdenet.lean_conv_affine.default: lean_conv_affine_reference,
+            torch.ops.pdenet.residual_block_inference.default: residual_block_inference_reference}
 
 
 def inference_copy(model: nn.Module) -> tuple[nn.Module, FusionReport]:

@@ -498,7 +498,7 @@ def residual_block_inference_op(x: Tensor, residual: Tensor, taps: Tensor, kerne
                                     groups, bias=bias2.contiguous(), residual=binding.channels_last(residual),
                                     relu=True)
     with torch.autocast(x.device.type, enabled=False):
-        return _residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1,
+        return residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1,
                                                    stencil1, bias1, pointwise2, stencil2, bias2)
 
 
@@ -512,8 +512,9 @@ def _check_block_inference(x, residual, taps, kernel_size, groups, pointwise1, s
         _check_affine(shape, pointwise, bias, addend, "residual_block_inference")
 
 
-def _residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1, stencil1, bias1,
-                                        pointwise2, stencil2, bias2):
+def residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1, stencil1, bias1,
+                                       pointwise2, stencil2, bias2):
+    """``ReLU(K₂ ReLU(K₁ x + b₁) + b₂ + r)`` by PyTorch's operations: the composition the operator replaces."""
     h = lean_conv_affine_reference(x, pointwise1, stencil1, taps, kernel_size, circular, groups, bias1, None, True)
     return lean_conv_affine_reference(h, pointwise2, stencil2, taps, kernel_size, circular, groups, bias2, residual,
                                       True)
@@ -527,7 +528,7 @@ def _(x, residual, taps, kernel_size, circular, groups, pointwise1, stencil1, bi
     if (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
             and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual)):
         return x.new_empty((x.shape[0], c_out, *x.shape[2:])).contiguous(memory_format=torch.channels_last)
-    return _residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1,
+    return residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1,
                                                stencil1, bias1, pointwise2, stencil2, bias2)
 
 
