@@ -1,0 +1,159 @@
+"""The GPU side of training, checked on the CPU: ``enforce_stability`` reads no device value back to the host (and
+gives the weights of the host-side algorithm it replaces)."""
+import copy
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from operators import ConvOperator
+from pdenet.blocks import build_block
+
+#: Tensor methods that copy a device value to the host (and so wait for the device to finish its queued work).
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+              torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__format__}
+
+
+class HostReads(TorchFunctionMode):
+    """Records every call that brings a tensor's value to the host (``HOST_READS``, and ``to`` the CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_cpu = func is torch.Tensor.to and any(str(a) == "cpu" for a in (*args[1:], kwargs.get("device")))
+        if func in HOST_READS or to_cpu:
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def host_enforce(block, grid):
+    """The step-size control as a host-side loop: bounds read back as floats, Python branches (what
+    ``enforce_stability`` computed before it stayed on the device); the reference its results must equal."""
+    h = float(block.h)
+    if block.stabilize == "rescale-h":
+        bounds = [block.step_stability(j, grid, "tracked").bound for j in range(len(block.steps))]
+        if None not in bounds and h > block.safety * min(bounds):
+            block.set_h(block.safety * min(bounds))
+        return
+    for j in range(len(block.steps)):
+        ops = [m for m in block.weights(j).modules() if isinstance(m, ConvOperator)]
+        for _ in range(3):
+            bound = block.step_stability(j, grid, "tracked").bound
+            if bound is None or h <= block.safety * bound * (1 + 1e-9):
+                break
+            factor = (block.safety * bound / h) ** (1 / block.bound_degree)
+            for op in ops:
+                for p in op.parameters():
+                    p.mul_(factor)
+
+
+BLOCKS = [  # (scheme, options): every scheme with a step bound from symmetric layers, and both stabilizers
+    ("parabolic", dict(operator="dense", stabilize="project-norm")),
+    ("parabolic", dict(operator="lean", stabilize="project-norm")),
+    ("parabolic", dict(operator="separable", stabilize="project-norm")),  # bilinear: up to three passes
+    ("parabolic", dict(operator="dense", stabilize="rescale-h", nt=3)),
+    ("parabolic", dict(operator="lean", stabilize="rescale-h", normalization="batch")),  # g from running stats
+    ("parabolic", dict(operator="dense", stabilize="project-norm", shared_weights=True)),
+    ("rk4", dict(operator="dense", stabilize="rescale-h")),
+    ("leapfrog", dict(operator="dense", stabilize="project-norm")),  # bound_degree 1
+    ("leapfrog", dict(operator="lean", stabilize="rescale-h")),
+    ("hamiltonian", dict(operator="dense", stabilize="project-norm")),
+    ("hamiltonian", dict(operator="dense", stabilize="rescale-h")),
+    ("theta", dict(operator="dense", stabilize="rescale-h")),  # A-stable: the bound is inf
+    ("diffusion-reaction", dict(stabilize="project-norm")),
+    ("diffusion-reaction", dict(stabilize="rescale-h", splitting="strang")),
+    ("diffusion-reaction", dict(stabilize="rescale-h", diffusion="implicit",
+                                operator_kwargs={"boundary": "circular"})),
+]
+
+
+@pytest.mark.parametrize("h", [0.02, 50.0], ids=["inside-bound", "outside-bound"])
+@pytest.mark.parametrize("scheme, options", BLOCKS, ids=[f"{s}-{'-'.join(map(str, o.values()))}" for s, o in BLOCKS])
+def test_enforce_stability_stays_on_the_device_and_matches_the_host_algorithm(scheme, options, h):
+    """Five optimizer-like steps (a forward pass, a weight change, ``enforce_stability``) on two copies of a block:
+    one enforced by ``enforce_stability`` under a mode that records host reads, one by the host-side loop. Same
+    weights and ``h`` to the bit after each step; no host read. ``h = 50`` needs rescaling at every step, ``0.02``
+    at none."""
+    options = dict(options)
+    torch.manual_seed(0)
+    block = build_block(scheme, 3, nt=options.pop("nt", 2), h=h, learn_h=True, **options)
+    grid = (6, 6)
+    reference = copy.deepcopy(block)
+    for step in range(5):
+        x = torch.randn(2, 3, *grid, generator=torch.Generator().manual_seed(step))
+        with torch.no_grad():
+            for b in (block, reference):
+                b(x)  # the grid of the last forward pass; batch norm's running statistics
+                for op in b.operators():
+                    for p in op.parameters():
+                        p.mul_(1.05)  # an optimizer step that makes the operators larger
+        torch.manual_seed(step)  # a cold power iteration starts from a random vector
+        with HostReads() as reads:
+            block.enforce_stability()
+        torch.manual_seed(step)
+        host_enforce(reference, grid)
+        assert reads.calls == [], f"host reads in enforce_stability: {reads.calls}"
+        for (name, a), b in zip(block.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(a, b), f"step {step}: {name} differs from the host algorithm's"
+    final_h = float(block.h.detach())
+    assert (final_h < h) if (h == 50.0 and options["stabilize"] == "rescale-h" and scheme != "theta") else \
+        final_h == pytest.approx(h)
+
+
+def test_the_host_read_recorder_sees_the_reads_it_forbids():
+    """The recorder of the test above catches ``float``, ``.item()``, a branch on a tensor and a copy to the CPU."""
+    t = torch.ones(())
+    with HostReads() as reads:
+        float(t), t.item(), t.to("cpu")
+        if t > 0:
+            pass
+    assert reads.calls == ["__float__", "item", "to", "__bool__"]
+
+
+def test_no_bound_leaves_h_and_weights_alone_without_host_reads():
+    """A batch norm with a negative scale has no slope bound, so no step bound: ``h`` stays, as on the host."""
+    torch.manual_seed(0)
+    block = build_block("parabolic", 3, nt=1, h=50.0, operator="dense", normalization="batch", stabilize="rescale-h")
+    with torch.no_grad():
+        block.weights(0).norm.weight[0] = -1.0
+    block(torch.randn(2, 3, 6, 6))
+    assert block.step_bound((6, 6)) is None
+    before = copy.deepcopy(block.state_dict())
+    with HostReads() as reads:
+        block.enforce_stability()
+    assert reads.calls == []
+    for name, value in block.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_bounds_without_a_device_form_come_from_the_host():
+    """An antisymmetric block's bound (‖K − Kᵀ‖ from the symbol) and a scheme that overrides ``step_stability``
+    alone are computed on the host: the results equal the host algorithm's, and the override is obeyed."""
+    from dataclasses import replace
+
+    from pdenet.blocks import ParabolicBlock
+
+    class HalvedBound(ParabolicBlock):
+        def step_stability(self, j, grid, method):
+            result = super().step_stability(j, grid, method)
+            return replace(result, bound=result.bound / 2)
+
+    torch.manual_seed(0)
+    blocks = [build_block("antisymmetric", 3, nt=2, h=50.0, operator="dense", stabilize="project-norm"),
+              build_block("antisymmetric", 3, nt=2, h=50.0, operator="dense", stabilize="rescale-h"),
+              HalvedBound(3, nt=2, h=50.0, operator="dense", stabilize="rescale-h")]
+    for block in blocks:
+        block(torch.randn(2, 3, 6, 6))
+        reference = copy.deepcopy(block)
+        torch.manual_seed(1)
+        block.enforce_stability()
+        torch.manual_seed(1)
+        host_enforce(reference, (6, 6))
+        for (name, a), b in zip(block.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(a, b), f"{type(block).__name__} {block.stabilize}: {name}"
+    halved = blocks[-1]
+    assert float(halved.h) == pytest.approx(0.9 * halved.step_bound((6, 6), method="power"), rel=1e-2)
