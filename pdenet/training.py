@@ -28,6 +28,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .data import BatchLoader
+from .data.transfer import to_device
 from .distributed import DistContext
 from .fusion import fuse
 from .progress import Progress
@@ -117,7 +118,8 @@ class ClassificationTask(Task):
     def update(self, state, output, target, loss):
         n = target.shape[0]
         correct = (output.argmax(dim=1) == target).sum()
-        state += torch.stack([loss.detach().double() * n, correct.double(), state.new_tensor(float(n))])
+        count = correct.new_full((), n, dtype=torch.float64)  # made on the device: no copy from the host
+        state += torch.stack([loss.detach().double() * n, correct.double(), count])
 
     def summarize(self, state):
         total, correct, n = state.tolist()
@@ -269,7 +271,8 @@ def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> tor
 def evaluate(model: nn.Module, task: Task, loader, dist: DistContext | None = None,
              memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """The task's metrics of ``model`` in eval mode over ``loader`` (each rank its shard, sums all-reduced),
-    plus ``"time"`` in seconds. The model's train/eval mode is restored afterwards."""
+    plus ``"time"`` in seconds. Batches are moved to ``dist.device`` (see :func:`model_input`). The model's
+    train/eval mode is restored afterwards."""
     dist = dist or DistContext()
     was_training = model.training
     model.eval()
@@ -277,11 +280,19 @@ def evaluate(model: nn.Module, task: Task, loader, dist: DistContext | None = No
     start = time.perf_counter()
     try:
         for x, y in loader:
-            out = model(x.contiguous(memory_format=memory_format) if x.dim() == 4 else x)
+            x, y = model_input(x, dist.device, memory_format), to_device(y, dist.device)
+            out = model(x)
             task.update(state, out, y, task.loss(out, y))
     finally:
         model.train(was_training)
     return {**task.summarize(dist.all_reduce_(state)), "time": time.perf_counter() - start}
+
+
+def model_input(x: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """A batch's input on ``device`` (to a GPU from page-locked memory, without blocking: see
+    :func:`pdenet.data.transfer.to_device`), images (4-d) in ``memory_format``."""
+    x = to_device(x, device)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
 
 def _widened(t: torch.Tensor) -> torch.Tensor:
@@ -323,7 +334,8 @@ class Trainer:
     ``loaders`` are any iterables of ``(x, y)`` batches: pdenet's ``BatchLoader``, a ``torch.utils.data.DataLoader``
     (with or without a ``DistributedSampler``; pdenet's data sets are map-style ``Dataset``s), a list or a
     generator. Their ``set_epoch`` (or their sampler's) is called where it exists; batches are moved to the
-    model's device. ``steps_per_epoch`` is the number of batches an epoch yields (the schedule's length).
+    model's device, ``dist.device`` (to a GPU from page-locked memory without blocking: give a ``DataLoader``
+    ``pin_memory=True`` and its batches arrive pinned, else they are pinned here). ``steps_per_epoch`` is the number of batches an epoch yields (the schedule's length).
     ``dist`` makes it data-parallel (the model is wrapped in DistributedDataParallel and metrics are summed over
     ranks). ``channels_last`` trains in the NHWC memory layout. With ``fuse`` (default) the model is rewritten by
     ``pdenet.fuse`` for the fused CPU training path (``fusion`` holds its report); parameters and ``state_dict``
@@ -368,10 +380,6 @@ class Trainer:
     def done(self) -> bool:
         return self.epoch >= self.config.epochs
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dist.device, non_blocking=True)
-        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
-
     def _autocast(self):
         """The forward's autocast region: ``config.amp``'s dtype on the model's device, or none."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
@@ -409,7 +417,7 @@ class Trainer:
         start = time.perf_counter() - self.epoch_time
         bar.count = self.epoch_images
         for step, (x, y) in enumerate(batches, start=first):
-            x, y = self._prepare(x), y.to(self.dist.device, non_blocking=True)
+            x, y = model_input(x, self.dist.device, self.memory_format), to_device(y, self.dist.device)
             with self._autocast():
                 out = self.net(x)
                 loss = self.task.loss(out, y)

@@ -1,5 +1,6 @@
-"""The GPU side of training, checked on the CPU: ``enforce_stability`` reads no device value back to the host (and
-gives the weights of the host-side algorithm it replaces)."""
+"""The GPU side of training, checked on the CPU: batches reach a CUDA device from page-locked memory without
+blocking (code written for CUDA run on the CPU by a mode that swaps the device), and ``enforce_stability`` reads no
+device value back to the host (and gives the weights of the host-side algorithm it replaces)."""
 import copy
 
 import pytest
@@ -157,3 +158,110 @@ def test_bounds_without_a_device_form_come_from_the_host():
             assert torch.equal(a, b), f"{type(block).__name__} {block.stabilize}: {name}"
     halved = blocks[-1]
     assert float(halved.h) == pytest.approx(0.9 * halved.step_bound((6, 6), method="power"), rel=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------ data path
+def is_cuda(device) -> bool:
+    return isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"
+
+
+def tensors_in(values):
+    """The tensors among ``values``, looking into lists and tuples."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from tensors_in(v)
+
+
+class FakeCuda(TorchFunctionMode):
+    """Runs code written for a CUDA device on the CPU. Tensors copied or created "on the device", and every tensor
+    computed from them, report ``cuda`` as their ``device`` but live on the CPU; page-locked allocations are
+    ordinary ones. Records every copy from the host to the device as ``(from page-locked memory, non_blocking)``,
+    a tensor built on the device from host data (``torch.tensor(data, device="cuda")``) as ``(False, False)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.pinned, self.on_device = {}, {}  # id -> tensor (kept alive, so that the ids stay theirs)
+        self.copies = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if getattr(func, "__self__", None) is torch.Tensor.device:  # the ``device`` property
+            return torch.device("cuda") if id(args[0]) in self.on_device else func(*args, **kwargs)
+        if func is torch.Tensor.pin_memory:
+            out = args[0] if id(args[0]) in self.pinned else args[0].clone()
+            self.pinned[id(out)] = out
+            return out
+        pin, to_device = kwargs.get("pin_memory", False), is_cuda(kwargs.get("device"))
+        kwargs.update({"pin_memory": False} if pin else {}, **({"device": "cpu"} if to_device else {}))
+        if func is torch.Tensor.to and any(is_cuda(a) for a in args[1:]):
+            to_device, args = True, tuple("cpu" if is_cuda(a) else a for a in args)
+        if to_device and func is torch.Tensor.to and id(args[0]) not in self.on_device:
+            self.copies.append((id(args[0]) in self.pinned, kwargs.get("non_blocking", False)))
+        elif to_device and func in (torch.tensor, torch.as_tensor, torch.Tensor.new_tensor):
+            self.copies.append((False, False))
+        out = func(*args, **kwargs)
+        inputs = {id(t) for t in tensors_in((*args, *kwargs.values()))}
+        if to_device:
+            self.on_device.update((id(t), t) for t in tensors_in([out]))
+        elif inputs & self.on_device.keys():  # new tensors computed from device tensors (not in-place results)
+            self.on_device.update((id(t), t) for t in tensors_in([out]) if id(t) not in inputs)
+        if pin:
+            self.pinned[id(out)] = out
+        return out
+
+
+def test_copies_go_through_page_locked_memory_on_cuda_only():
+    from pdenet.data.transfer import pinned_copies
+
+    assert pinned_copies("cuda") and pinned_copies(torch.device("cuda", 1))
+    assert not pinned_copies("cpu") and not pinned_copies("meta")
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_batch_loader_on_cuda_copies_pinned_batches_without_blocking(augment):
+    """On a (fake) CUDA device every batch and every augmentation tensor is copied from page-locked memory with
+    ``non_blocking=True``, the images and targets gathered straight into page-locked buffers; the batches are
+    those of the CPU loader."""
+    from pdenet.data import Augmentation, BatchLoader
+    from test_training import toy_dataset
+
+    data = toy_dataset(40)
+    augment = Augmentation(padding=2, flip=True, zoom=0.2, jitter=0.3) if augment else False
+    cpu = list(BatchLoader(data, 16, augment=augment, seed=1))
+    with FakeCuda() as fake:
+        cuda = list(BatchLoader(data, 16, augment=augment, seed=1, device="cuda"))
+    per_batch = 4 + (6 if augment else 0)  # images, targets, mean, std (+ contrast, gain, zoom, flip, top, left)
+    assert len(fake.copies) == per_batch * len(cuda) and all(pinned and nb for pinned, nb in fake.copies)
+    assert len(cuda) == len(cpu) == 3
+    for (x, y), (x0, y0) in zip(cuda, cpu):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def test_trainer_on_cuda_copies_a_data_loaders_batches_without_blocking():
+    """A ``DataLoader``'s CPU batches are pinned (unless they are already) and copied with ``non_blocking=True``,
+    in training and evaluation; the run gives the weights of the same run on the CPU."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pdenet.distributed import DistContext
+    from pdenet.training import ClassificationTask, TrainConfig, Trainer
+    from test_training import ToyNet
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 1, 12, 12, generator=g), torch.randint(4, (48,), generator=g))
+    runs = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model, config = ToyNet(dropout=0.0), TrainConfig(epochs=1, batch_size=16, lr=0.05)
+        loader = DataLoader(data, batch_size=16)
+        trainer = Trainer(model, ClassificationTask(4), config, len(loader), DistContext(device=torch.device(device)),
+                          fuse=False)  # the fused kernels take CPU inputs only: the same arithmetic on both devices
+        with FakeCuda() as fake:
+            trainer.fit(loader, loader, show_progress=False)
+        runs.append((model.state_dict(), trainer.history[-1], fake.copies))
+    (cpu_state, cpu_row, cpu_copies), (state, row, copies) = runs
+    assert cpu_copies == [] and copies == [(True, True)] * (2 * 3 * 2)  # x and y of 3 batches, training and test
+    for name, value in cpu_state.items():
+        assert torch.equal(state[name], value), name
+    assert row["test_loss"] == cpu_row["test_loss"]
