@@ -453,17 +453,26 @@ class Trainer:
         """Metrics of the model in eval mode over ``loader`` (see :func:`evaluate`)."""
         return evaluate(self.model, self.task, loader, self.dist, self.memory_format)
 
+    def last_step_lr(self) -> float:
+        """The learning rate of the last optimizer step: the schedule's factor one step back (the first step's
+        rate before any step)."""
+        step = max(self.scheduler.last_epoch - 1, 0)
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](step)
+
     def fit(self, train_loader, eval_loader=None, eval_every: int = 1,
             callbacks: Iterable[Callable[["Trainer", dict], None]] = (), show_progress: bool = True) -> list[dict]:
         """Train from ``self.epoch`` to ``config.epochs``; after each epoch append a row to ``history`` and
-        call each ``callback(trainer, row)`` (checkpointing, logging). Evaluates every ``eval_every`` epochs
-        and after the last."""
+        call each ``callback(trainer, row)`` (checkpointing, logging). A row holds the learning rate at the epoch's
+        start (``lr``) and that of its last step (``lr_end``), the training metrics (``train_*``) and, when the
+        epoch was evaluated, the test metrics (``test_*``). Evaluates every ``eval_every`` epochs and after the
+        last."""
         callbacks = list(callbacks)
         while not self.done:
             lr, threads = self.optimizer.param_groups[0]["lr"], torch.get_num_threads()
             train = self.train_epoch(train_loader, show_progress)
             self.epoch += 1
-            row = {"epoch": self.epoch, "lr": lr, "threads": threads, **{f"train_{k}": v for k, v in train.items()}}
+            row = {"epoch": self.epoch, "lr": lr, "lr_end": self.last_step_lr(), "threads": threads,
+                   **{f"train_{k}": v for k, v in train.items()}}
             if eval_loader is not None and (self.epoch % eval_every == 0 or self.done):
                 row.update({f"test_{k}": v for k, v in self.evaluate(eval_loader).items()})
             self.history.append(row)

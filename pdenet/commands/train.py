@@ -443,8 +443,11 @@ def say(dist, text: str) -> None:
 
 
 def format_row(row: dict, metric: str) -> str:
-    """One line per epoch: learning rate, training and test loss and metric, time and throughput."""
-    text = (f"epoch {row['epoch']:3d}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+    """One line per epoch: learning rate (from the epoch's start to its last step where they differ), training
+    and test loss and metric, time and throughput."""
+    start, end = f"{row['lr']:.4g}", f"{row.get('lr_end', row['lr']):.4g}"  # older rows have no lr_end
+    lr = start if end == start else f"{start}->{end}"
+    text = (f"epoch {row['epoch']:3d}  lr {lr}  train loss {row['train_loss']:.4f} "
             f"{metric} {row.get('train_' + metric, float('nan')):.4f}")
     if "test_loss" in row:
         text += f"  test loss {row['test_loss']:.4f} {metric} {row.get('test_' + metric, float('nan')):.4f}"
