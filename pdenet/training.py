@@ -453,11 +453,9 @@ class Trainer:
         """Metrics of the model in eval mode over ``loader`` (see :func:`evaluate`)."""
         return evaluate(self.model, self.task, loader, self.dist, self.memory_format)
 
-    def last_step_lr(self) -> float:
-        """The learning rate of the last optimizer step: the schedule's factor one step back (the first step's
-        rate before any step)."""
-        step = max(self.scheduler.last_epoch - 1, 0)
-        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](step)
+    def scheduled_lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (counted from 0 over the run) on the schedule."""
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](max(step, 0))
 
     def fit(self, train_loader, eval_loader=None, eval_every: int = 1,
             callbacks: Iterable[Callable[["Trainer", dict], None]] = (), show_progress: bool = True) -> list[dict]:
@@ -468,10 +466,13 @@ class Trainer:
         last."""
         callbacks = list(callbacks)
         while not self.done:
-            lr, threads = self.optimizer.param_groups[0]["lr"], torch.get_num_threads()
+            # the epoch's first optimizer step, also where a run resumed inside the epoch has taken some already
+            first_step = self.scheduler.last_epoch - self.batch_in_epoch // self.config.grad_accum
+            threads = torch.get_num_threads()
             train = self.train_epoch(train_loader, show_progress)
             self.epoch += 1
-            row = {"epoch": self.epoch, "lr": lr, "lr_end": self.last_step_lr(), "threads": threads,
+            row = {"epoch": self.epoch, "lr": self.scheduled_lr(first_step),
+                   "lr_end": self.scheduled_lr(self.scheduler.last_epoch - 1), "threads": threads,
                    **{f"train_{k}": v for k, v in train.items()}}
             if eval_loader is not None and (self.epoch % eval_every == 0 or self.done):
                 row.update({f"test_{k}": v for k, v in self.evaluate(eval_loader).items()})

@@ -381,7 +381,9 @@ def setup(settings: dict, dist):
             trainer.restore(ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, map_location=dist.device))
         except (ValueError, RuntimeError) as exc:
             raise CommandError(f"cannot resume from {out / ckpt.CHECKPOINT_NAME}: {exc}") from None
-        say(dist, f"resuming {out} after epoch {trainer.epoch}/{config.epochs}")
+        where = (f"in epoch {trainer.epoch + 1}/{config.epochs} after batch {trainer.batch_in_epoch}"
+                 if trainer.batch_in_epoch else f"after epoch {trainer.epoch}/{config.epochs}")
+        say(dist, f"resuming {out} {where}")
     elif settings["resume"]:
         say(dist, f"{out} holds no checkpoint yet (the run stopped in its first epoch): starting it anew there")
     elif dist.is_main:
