@@ -2,6 +2,7 @@
 blocking (code written for CUDA run on the CPU by a mode that swaps the device), and ``enforce_stability`` reads no
 device value back to the host (and gives the weights of the host-side algorithm it replaces)."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,74 @@ def test_trainer_on_cuda_copies_a_data_loaders_batches_without_blocking():
     for name, value in cpu_state.items():
         assert torch.equal(state[name], value), name
     assert row["test_loss"] == cpu_row["test_loss"]
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
+
+
+def test_gpu_benchmark_runs_every_variant_quickly_on_the_cpu():
+    """``benchmarks/gpu.py --device cpu --quick``: 3 models x 3 precisions x eager/compiled, one table row each, the
+    dense ResNet-20 the unit of the last column, in under a minute."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, str(BENCHMARK), "--device", "cpu", "--quick"], capture_output=True,
+                         text=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    assert run.returncode == 0, run.stdout + run.stderr
+    header, *table = run.stdout.splitlines()
+    assert f"PyTorch {torch.__version__}" in header and "batch 8, input 3x32x32" in header
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    assert {(r[0], r[1], r[2]) for r in rows} == {(m, a, c) for m in ("lean-resnet20", "resnet20", "separable-resnet20")
+                                                  for a in ("off", "bf16", "fp16")
+                                                  for c in ("eager", "torch.compile (eager)")}
+    assert all(float(r[3]) > 0 and float(r[4].replace(",", "")) > 0 for r in rows)
+    assert all(r[5] == "1.00" for r in rows if r[0] == "resnet20")
+    assert elapsed < 60, f"--quick took {elapsed:.0f} s"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="says what it does on a machine without a GPU")
+def test_gpu_benchmark_without_a_gpu_says_so_and_exits_cleanly(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no CUDA device" in out and "--device cpu" in out
+    assert module.main(["--device", "tpu"]) == 2 and "unknown device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme, options", [
+    ("parabolic", dict(operator="dense", stabilize="project-norm")),
+    ("parabolic", dict(operator="lean", stabilize="rescale-h", normalization="batch")),
+    ("hamiltonian", dict(operator="dense", stabilize="rescale-h")),
+    ("diffusion-reaction", dict(stabilize="project-norm")),
+])
+def test_on_cuda_neither_enforce_stability_nor_the_loader_synchronizes(scheme, options):
+    """With CUDA's synchronization check set to raise, a block keeps its step size on the GPU and pdenet's loader
+    delivers augmented batches there."""
+    from pdenet.data import Augmentation, BatchLoader
+    from test_training import toy_dataset
+
+    torch.manual_seed(0)
+    block = build_block(scheme, 3, nt=2, h=50.0, learn_h=True, **options).cuda()
+    block(torch.randn(2, 3, 6, 6, device="cuda"))
+    loader = BatchLoader(toy_dataset(40), 16, augment=Augmentation(padding=2, flip=True, zoom=0.2, jitter=0.3),
+                         device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            block.enforce_stability()
+        batches = list(loader)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    h = float(block.h.detach())
+    assert h <= 0.9 * block.step_bound((6, 6), method="power") * 1.02  # the tracked norm is an estimate from below
+    assert (h < 50.0) == (options["stabilize"] == "rescale-h")
+    assert len(batches) == 3 and all(x.is_cuda and y.is_cuda for x, y in batches)
