@@ -1,6 +1,8 @@
-"""The GPU side of training, checked on the CPU: batches reach a CUDA device from page-locked memory without
-blocking (code written for CUDA run on the CPU by a mode that swaps the device), and ``enforce_stability`` reads no
-device value back to the host (and gives the weights of the host-side algorithm it replaces)."""
+"""The GPU side of training, checked on the CPU: ``enforce_stability`` reads no device value back to the host (and
+gives the weights of the host-side algorithm it replaces), a training step reads only the logged loss, batches reach
+a CUDA device from page-locked memory without blocking (code written for CUDA, run on the CPU by a mode that fakes
+the device), and the GPU benchmark runs. One test needs a real GPU: it checks the first and third claims there with
+CUDA's own synchronization check."""
 import copy
 from pathlib import Path
 
@@ -11,13 +13,14 @@ from torch.overrides import TorchFunctionMode
 from operators import ConvOperator
 from pdenet.blocks import build_block
 
-#: Tensor methods that copy a device value to the host (and so wait for the device to finish its queued work).
-HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
-              torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__format__}
+#: Tensor methods that bring a value to the host (on a GPU they wait for the device to finish its queued work).
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__bool__, torch.Tensor.__float__,
+              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__format__}
 
 
 class HostReads(TorchFunctionMode):
-    """Records every call that brings a tensor's value to the host (``HOST_READS``, and ``to`` the CPU)."""
+    """Records every call that brings a tensor's value to the host: ``HOST_READS``, and ``cpu``/``to`` the CPU
+    from another device."""
 
     def __init__(self):
         super().__init__()
@@ -25,7 +28,8 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        to_cpu = func is torch.Tensor.to and any(str(a) == "cpu" for a in (*args[1:], kwargs.get("device")))
+        to_cpu = (func is torch.Tensor.cpu or func is torch.Tensor.to and any(
+            str(a) == "cpu" for a in (*args[1:], kwargs.get("device")))) and args[0].device.type != "cpu"
         if func in HOST_READS or to_cpu:
             self.calls.append(getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
@@ -107,13 +111,16 @@ def test_enforce_stability_stays_on_the_device_and_matches_the_host_algorithm(sc
 
 
 def test_the_host_read_recorder_sees_the_reads_it_forbids():
-    """The recorder of the test above catches ``float``, ``.item()``, a branch on a tensor and a copy to the CPU."""
+    """The recorder of the test above catches ``float``, ``.item()``, a branch on a tensor and a copy to the CPU
+    (from the meta device here, which has no values to copy), not a CPU tensor's ``to("cpu")``."""
     t = torch.ones(())
     with HostReads() as reads:
         float(t), t.item(), t.to("cpu")
         if t > 0:
             pass
-    assert reads.calls == ["__float__", "item", "to", "__bool__"]
+        with pytest.raises(NotImplementedError):
+            torch.ones((), device="meta").to("cpu")
+    assert reads.calls == ["__float__", "item", "__bool__", "to"]
 
 
 def test_no_bound_leaves_h_and_weights_alone_without_host_reads():
@@ -161,6 +168,24 @@ def test_bounds_without_a_device_form_come_from_the_host():
     assert float(halved.h) == pytest.approx(0.9 * halved.step_bound((6, 6), method="power"), rel=1e-2)
 
 
+
+def test_a_training_step_reads_the_device_only_to_log_the_loss():
+    """25 steps of a PDE-ResNet whose blocks rescale their step size after every optimizer step: the host reads
+    the loss at the logged steps (0, 10, 20 and the last) and the epoch's metric sums once, nothing else."""
+    from pdenet import build_model
+    from pdenet.training import ClassificationTask, TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    model = build_model("pde-parabolic-lean", num_classes=4, in_channels=1, widths=(4, 8), nt=2,
+                        block_kwargs={"stabilize": "rescale-h"})
+    assert any(getattr(m, "stabilize", None) == "rescale-h" for m in model.modules())
+    batch = (torch.randn(8, 1, 12, 12), torch.randint(0, 4, (8,)))
+    trainer = Trainer(model, ClassificationTask(4), TrainConfig(epochs=1, batch_size=8), 25, log_every=10)
+    with HostReads() as reads:
+        trainer.train_epoch([batch] * 25, show_progress=False)
+    assert sorted(reads.calls) == ["__float__"] * 4 + ["tolist"]
+
+
 # ------------------------------------------------------------------------------------------------ data path
 def is_cuda(device) -> bool:
     return isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"
@@ -179,7 +204,8 @@ class FakeCuda(TorchFunctionMode):
     """Runs code written for a CUDA device on the CPU. Tensors copied or created "on the device", and every tensor
     computed from them, report ``cuda`` as their ``device`` but live on the CPU; page-locked allocations are
     ordinary ones. Records every copy from the host to the device as ``(from page-locked memory, non_blocking)``,
-    a tensor built on the device from host data (``torch.tensor(data, device="cuda")``) as ``(False, False)``."""
+    a tensor built on the device from host data (``torch.tensor(data, device="cuda")``, ``t.new_tensor(data)``) as
+    ``(False, False)``."""
 
     def __init__(self):
         super().__init__()
@@ -195,12 +221,16 @@ class FakeCuda(TorchFunctionMode):
             self.pinned[id(out)] = out
             return out
         pin, to_device = kwargs.get("pin_memory", False), is_cuda(kwargs.get("device"))
-        kwargs.update({"pin_memory": False} if pin else {}, **({"device": "cpu"} if to_device else {}))
+        if pin:
+            kwargs["pin_memory"] = False
+        if to_device:
+            kwargs["device"] = "cpu"
         if func is torch.Tensor.to and any(is_cuda(a) for a in args[1:]):
             to_device, args = True, tuple("cpu" if is_cuda(a) else a for a in args)
         if to_device and func is torch.Tensor.to and id(args[0]) not in self.on_device:
             self.copies.append((id(args[0]) in self.pinned, kwargs.get("non_blocking", False)))
-        elif to_device and func in (torch.tensor, torch.as_tensor, torch.Tensor.new_tensor):
+        elif (to_device and func in (torch.tensor, torch.as_tensor)
+              or func is torch.Tensor.new_tensor and (to_device or id(args[0]) in self.on_device)):
             self.copies.append((False, False))
         out = func(*args, **kwargs)
         inputs = {id(t) for t in tensors_in((*args, *kwargs.values()))}
