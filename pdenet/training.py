@@ -335,15 +335,16 @@ class Trainer:
     (with or without a ``DistributedSampler``; pdenet's data sets are map-style ``Dataset``s), a list or a
     generator. Their ``set_epoch`` (or their sampler's) is called where it exists; batches are moved to the
     model's device, ``dist.device`` (to a GPU from page-locked memory without blocking: give a ``DataLoader``
-    ``pin_memory=True`` and its batches arrive pinned, else they are pinned here). ``steps_per_epoch`` is the number of batches an epoch yields (the schedule's length).
-    ``dist`` makes it data-parallel (the model is wrapped in DistributedDataParallel and metrics are summed over
-    ranks). ``channels_last`` trains in the NHWC memory layout. With ``fuse`` (default) the model is rewritten by
-    ``pdenet.fuse`` for the fused CPU training path (``fusion`` holds its report); parameters and ``state_dict``
-    keys stay as they are. ``compile`` (``True`` or a backend's name) trains through ``torch.compile``.
-    ``config`` sets mixed precision, gradient accumulation and clipping (see ``TrainConfig``). With
-    ``checkpoint_every = N`` the trainer calls ``on_checkpoint(trainer)`` every ``N`` optimizer steps inside an
-    epoch (the callback saves, ``save``/``restore`` keep the position in the epoch and its partial metrics, so a
-    run resumed there ends with the weights of an uninterrupted one).
+    ``pin_memory=True`` and its batches arrive pinned, else they are pinned here). ``steps_per_epoch`` is the
+    number of batches an epoch yields (the schedule's length). ``dist`` makes it data-parallel (the model is
+    wrapped in DistributedDataParallel and metrics are summed over ranks). ``channels_last`` trains in the NHWC
+    memory layout. With ``fuse`` (default) the model is rewritten by ``pdenet.fuse`` for the fused CPU training
+    path (``fusion`` holds its report); parameters and ``state_dict`` keys stay as they are. ``compile``
+    (``True`` or a backend's name) trains through ``torch.compile``. ``config`` sets mixed precision, gradient
+    accumulation and clipping (see ``TrainConfig``). With ``checkpoint_every = N`` the trainer calls
+    ``on_checkpoint(trainer)`` every ``N`` optimizer steps inside an epoch (the callback saves, ``save``/``restore``
+    keep the position in the epoch and its partial metrics, so a run resumed there ends with the weights of an
+    uninterrupted one).
     """
 
     model: nn.Module
