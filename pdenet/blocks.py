@@ -34,10 +34,10 @@ two instead of storing them, so the activation memory of a block does not grow w
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -52,7 +52,7 @@ from operators.stability import Scheme, get_scheme, max_stable_step, register_sc
 from operators.stability import step_bound as scheme_step_bound
 
 from .diffusion import diffusion_step, fourier_diffusion_flops
-from .layers import AntisymmetricLayer, GeneralLayer, SymmetricLayer
+from .layers import ACTIVATIONS, AntisymmetricLayer, GeneralLayer, SymmetricLayer
 
 OperatorSpec = str | Callable[[int, int], ConvOperator]
 STABILIZERS = ("rescale-h", "project-norm")
@@ -137,11 +137,15 @@ def _new_operator(factory, cin: int, cout: int, role: str) -> ConvOperator:
 _POWER_VECTORS: "weakref.WeakKeyDictionary[ConvOperator, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
-def _tracked_norm(op: ConvOperator, grid: tuple[int, int], warm_iterations: int = 2, cold_iterations: int = 100) -> float:
-    """``‖K‖`` on ``grid`` by power iteration on ``KᵀK`` warm-started from the previous call's vector.
+def _tracked_norm(op: ConvOperator, grid: tuple[int, int], active: torch.Tensor | None = None,
+                  warm_iterations: int = 2, cold_iterations: int = 100) -> torch.Tensor:
+    """``‖K‖`` on ``grid`` by power iteration on ``KᵀK`` warm-started from the previous call's vector, as a 0-d
+    float64 tensor on the weights' device (nothing is read back to the host).
 
     As in spectral normalization: while the weights change slowly between optimizer steps, two iterations
-    per call keep the estimate (a lower estimate, ``√‖KᵀKv‖`` for a unit ``v``) close to the norm.
+    per call keep the estimate (a lower estimate, ``√‖KᵀKv‖`` for a unit ``v``) close to the norm. An iteration
+    that finds ``KᵀKv = 0`` keeps ``v`` (the estimate is then 0); where the 0-d bool tensor ``active`` is false,
+    the stored vector is left as it was (a pass that a host-side loop would have skipped).
     """
     p = next(op.parameters())
     v = _POWER_VECTORS.get(op)
@@ -149,21 +153,20 @@ def _tracked_norm(op: ConvOperator, grid: tuple[int, int], warm_iterations: int 
     if v is None or tuple(v.shape[-2:]) != grid or v.dtype != p.dtype or v.device != p.device:
         v = torch.randn(1, op.in_channels, *grid, dtype=p.dtype, device=p.device)
         iterations = cold_iterations
-    sigma2 = 0.0
     for _ in range(iterations):
         w = op.adjoint(op(v / v.norm()))
-        sigma2 = float(w.norm())
-        if sigma2 == 0.0:
-            break
-        v = w
+        sigma2 = w.norm()
+        keep = sigma2 > 0 if active is None else (sigma2 > 0) & active
+        v = torch.where(keep, w, v)
     _POWER_VECTORS[op] = v
-    return math.sqrt(sigma2)
+    return sigma2.double().sqrt()
 
 
 def _norm_of(op: ConvOperator, grid, method: str) -> tuple[float, str]:
     """``‖K‖`` and the sentence saying what kind of number it is."""
     if method == "tracked":
-        return _tracked_norm(op, grid), f"‖K‖ tracked by warm-started power iteration on the {grid[0]}x{grid[1]} grid"
+        text = f"‖K‖ tracked by warm-started power iteration on the {grid[0]}x{grid[1]} grid"
+        return float(_tracked_norm(op, grid)), text
     norm = op.spectral_norm(grid, method=method)
     if method == "power":
         return norm, f"‖K‖ by power iteration on the {grid[0]}x{grid[1]} grid (this grid, {op.boundary} boundary)"
@@ -209,6 +212,42 @@ def symmetric_stability(scheme: str | Scheme, layers: list[SymmetricLayer], grid
     spectrum = -np.linspace(0.0, 1.0, 2001) ** 2 * scale ** 2  # [−scale², 0], denser near 0
     return StepStability(scheme_step_bound(contract, scale), max(norms), tuple(dict.fromkeys(texts)),
                          _amplification(contract, spectrum))
+
+
+def _device_slope(layer) -> torch.Tensor | float:
+    """``layer.slope()`` without reading a device value (NaN where it is None): batch norm's gain
+    ``max_c γ_c/√(σ²_c + ε)`` (none where some is negative) as a 0-d float64 tensor computed on the device, times
+    the activation's largest slope; the other normalizations' gains are constants known on the host."""
+    if layer.norm.kind != "batch":
+        g = layer.slope()
+        return math.nan if g is None else g
+    bn = layer.norm
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    gain = torch.where((scale >= 0).all(), scale.max(), math.nan).double()
+    return ACTIVATIONS[layer.activation][1] * gain
+
+
+def _device_step_bound(scheme: str | Scheme, norm: torch.Tensor) -> torch.Tensor:
+    """``operators.stability.step_bound(scheme, norm)`` for a 0-d float64 tensor ``norm``, on its device: the
+    largest ``h`` keeping ``h^m·(−norm²)`` in the scheme's real interval ``[a, 0]``, ``h = (a/(−norm²))^(1/m)``
+    (``inf`` for ``norm = 0`` or ``a = −∞``; NaN stays NaN)."""
+    contract = get_scheme(scheme)
+    a = norm.new_full((), contract.real_interval[0])
+    return torch.div(a, -(norm * norm)).pow(1.0 / contract.derivative_order)
+
+
+def _device_symmetric_bound(scheme: str | Scheme, layers: list[SymmetricLayer], grid: tuple[int, int],
+                            active: torch.Tensor | None) -> torch.Tensor:
+    """``symmetric_stability(scheme, layers, grid, "tracked").bound`` as a 0-d float64 tensor on the weights'
+    device (NaN: no bound), without reading a device value: ``step_bound`` at ``Π_i √g_i ‖K_i‖``."""
+    scale = 1.0
+    for layer in layers:
+        norm = _tracked_norm(layer.op, grid, active)
+        g = _device_slope(layer)
+        scale = scale * (g.sqrt() if isinstance(g, torch.Tensor) else math.sqrt(g)) * norm
+    return _device_step_bound(scheme, scale)
 
 
 def general_stability(layer: GeneralLayer, grid, method: str, scheme: str | Scheme = "euler") -> StepStability:
@@ -466,29 +505,55 @@ class TimeSteppingBlock(nn.Module):
         ``grid`` (default: the grid of the last forward pass; before any, the 64x64 symbol bound is used).
         ``stability(grid, method="power")`` recomputes the same norms exactly; the default symbol method is
         an upper bound for zero padding, so it may still show a (conservative) violation on small grids.
+
+        The control stays on the device, with no value read back to the host (which would make the host wait
+        for the device at every step): ``"rescale-h"`` sets ``log h ← log(safety · bound)`` where
+        ``h > safety · bound``, ``"project-norm"`` multiplies step ``j``'s operators by
+        ``c = (safety · bound_j / h)^(1/bound_degree)`` where ``h > safety · bound_j``, then recomputes the bound,
+        up to three passes (one is exact for operators linear in their weights), each a ``torch.where`` rather
+        than a branch. Where no bound is known (a batch norm whose scale has turned negative), ``h`` and the
+        weights stay as they are; ``stability()`` says why. Bounds that are not a function of symmetric layers'
+        norms (antisymmetric layers, schemes with their own ``step_stability``) are still computed on the host.
         """
         if self.stabilize is None:
             return
         grid = self._grid if grid is None else as_grid(grid)
-        method = "symbol" if grid is None else "tracked"
-        h = float(self.h)
+        bound_of = self._device_bound if self._device_bound_mirrors_step_stability() else \
+            partial(TimeSteppingBlock._device_bound, self)
+        h = self.h.double()
         if self.stabilize == "rescale-h":
-            bound = _combine([self.step_stability(j, grid, method) for j in range(len(self.steps))]).bound
-            if bound is None:
-                warnings.warn(f"{self.scheme!r} block: no step bound available now, h left at {h:.4g}")
-            elif h > self.safety * bound:
-                self.set_h(self.safety * bound)
+            limit = self.safety * torch.stack([bound_of(j, grid) for j in range(len(self.steps))]).min()
+            self.log_h.copy_(torch.where(h > limit, limit.log(), self.log_h.double()))
             return
         for j in range(len(self.steps)):
-            ops = [m for m in self.weights(j).modules() if isinstance(m, ConvOperator)]
-            for _ in range(3):  # exact in one pass for operators linear in their weights
-                bound = self.step_stability(j, grid, method).bound
-                if bound is None or h <= self.safety * bound * (1 + 1e-9):
-                    break
-                factor = (self.safety * bound / h) ** (1 / self.bound_degree)
-                for op in ops:
-                    for p in op.parameters():
-                        p.mul_(factor)
+            params = [p for m in self.weights(j).modules() if isinstance(m, ConvOperator) for p in m.parameters()]
+            active = None  # whether every pass so far found h above the bound
+            for _ in range(3):
+                bound = bound_of(j, grid, active)
+                above = h > self.safety * bound * (1 + 1e-9)
+                active = above if active is None else active & above
+                factor = torch.where(active, (self.safety * bound / h) ** (1 / self.bound_degree), 1.0)
+                for p in params:
+                    p.mul_(factor)
+
+    def _device_bound(self, j: int, grid, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Step ``j``'s bound (``step_stability(j, grid, "tracked").bound``; the symbol bound when ``grid`` is
+        None) as a 0-d float64 tensor on the weights' device, NaN where there is none. A pass of
+        :meth:`enforce_stability` that the 0-d bool tensor ``active`` marks as skipped must leave the tracked
+        norms' state as it is. This default computes the bound on the host; a scheme whose bound follows from
+        norms computes it on the device instead."""
+        if active is not None and not bool(active):
+            return self.log_h.new_full((), math.nan, dtype=torch.float64)
+        bound = self.step_stability(j, grid, "symbol" if grid is None else "tracked").bound
+        return self.log_h.new_full((), math.nan if bound is None else bound, dtype=torch.float64)
+
+    def _device_bound_mirrors_step_stability(self) -> bool:
+        """Whether the ``_device_bound`` in use is written for the ``step_stability`` in use (defined by the same
+        class): a subclass that overrides ``step_stability`` alone gets the host computation."""
+        def owner(name):
+            return next(c for c in type(self).__mro__ if name in vars(c))
+
+        return owner("_device_bound") is owner("step_stability")
 
     def extra_repr(self) -> str:
         text = f"scheme={self.scheme!r}, channels={self.channels}, nt={self.nt}, h={float(self.h):.4g}"
@@ -635,10 +700,14 @@ class LayerBlock(TimeSteppingBlock):
     ``contract`` and a step that evaluates its layer ``F_j`` near ``Y_j``, ``linearize`` and ``step_stability``
     follow from the contract: ``z = hλ`` for the eigenvalues ``λ`` of ``∂F_j/∂Y`` at ``Y_j``, and the step bound
     from ``‖K‖`` (symmetric layer), from the eigenvalues of ``g K̂₂K̂₁`` (general layer) or from ``γ`` and
-    ``‖K − Kᵀ‖`` (antisymmetric layer). A new one-step scheme therefore writes only ``step``.
+    ``‖K − Kᵀ‖`` (antisymmetric layer). A new one-step scheme therefore writes only ``step``. A step bounded by
+    the product ``Π_i √g_i ‖K_i‖`` of several symmetric layers (Verlet's two) names them in ``bound_layers``, and
+    ``bound_law`` says why the bound holds; :meth:`enforce_stability` then computes that bound on the device.
     """
 
     closed_bound = True  # a guaranteed step bound exists (given a slope bound g)
+    #: why the step bound from ``bound_layers`` holds (None: the one-layer law of the contract)
+    bound_law: str | None = None
 
     def __init__(self, channels: int, nt: int = 3, h: float = 1.0, *, operator: OperatorSpec = "lean",
                  operator_kwargs: dict | None = None, hidden_channels: int | None = None, activation: str = "relu",
@@ -668,18 +737,31 @@ class LayerBlock(TimeSteppingBlock):
             raise NotImplementedError(f"the {self.scheme!r} block has no contract; it must implement linearize")
         return [Linearization(f"step {j}", get_scheme(self.contract).name, self.weights(j), y, float(self.h))]
 
+    def bound_layers(self, j: int) -> list[SymmetricLayer] | None:
+        """The symmetric layers whose norms bound step ``j`` (``h`` from ``Π_i √g_i ‖K_i‖`` by the contract's
+        real interval), or None where the bound comes from something else."""
+        layer = self.weights(j)
+        return [layer] if isinstance(layer, SymmetricLayer) else None
+
     def step_stability(self, j, grid, method):
         layer = self.weights(j)
         if self.contract is None:
             raise NotImplementedError(f"the {self.scheme!r} block has no contract; it must implement step_stability")
-        if isinstance(layer, SymmetricLayer):
-            return symmetric_stability(self.contract, [layer], grid, method)
+        layers = self.bound_layers(j)
+        if layers is not None:
+            return symmetric_stability(self.contract, layers, grid, method, self.bound_law)
         if isinstance(layer, GeneralLayer):
             return general_stability(layer, grid, method, self.contract)
         if isinstance(layer, AntisymmetricLayer):
             return antisymmetric_stability(layer, grid, method, self.contract)
         raise NotImplementedError(f"the {self.scheme!r} block's steps are {type(layer).__name__}, for which no "
                                   "step bound is derived from the contract; implement step_stability")
+
+    def _device_bound(self, j, grid, active=None):
+        layers = None if self.contract is None else self.bound_layers(j)
+        if grid is None or layers is None or get_scheme(self.contract).norm is None:
+            return super()._device_bound(j, grid, active)
+        return _device_symmetric_bound(self.contract, layers, grid, active)
 
 
 @register_scheme
@@ -952,6 +1034,7 @@ class LeapfrogBlock(LayerBlock):
 
     scheme = "leapfrog"
     contract = "leapfrog"
+    bound_law = "Y'' = −KᵀDK Y with eigenvalues of KᵀDK in [0, g‖K‖²]; leapfrog: h ≤ 2/(√g‖K‖)"
     bound_degree = 1
     invertible = True
 
@@ -983,10 +1066,6 @@ class LeapfrogBlock(LayerBlock):
     def linearize(self, j, state):
         return super().linearize(j, state[1])
 
-    def step_stability(self, j, grid, method):
-        law = "Y'' = −KᵀDK Y with eigenvalues of KᵀDK in [0, g‖K‖²]; leapfrog: h ≤ 2/(√g‖K‖)"
-        return symmetric_stability("leapfrog", [self.weights(j)], grid, method, law)
-
 
 class HamiltonianStep(nn.Module):
     """Weights of one Verlet step: ``F¹(Y) = −K₁ᵀσ(K₁Y + b₁)`` drives ``Z``, ``F²(Z) = −K₂ᵀσ(K₂Z + b₂)`` drives ``Y``."""
@@ -1008,6 +1087,7 @@ class HamiltonianBlock(LayerBlock):
 
     scheme = "hamiltonian"
     contract = "hamiltonian"
+    bound_law = "Y'' = −K₂ᵀD₂K₂K₁ᵀD₁K₁ Y; Verlet: h ≤ 2/(√(g₁g₂)‖K₁‖‖K₂‖)"
     invertible = True
 
     def make_layer(self, factory, j, activation, normalization, bias):
@@ -1042,10 +1122,9 @@ class HamiltonianBlock(LayerBlock):
 
         return [Linearization(f"step {j}", "hamiltonian", second_order, y, float(self.h))]
 
-    def step_stability(self, j, grid, method):
+    def bound_layers(self, j):
         w = self.weights(j)
-        law = "Y'' = −K₂ᵀD₂K₂K₁ᵀD₁K₁ Y; Verlet: h ≤ 2/(√(g₁g₂)‖K₁‖‖K₂‖)"
-        return symmetric_stability("hamiltonian", [w.f1, w.f2], grid, method, law)
+        return [w.f1, w.f2]
 
 
 class DiffusionReactionStep(nn.Module):
@@ -1141,7 +1220,7 @@ class DiffusionReactionBlock(TimeSteppingBlock):
         else:
             reaction = general_stability(w.reaction, grid, method)
         norm, text = _norm_of(w.diffusion, grid, method)
-        fraction = 1.0 if self.splitting == "lie" else 0.5
+        fraction = self._diffusion_fraction
         if self.diffusion == "explicit":
             bound = scheme_step_bound("diffusion-explicit", norm) / fraction
             law = ("explicit diffusion: eigenvalues of KᵀK in [0, ‖K‖²]; "
@@ -1153,6 +1232,23 @@ class DiffusionReactionBlock(TimeSteppingBlock):
             law = f"{self.diffusion} diffusion: stable for every h (KᵀK symmetric positive semi-definite)"
             amplification = lambda h: 1.0  # noqa: E731
         return _combine([reaction, StepStability(bound, norm, (law, text), amplification)], composite=True)
+
+    @property
+    def _diffusion_fraction(self) -> float:
+        """The fraction of ``h`` one diffusion sub-step takes (Lie 1, Strang ½)."""
+        return 1.0 if self.splitting == "lie" else 0.5
+
+    def _device_bound(self, j, grid, active=None):
+        if grid is None or self.reaction != "symmetric":
+            return super()._device_bound(j, grid, active)
+        w = self.weights(j)
+        reaction = _device_symmetric_bound("parabolic", [w.reaction], grid, active)
+        norm = _tracked_norm(w.diffusion, grid, active)
+        if self.diffusion == "explicit":
+            diffusion = _device_step_bound("diffusion-explicit", norm) / self._diffusion_fraction
+        else:
+            diffusion = torch.full_like(norm, math.inf)
+        return torch.minimum(reaction, diffusion)
 
 
 def build_block(scheme: str, channels: int, nt: int = 3, h: float = 1.0, operator: OperatorSpec | None = None,

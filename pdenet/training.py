@@ -28,6 +28,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .data import BatchLoader
+from .data.transfer import to_device
 from .distributed import DistContext
 from .fusion import fuse
 from .progress import Progress
@@ -117,7 +118,8 @@ class ClassificationTask(Task):
     def update(self, state, output, target, loss):
         n = target.shape[0]
         correct = (output.argmax(dim=1) == target).sum()
-        state += torch.stack([loss.detach().double() * n, correct.double(), state.new_tensor(float(n))])
+        count = correct.new_full((), n, dtype=torch.float64)  # made on the device: no copy from the host
+        state += torch.stack([loss.detach().double() * n, correct.double(), count])
 
     def summarize(self, state):
         total, correct, n = state.tolist()
@@ -269,7 +271,8 @@ def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> tor
 def evaluate(model: nn.Module, task: Task, loader, dist: DistContext | None = None,
              memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """The task's metrics of ``model`` in eval mode over ``loader`` (each rank its shard, sums all-reduced),
-    plus ``"time"`` in seconds. The model's train/eval mode is restored afterwards."""
+    plus ``"time"`` in seconds. Batches are moved to ``dist.device`` (see :func:`model_input`). The model's
+    train/eval mode is restored afterwards."""
     dist = dist or DistContext()
     was_training = model.training
     model.eval()
@@ -277,11 +280,19 @@ def evaluate(model: nn.Module, task: Task, loader, dist: DistContext | None = No
     start = time.perf_counter()
     try:
         for x, y in loader:
-            out = model(x.contiguous(memory_format=memory_format) if x.dim() == 4 else x)
+            x, y = model_input(x, dist.device, memory_format), to_device(y, dist.device)
+            out = model(x)
             task.update(state, out, y, task.loss(out, y))
     finally:
         model.train(was_training)
     return {**task.summarize(dist.all_reduce_(state)), "time": time.perf_counter() - start}
+
+
+def model_input(x: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """A batch's input on ``device`` (to a GPU from page-locked memory, without blocking: see
+    :func:`pdenet.data.transfer.to_device`), images (4-d) in ``memory_format``."""
+    x = to_device(x, device)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
 
 def _widened(t: torch.Tensor) -> torch.Tensor:
@@ -323,15 +334,17 @@ class Trainer:
     ``loaders`` are any iterables of ``(x, y)`` batches: pdenet's ``BatchLoader``, a ``torch.utils.data.DataLoader``
     (with or without a ``DistributedSampler``; pdenet's data sets are map-style ``Dataset``s), a list or a
     generator. Their ``set_epoch`` (or their sampler's) is called where it exists; batches are moved to the
-    model's device. ``steps_per_epoch`` is the number of batches an epoch yields (the schedule's length).
-    ``dist`` makes it data-parallel (the model is wrapped in DistributedDataParallel and metrics are summed over
-    ranks). ``channels_last`` trains in the NHWC memory layout. With ``fuse`` (default) the model is rewritten by
-    ``pdenet.fuse`` for the fused CPU training path (``fusion`` holds its report); parameters and ``state_dict``
-    keys stay as they are. ``compile`` (``True`` or a backend's name) trains through ``torch.compile``.
-    ``config`` sets mixed precision, gradient accumulation and clipping (see ``TrainConfig``). With
-    ``checkpoint_every = N`` the trainer calls ``on_checkpoint(trainer)`` every ``N`` optimizer steps inside an
-    epoch (the callback saves, ``save``/``restore`` keep the position in the epoch and its partial metrics, so a
-    run resumed there ends with the weights of an uninterrupted one).
+    model's device, ``dist.device`` (to a GPU from page-locked memory without blocking: give a ``DataLoader``
+    ``pin_memory=True`` and its batches arrive pinned, else they are pinned here). ``steps_per_epoch`` is the
+    number of batches an epoch yields (the schedule's length). ``dist`` makes it data-parallel (the model is
+    wrapped in DistributedDataParallel and metrics are summed over ranks). ``channels_last`` trains in the NHWC
+    memory layout. With ``fuse`` (default) the model is rewritten by ``pdenet.fuse`` for the fused CPU training
+    path (``fusion`` holds its report); parameters and ``state_dict`` keys stay as they are. ``compile``
+    (``True`` or a backend's name) trains through ``torch.compile``. ``config`` sets mixed precision, gradient
+    accumulation and clipping (see ``TrainConfig``). With ``checkpoint_every = N`` the trainer calls
+    ``on_checkpoint(trainer)`` every ``N`` optimizer steps inside an epoch (the callback saves, ``save``/``restore``
+    keep the position in the epoch and its partial metrics, so a run resumed there ends with the weights of an
+    uninterrupted one).
     """
 
     model: nn.Module
@@ -367,10 +380,6 @@ class Trainer:
     @property
     def done(self) -> bool:
         return self.epoch >= self.config.epochs
-
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dist.device, non_blocking=True)
-        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def _autocast(self):
         """The forward's autocast region: ``config.amp``'s dtype on the model's device, or none."""
@@ -409,7 +418,7 @@ class Trainer:
         start = time.perf_counter() - self.epoch_time
         bar.count = self.epoch_images
         for step, (x, y) in enumerate(batches, start=first):
-            x, y = self._prepare(x), y.to(self.dist.device, non_blocking=True)
+            x, y = model_input(x, self.dist.device, self.memory_format), to_device(y, self.dist.device)
             with self._autocast():
                 out = self.net(x)
                 loss = self.task.loss(out, y)
@@ -445,17 +454,27 @@ class Trainer:
         """Metrics of the model in eval mode over ``loader`` (see :func:`evaluate`)."""
         return evaluate(self.model, self.task, loader, self.dist, self.memory_format)
 
+    def scheduled_lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (counted from 0 over the run) on the schedule."""
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](max(step, 0))
+
     def fit(self, train_loader, eval_loader=None, eval_every: int = 1,
             callbacks: Iterable[Callable[["Trainer", dict], None]] = (), show_progress: bool = True) -> list[dict]:
         """Train from ``self.epoch`` to ``config.epochs``; after each epoch append a row to ``history`` and
-        call each ``callback(trainer, row)`` (checkpointing, logging). Evaluates every ``eval_every`` epochs
-        and after the last."""
+        call each ``callback(trainer, row)`` (checkpointing, logging). A row holds the learning rate at the epoch's
+        start (``lr``) and that of its last step (``lr_end``), the training metrics (``train_*``) and, when the
+        epoch was evaluated, the test metrics (``test_*``). Evaluates every ``eval_every`` epochs and after the
+        last."""
         callbacks = list(callbacks)
         while not self.done:
-            lr, threads = self.optimizer.param_groups[0]["lr"], torch.get_num_threads()
+            # the epoch's first optimizer step, also where a run resumed inside the epoch has taken some already
+            first_step = self.scheduler.last_epoch - self.batch_in_epoch // self.config.grad_accum
+            threads = torch.get_num_threads()
             train = self.train_epoch(train_loader, show_progress)
             self.epoch += 1
-            row = {"epoch": self.epoch, "lr": lr, "threads": threads, **{f"train_{k}": v for k, v in train.items()}}
+            row = {"epoch": self.epoch, "lr": self.scheduled_lr(first_step),
+                   "lr_end": self.scheduled_lr(self.scheduler.last_epoch - 1), "threads": threads,
+                   **{f"train_{k}": v for k, v in train.items()}}
             if eval_loader is not None and (self.epoch % eval_every == 0 or self.done):
                 row.update({f"test_{k}": v for k, v in self.evaluate(eval_loader).items()})
             self.history.append(row)

@@ -387,7 +387,9 @@ def setup(settings: dict, dist):
             trainer.restore(ckpt.load_checkpoint(out / ckpt.CHECKPOINT_NAME, map_location=dist.device))
         except (ValueError, RuntimeError) as exc:
             raise CommandError(f"cannot resume from {out / ckpt.CHECKPOINT_NAME}: {exc}") from None
-        say(dist, f"resuming {out} after epoch {trainer.epoch}/{config.epochs}")
+        where = (f"in epoch {trainer.epoch + 1}/{config.epochs} after batch {trainer.batch_in_epoch}"
+                 if trainer.batch_in_epoch else f"after epoch {trainer.epoch}/{config.epochs}")
+        say(dist, f"resuming {out} {where}")
     elif settings["resume"]:
         say(dist, f"{out} holds no checkpoint yet (the run stopped in its first epoch): starting it anew there")
     elif dist.is_main:
@@ -449,8 +451,11 @@ def say(dist, text: str) -> None:
 
 
 def format_row(row: dict, metric: str) -> str:
-    """One line per epoch: learning rate, training and test loss and metric, time and throughput."""
-    text = (f"epoch {row['epoch']:3d}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+    """One line per epoch: learning rate (from the epoch's start to its last step where they differ), training
+    and test loss and metric, time and throughput."""
+    start, end = f"{row['lr']:.4g}", f"{row.get('lr_end', row['lr']):.4g}"  # older rows have no lr_end
+    lr = start if end == start else f"{start}->{end}"
+    text = (f"epoch {row['epoch']:3d}  lr {lr}  train loss {row['train_loss']:.4f} "
             f"{metric} {row.get('train_' + metric, float('nan')):.4f}")
     if "test_loss" in row:
         text += f"  test loss {row['test_loss']:.4f} {metric} {row.get('test_' + metric, float('nan')):.4f}"

@@ -22,7 +22,8 @@ with ``0 <= top[b] <= H + 2p - h`` and ``0 <= left[b] <= W + 2p - w``. With ``h,
 shift by ``(top - p, left - p)`` with zeros shifted in (the standard CIFAR augmentation). Images and masks
 given together get the same ``top``, ``left`` and ``flip`` (masks padded with the ignore label), so they
 stay aligned. The parameters are drawn on the CPU from a ``torch.Generator``, so they are reproducible
-and independent of the device the images live on.
+and independent of the device the images live on; they reach a CUDA device from page-locked memory without
+blocking (:func:`pdenet.data.transfer.to_device`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .transfer import to_device
 
 
 class AugmentParams(NamedTuple):
@@ -60,7 +63,8 @@ def color_jitter(x: torch.Tensor, contrast: torch.Tensor, gain: torch.Tensor) ->
                          f"({x.shape[0]},) and {tuple(x.shape[:2])}")
     f = x.float()
     mean = f.mean(dim=(1, 2, 3), keepdim=True)
-    kappa, g = contrast.to(f).view(-1, 1, 1, 1), gain.to(f)[:, :, None, None]  # f's device and dtype
+    kappa = to_device(contrast, f.device).to(f.dtype).view(-1, 1, 1, 1)
+    g = to_device(gain, f.device).to(f.dtype)[:, :, None, None]
     return (g * (mean + kappa * (f - mean))).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -73,7 +77,7 @@ def zoom(x: torch.Tensor, factor: torch.Tensor, fill: float = 0) -> torch.Tensor
         raise ValueError(f"zoom factors must be positive with shape ({x.shape[0]},), got {tuple(factor.shape)}")
     mask = x.ndim == 3
     f = (x[:, None] if mask else x).float()
-    inverse = 1 / factor.to(device=x.device, dtype=f.dtype)
+    inverse = 1 / to_device(factor, x.device).to(f.dtype)
     theta = torch.zeros(x.shape[0], 2, 3, dtype=f.dtype, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = inverse
     grid = F.affine_grid(theta, list(f.shape), align_corners=False)
@@ -111,9 +115,9 @@ def crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int
     xp = xp.reshape(b, c, xp.shape[-2] * wp)
     j = torch.arange(w, device=device)
     if flip is not None:
-        j = torch.where(flip.to(device)[:, None], w - 1 - j, j)
-    rows = top.to(device)[:, None, None] + torch.arange(h, device=device)[None, :, None]
-    cols = (left.to(device)[:, None] + j)[:, None, :]
+        j = torch.where(to_device(flip, device)[:, None], w - 1 - j, j)
+    rows = to_device(top, device)[:, None, None] + torch.arange(h, device=device)[None, :, None]
+    cols = (to_device(left, device)[:, None] + j)[:, None, :]
     flat = (rows * wp + cols).reshape(b, 1, h * w).expand(b, c, h * w)
     return xp.gather(2, flat).reshape(*x.shape[:-2], h, w)
 
@@ -125,8 +129,8 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
         raise ValueError(f"normalize expects uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
     if len(mean) != images.shape[1] or len(std) != images.shape[1]:
         raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} need one entry per channel ({images.shape[1]})")
-    m = torch.tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    m = to_device(torch.tensor(mean, dtype=dtype), images.device).view(1, -1, 1, 1)
+    s = to_device(torch.tensor(std, dtype=dtype), images.device).view(1, -1, 1, 1)
     out = images.to(dtype=dtype, memory_format=memory_format)
     return out.mul_(1 / (255 * s)).sub_(m / s)
 

@@ -25,6 +25,7 @@ import torch
 
 from .augment import Augmentation, normalize
 from .dataset import Dataset
+from .transfer import gather
 
 
 ORDER_STREAM, AUGMENT_STREAM = 0, 1
@@ -43,6 +44,8 @@ class BatchLoader:
     ``images`` are float (``dtype``) normalized with the data set's mean/std, shape (b, C, h, w), in
     ``channels_last`` memory format on request; ``targets`` are int64 (b,) labels or (b, h, w) masks.
     ``augment`` is False/None (none), True (the data set's standard augmentation) or an :class:`Augmentation`.
+    On a CUDA device each batch is gathered into page-locked host memory and copied without blocking, so the
+    copy overlaps the training step before it (see :mod:`pdenet.data.transfer`); augmentation runs on ``device``.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True,
@@ -102,8 +105,7 @@ class BatchLoader:
         for k in range(self.start_batch, self.num_batches()):
             members = order[k * g:(k + 1) * g]
             local = members[self.rank::self.world_size]
-            images = ds.images[local].to(self.device, non_blocking=True)
-            targets = ds.targets[local].to(self.device, non_blocking=True)
+            images, targets = gather(ds.images, local, self.device), gather(ds.targets, local, self.device)
             if self.augment is not None:
                 generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, AUGMENT_STREAM, k))
                 params = self.augment.sample(len(members), image_size, generator, ds.image_shape[0])

@@ -50,7 +50,7 @@ def test_train_writes_metrics_checkpoint_and_report_then_evaluate(fmnist_dir, tm
     history = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2]
     csv_lines = (out / "metrics.csv").read_text().splitlines()
-    assert len(csv_lines) == 3 and csv_lines[0].startswith("epoch,lr,threads,train_loss")
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("epoch,lr,lr_end,threads,train_loss")
     report = json.loads((out / "report.json").read_text())
     assert report["test"]["accuracy"] == history[-1]["test_accuracy"]
     assert report["costs"]["parameters"] == sum(p.numel() for p in ckpt.load_model(out)[0].parameters())
@@ -92,6 +92,16 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(fmnist_dir, tmp_path
     # same weights and statistics; the channels-last (oneDNN) evaluation of a fresh process has been seen to
     # round differently in the 7th digit (not with --no-channels-last), so the losses agree to float precision
     assert [r["test_loss"] for r in b["history"]] == pytest.approx([r["test_loss"] for r in a["history"]], rel=1e-6)
+
+
+def test_epoch_line_shows_the_learning_rate_from_start_to_last_step():
+    from pdenet.commands.train import format_row
+
+    row = {"epoch": 2, "lr": 0.1, "lr_end": 0.0505, "train_loss": 1.0, "train_accuracy": 0.5, "train_time": 2.0,
+           "train_images_per_s": 64.0}
+    assert format_row(row, "accuracy").startswith("epoch   2  lr 0.1->0.0505  train loss 1.0000")
+    assert "  lr 0.1  " in format_row({**row, "lr_end": 0.1}, "accuracy")  # a constant rate once
+    assert "  lr 0.1  " in format_row({k: v for k, v in row.items() if k != "lr_end"}, "accuracy")  # older rows
 
 
 def test_config_file_and_command_line_priority(fmnist_dir, tmp_path, capsys):

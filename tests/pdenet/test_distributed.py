@@ -185,3 +185,77 @@ def test_torchrun_cli_two_processes_match_one_process(fmnist_dir, tmp_path):
     assert two.returncode == 0, two.stderr
     assert "cpu x2" in two.stdout and two.stdout.count("== lean-resnet20") == 1  # rank 0 reports
     assert_same_run(load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two"))
+
+
+#: torchrun's worker: ``pdenet train`` (the arguments after the first) that, on the first attempt only, kills itself
+#: with SIGKILL (as the out-of-memory killer or a failing machine would) right after its K-th mid-epoch checkpoint.
+KILLED_WORKER = '''
+import os
+import signal
+import sys
+
+from pdenet.cli import main
+from pdenet.training import Trainer
+
+kill_after, attempt = int(sys.argv[1]), os.environ["TORCHELASTIC_RESTART_COUNT"]
+print(f"attempt {attempt}", flush=True)
+save, saved = Trainer.save, []
+
+
+def save_then_die(self, path, meta):
+    save(self, path, meta)
+    if self.epoch_state is not None:  # a checkpoint inside an epoch
+        saved.append(path)
+        if len(saved) == kill_after and attempt == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+Trainer.save = save_then_die
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def test_a_worker_killed_mid_epoch_is_restarted_and_ends_as_an_uninterrupted_run(fmnist_dir, tmp_path):
+    """``torchrun --max-restarts 1`` with ``--checkpoint-every 3``: the worker kills itself right after its third
+    mid-epoch checkpoint (epoch 2, batch 3 of 8), torchrun starts it again, the new worker resumes there by itself
+    (``--resume auto`` is the default for a restarted worker) and ends with the weights, optimizer state and
+    metrics of the same command run without a kill. The kill comes from the worker itself at a fixed point, so the
+    test does not race the run."""
+    import subprocess
+    import sys
+
+    from pdenet.checkpoint import load_checkpoint
+
+    script = tmp_path / "worker.py"
+    script.write_text(KILLED_WORKER)
+
+    def torchrun(kill_after: int, out) -> subprocess.Popen:
+        train = ["train", "--config", "lean-resnet20", "--override", "depths=(1, 1, 1)", "--override",
+                 "widths=(4, 8, 8)", "--data-dir", str(fmnist_dir), "--epochs", "2", "--batch-size", "16",
+                 "--eval-batch-size", "64", "--threads", "1", "--no-progress", "--device", "cpu",
+                 "--checkpoint-every", "3", "--out", str(out)]
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 "1", "--max-restarts", "1", "--monitor-interval", "0.1", str(script), str(kill_after),
+                                 *train], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    runs = {"straight": torchrun(0, tmp_path / "straight"), "killed": torchrun(3, tmp_path / "killed")}
+    outputs = {name: run.communicate(timeout=300) for name, run in runs.items()}
+    for name, run in runs.items():
+        out, err = outputs[name]
+        assert run.returncode == 0, f"{name} run failed ({run.returncode}):\n{out[-3000:]}\n{err[-3000:]}"
+    out, err = outputs["killed"]
+    log = f"torchrun's output:\n{out[-3000:]}\n{err[-3000:]}"
+    assert "attempt 0" in out and "attempt 1" in out, f"the worker was not restarted; {log}"
+    assert f"resuming {tmp_path / 'killed'} in epoch 2/2 after batch 3" in out, f"no mid-epoch resume; {log}"
+    assert "attempt 1" not in outputs["straight"][0]
+    straight, killed = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("straight", "killed"))
+    assert straight["epoch"] == killed["epoch"] == 2 and killed.get("position") is None
+    for k, v in straight["model"].items():
+        assert torch.equal(killed["model"][k], v), f"{k} differs from the uninterrupted run's"
+    for a, b in zip(straight["optimizer"]["state"].values(), killed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    for a, b in zip(straight["history"], killed["history"]):  # the epoch rows, without times and speeds
+        assert [b[k] for k in ("lr", "lr_end", "train_loss", "train_accuracy", "test_accuracy")] == \
+            [a[k] for k in ("lr", "lr_end", "train_loss", "train_accuracy", "test_accuracy")]
+        # a fresh process's channels-last (oneDNN) evaluation can round differently in the 7th digit
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-6)

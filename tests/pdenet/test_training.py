@@ -100,6 +100,20 @@ def test_enforce_stability_runs_after_every_optimizer_step():
     assert float(block.conv.weight.detach().norm()) <= 1.0 + 1e-6
 
 
+def test_history_rows_hold_the_learning_rate_of_the_epochs_last_step(capsys):
+    """``lr`` is the rate at an epoch's start, ``lr_end`` that of its last step, the one its progress bar ends with
+    (warm-up, then cosine: the two differ in every epoch)."""
+    trainer, loader = make_trainer(TrainConfig(epochs=3, batch_size=16, lr=0.1, warmup_epochs=1), toy_dataset(96))
+    history = trainer.fit(loader, show_progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    factor, steps = LRFactor("cosine", 3 * len(loader), len(loader)), len(loader)
+    for epoch, row in enumerate(history):
+        assert row["lr"] == pytest.approx(0.1 * factor(epoch * steps))
+        assert row["lr_end"] == pytest.approx(0.1 * factor((epoch + 1) * steps - 1)) != row["lr"]
+        bar = [line for line in lines if line.startswith(f"epoch {epoch + 1}/3")][-1]
+        assert bar.endswith(f"lr={row['lr_end']:.4g}"), bar
+
+
 def test_cosine_warmup_and_step_schedules():
     cos = LRFactor("cosine", total_steps=100, warmup_steps=10)
     assert [cos(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])

@@ -171,3 +171,6 @@ def test_a_mid_epoch_checkpoint_resumes_exactly(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-12)
     assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 12
+    # the resumed epoch's row names the rates of its first and last steps, as the uninterrupted run's does
+    assert (resumed.history[-1]["lr"], resumed.history[-1]["lr_end"]) == \
+        (straight.history[-1]["lr"], straight.history[-1]["lr_end"])
