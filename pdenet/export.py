@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pdenet_kernels.ops import (lean_conv_affine_reference, lean_conv_reference,
-                                residual_block_inference_reference)
+from pdenet_kernels.ops import (lean_conv_affine_reference, lean_conv_reference, residual_block_inference_reference,
+                                residual_chain_inference_reference)
 
 from .fusion import FusionReport, fuse
 
@@ -35,7 +35,8 @@ def decompositions() -> dict:
     ``ExportedProgram.run_decompositions``."""
     return {torch.ops.pdenet.lean_conv.default: lean_conv_reference,
             torch.ops.pdenet.lean_conv_affine.default: lean_conv_affine_reference,
-            torch.ops.pdenet.residual_block_inference.default: residual_block_inference_reference}
+            torch.ops.pdenet.residual_block_inference.default: residual_block_inference_reference,
+            torch.ops.pdenet.residual_chain_inference.default: residual_chain_inference_reference}
 
 
 def inference_copy(model: nn.Module) -> tuple[nn.Module, FusionReport]:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from operators import DenseConv, LeanConv, LeanConv2d
-from pdenet_kernels.ops import lean_conv_affine, residual_block_inference
+from pdenet_kernels.ops import lean_conv_affine, residual_block_inference, residual_chain_inference
 
 from .networks.layers import downsample2x
 from .networks.resnet import BasicBlock
@@ -158,9 +158,59 @@ def _one_call(k1: nn.Module, k2: nn.Module) -> bool:
     """Whether a folded block with the operators ``k1, k2`` runs as one ``residual_block_inference`` call: two lean
     operators of stride 1 with stencils, alike in stencil, kernel size, groups and boundary."""
     return (type(k1) is type(k2) is LeanConv and k1.stencil is not None and k2.stencil is not None
-            and k1.stride == k2.stride == 1
-            and (k1.stencil_type, k1.kernel_size, k1.groups, k1.boundary)
-            == (k2.stencil_type, k2.kernel_size, k2.groups, k2.boundary))
+            and k1.stride == k2.stride == 1 and _one_call_signature(k1) == _one_call_signature(k2))
+
+
+class FoldedChain(nn.Module):
+    """A chain of folded lean residual blocks (an ``nn.Sequential`` of them, directly or in nested stages, with
+    identity or zero-channel shortcuts), with all their weights packed in one vector: one
+    ``residual_chain_inference`` call runs every block's arithmetic in the compiled kernels without a return to
+    Python in between. ``y = B_n ∘ … ∘ B₁ (x)``, each ``B`` a :class:`FoldedBasicBlock`."""
+
+    def __init__(self, blocks: list):
+        super().__init__()
+        first = blocks[0].conv1.operator
+        self.in_channels, self.kernel_size = first.in_channels, first.kernel_size
+        self.circular, self.groups = first.boundary == "circular", first.groups
+        self.strides = [block.stride for block in blocks]
+        self.widths = [block.conv2.operator.out_channels for block in blocks]
+        self.register_buffer("taps", first.stencil_index.clone(), persistent=False)
+        weights = []
+        for block in blocks:
+            k1, k2 = block.conv1.operator, block.conv2.operator
+            weights += (k1.pointwise, k1.stencil, block.conv1.bias, k2.pointwise, k2.stencil, block.conv2.bias)
+        self.packed = nn.Parameter(torch.cat([w.detach().reshape(-1) for w in weights]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return residual_chain_inference(x, self.taps, self.kernel_size, self.circular, self.groups, self.strides,
+                                        self.widths, self.packed)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels} -> {' -> '.join(map(str, self.widths))} channels, strides {self.strides}, "
+                f"{self.packed.numel()} packed weights")
+
+
+def _chain(sequence: nn.Sequential) -> list | None:
+    """The folded blocks of ``sequence`` in order (through nested ``nn.Sequential``) where every module is a folded
+    block that runs as one call with a zero-channel or identity shortcut, all alike; else ``None``."""
+    blocks = []
+    for module in sequence:
+        if type(module) is nn.Sequential:
+            inner = _chain(module)
+            if inner is None:
+                return None
+            blocks += inner
+        elif type(module) is FoldedBasicBlock and module.one_call and module.projection is None:
+            blocks.append(module)
+        else:
+            return None
+    if not blocks or len({_one_call_signature(b.conv1.operator) for b in blocks}) > 1:
+        return None
+    return blocks
+
+
+def _one_call_signature(k: LeanConv) -> tuple:
+    return k.stencil_type, k.kernel_size, k.groups, k.boundary
 
 
 def _block_reason(block: BasicBlock) -> str:
@@ -188,6 +238,21 @@ def _fold_sequence(sequence: nn.Sequential) -> list[int]:
     return folded
 
 
+def chain_blocks(parent: nn.Module, report, prefix: str = "") -> None:
+    """Replace each outermost ``nn.Sequential`` of ``parent`` that is a chain of two or more folded lean blocks
+    (``_chain``) by a :class:`FoldedChain`; the report lists the chain instead of its blocks."""
+    for name, child in list(parent.named_children()):
+        full = f"{prefix}{name}"
+        blocks = _chain(child) if type(child) is nn.Sequential else None
+        if blocks is not None and len(blocks) > 1:
+            setattr(parent, name, FoldedChain(blocks).train(False))
+            for inner in [n for n in report.fused if n.startswith(f"{full}.")]:
+                del report.fused[inner]
+            report.fused[full] = "chain of residual blocks"
+        else:
+            chain_blocks(child, report, f"{full}.")
+
+
 def fold_model(model: nn.Module, report) -> None:
     """Fold ``model``'s batch norms in place (see the module notes), recording in ``report`` (a
     ``pdenet.fusion.FusionReport``) what became what and what was left, with why."""
@@ -212,6 +277,7 @@ def fold_model(model: nn.Module, report) -> None:
             walk(f"{full}.", child)
 
     walk("", model)
+    chain_blocks(model, report)
     for name, module in model.named_modules():
         if type(module) is nn.BatchNorm2d and name.rsplit(".", 1)[0] not in report.left:
             report.left.setdefault(name, "a batch norm that does not directly follow an operator it can fold into")

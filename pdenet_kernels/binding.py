@@ -45,6 +45,12 @@ class Epilogue(ctypes.Structure):
     _fields_ = [("add", _PTR), ("pitch", _I64), ("mask", _PTR), ("bias", _PTR), ("relu", _I64)]
 
 
+class ChainBlock(ctypes.Structure):
+    """``chain_block`` of ``csrc/chain.c``: one folded residual block of a chain."""
+    _fields_ = [(name, _I64) for name in ("stride", "in_channels", "out_channels", "stencil_channels")] + [
+        (name, _PTR) for name in ("p1", "s1", "b1", "p2", "s2", "b2")]
+
+
 class BnLayer(ctypes.Structure):
     """``bn_layer`` of ``csrc/batch_norm.c``."""
     _fields_ = [("pixels", _I64), ("channels", _I64), ("threads", _I64), ("gamma", _PTR), ("beta", _PTR),
@@ -55,13 +61,14 @@ def configure(lib: ctypes.CDLL) -> None:
     """The kernels' argument and result types."""
     ref = ctypes.POINTER
     lib.lean_forward.argtypes = [ref(LeanShape)] + [_PTR] * 3 + [ref(Epilogue)] + [_PTR] * 3
+    lib.lean_chain_forward.argtypes = [ref(LeanShape), _I64, ref(ChainBlock), _PTR, _PTR]
     lib.lean_backward.argtypes = [ref(LeanShape), _PTR, ref(BnGradient)] + [_PTR] * 4 + [ref(Addend), _PTR, _PTR]
     lib.bn_relu_forward.argtypes = [ref(BnLayer)] + [_PTR] * 8
     lib.bn_relu_backward_coefficients.argtypes = [ref(BnLayer)] + [_PTR] * 10
     lib.bn_relu_backward.argtypes = [ref(BnLayer)] + [_PTR] * 9
     lib.kernel_fail_allocation.argtypes = [_I64]
     lib.kernel_fail_allocation.restype = None
-    for kernel in (lib.lean_forward, lib.lean_backward, lib.bn_relu_forward, lib.bn_relu_backward_coefficients,
+    for kernel in (lib.lean_forward, lib.lean_chain_forward, lib.lean_backward, lib.bn_relu_forward, lib.bn_relu_backward_coefficients,
                    lib.bn_relu_backward, lib.lean_block_channels):
         kernel.restype = _INT
 
@@ -170,6 +177,29 @@ def lean_forward(x, pointwise, stencil, taps, k: int, circular: bool, groups: in
     check(library().lean_forward(ctypes.byref(shape), x.data_ptr(), pointwise.data_ptr(), stencil.data_ptr(),
                                  epilogue, y.data_ptr(), _ptr(moments_about), _ptr(moments)), "lean_forward")
     return y if moments_about is None else (y, moments)
+
+
+def lean_chain_forward(x, taps, k: int, circular: bool, groups: int, strides, shapes, packed):
+    """A chain of folded lean residual blocks (``csrc/chain.c``) on channels-last ``x``: ``strides`` one per block,
+    the weights one contiguous vector ``packed`` holding six tensors per block of the given ``shapes``
+    (``P₁, s₁, b₁, P₂, s₂, b₂``)."""
+    count, base, offset = len(strides), packed.data_ptr(), 0
+    blocks = (ChainBlock * count)()
+    n1, n2 = x.shape[2:]
+    for i, stride in enumerate(strides):
+        pointers = []
+        for shape in shapes[6 * i: 6 * i + 6]:
+            pointers.append(base + 4 * offset)
+            offset += shape[0] * (shape[1] if len(shape) > 1 else 1)
+        p1_shape, s1_shape = shapes[6 * i], shapes[6 * i + 1]
+        blocks[i] = ChainBlock(stride, p1_shape[1] * groups, p1_shape[0], s1_shape[0], *pointers)
+        if stride == 2:
+            n1, n2 = (n1 + 1) // 2, (n2 + 1) // 2
+    y = torch.empty((x.shape[0], shapes[-1][0], n1, n2), dtype=x.dtype, memory_format=torch.channels_last)
+    shape = lean_shape(x, 0, 0, taps, k, circular, groups)
+    check(library().lean_chain_forward(ctypes.byref(shape), count, blocks, x.data_ptr(), y.data_ptr()),
+          "lean_chain_forward")
+    return y
 
 
 def lean_backward(grad, x, pointwise, stencil, taps, k: int, circular: bool, groups: int, input_grad: bool,

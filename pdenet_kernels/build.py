@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-SOURCES = ("common.c", "lean.c", "batch_norm.c")
+SOURCES = ("common.c", "lean.c", "chain.c", "batch_norm.c")
 HEADERS = ("kernels.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 

@@ -33,6 +33,7 @@ trace, it calls the registered operator directly.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -421,12 +422,14 @@ def lean_conv_affine_reference(x: Tensor, pointwise: Tensor, stencil: Tensor, ta
     return F.relu(y) if relu else y
 
 
-def _check_affine(x_shape, pointwise: Tensor, bias: Tensor, residual: Tensor | None,
-                  name: str = "lean_conv_affine") -> None:
+def _check_affine(x_shape, pointwise: Tensor, bias: Tensor, residual_shape, name: str = "lean_conv_affine") -> None:
+    """A named error where the bias is not ``(c_out,)`` or the residual's shape (``None``: no residual) is not the
+    output's."""
     c_out, out_shape = pointwise.shape[0], (x_shape[0], pointwise.shape[0], *x_shape[2:])
-    if bias.shape != (c_out,) or (residual is not None and residual.shape != out_shape):
+    if bias.shape != (c_out,) or (residual_shape is not None and tuple(residual_shape) != out_shape):
         raise ValueError(f"pdenet::{name}: the bias must have shape ({c_out},) and the residual the output's shape "
-                         f"{out_shape}, got {tuple(bias.shape)} and {None if residual is None else tuple(residual.shape)}")
+                         f"{out_shape}, got {tuple(bias.shape)} and "
+                         f"{None if residual_shape is None else tuple(residual_shape)}")
 
 
 def _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual) -> bool:
@@ -438,7 +441,7 @@ def _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual) -> boo
 def lean_conv_affine_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, kernel_size: int,
                         circular: bool, groups: int, bias: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
     _check_lean(x.shape, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
-    _check_affine(x.shape, pointwise, bias, residual)
+    _check_affine(x.shape, pointwise, bias, None if residual is None else residual.shape)
     if _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual):
         return binding.lean_forward(*_lean_contiguous(x, pointwise, stencil, taps), kernel_size, circular, groups,
                                     bias=bias.contiguous(),
@@ -452,7 +455,7 @@ def lean_conv_affine_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Ten
 @lean_conv_affine_op.register_fake
 def _(x, pointwise, stencil, taps, kernel_size, circular, groups, bias, residual, relu):
     _check_lean(x.shape, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
-    _check_affine(x.shape, pointwise, bias, residual)
+    _check_affine(x.shape, pointwise, bias, None if residual is None else residual.shape)
     if _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual):
         return x.new_empty((x.shape[0], pointwise.shape[0], *x.shape[2:])).contiguous(
             memory_format=torch.channels_last)
@@ -472,7 +475,7 @@ def lean_conv_affine(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor
     ``y``. Where something is differentiated it is the plain composition of ``lean_conv`` and PyTorch's
     operations (the registered operator has no autograd formula: it serves inference)."""
     if _differentiated(x, pointwise, stencil, bias, *(() if residual is None else (residual,))):
-        _check_affine(x.shape, pointwise, bias, residual)
+        _check_affine(x.shape, pointwise, bias, None if residual is None else residual.shape)
         y = lean_conv(x, pointwise, stencil, taps, kernel_size, circular, groups) + bias[:, None, None]
         if residual is not None:
             y = y + residual
@@ -487,8 +490,8 @@ def residual_block_inference_op(x: Tensor, residual: Tensor, taps: Tensor, kerne
                                 stencil2: Tensor, bias2: Tensor) -> Tensor:
     """``ReLU(K₂ ReLU(K₁ x + b₁) + b₂ + r)``: a residual block with its batch norms folded, two lean kernel calls
     (each applying its bias, the residual and the ReLU as it stores) in one operator call."""
-    _check_block_inference(x, residual, taps, kernel_size, groups, pointwise1, stencil1, bias1, pointwise2, stencil2,
-                           bias2)
+    _check_block_inference(x.shape, residual.shape, taps, kernel_size, groups, pointwise1, stencil1, bias1,
+                           pointwise2, stencil2, bias2)
     if (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
             and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual)):
         x, taps = binding.channels_last(x), taps.contiguous()
@@ -502,12 +505,12 @@ def residual_block_inference_op(x: Tensor, residual: Tensor, taps: Tensor, kerne
                                                    stencil1, bias1, pointwise2, stencil2, bias2)
 
 
-def _check_block_inference(x, residual, taps, kernel_size, groups, pointwise1, stencil1, bias1, pointwise2, stencil2,
-                           bias2) -> None:
+def _check_block_inference(x_shape, residual_shape, taps, kernel_size, groups, pointwise1, stencil1, bias1,
+                           pointwise2, stencil2, bias2) -> None:
     """``_check_lean`` and ``_check_affine`` for both layers: ``x -> h`` and ``h -> y`` with the residual."""
-    h_shape = (x.shape[0], pointwise1.shape[0], *x.shape[2:])
-    for shape, pointwise, stencil, bias, addend in ((x.shape, pointwise1, stencil1, bias1, None),
-                                                    (h_shape, pointwise2, stencil2, bias2, residual)):
+    h_shape = (x_shape[0], pointwise1.shape[0], *x_shape[2:])
+    for shape, pointwise, stencil, bias, addend in ((x_shape, pointwise1, stencil1, bias1, None),
+                                                    (h_shape, pointwise2, stencil2, bias2, residual_shape)):
         _check_lean(shape, pointwise, stencil, taps, kernel_size, groups, "residual_block_inference")
         _check_affine(shape, pointwise, bias, addend, "residual_block_inference")
 
@@ -522,8 +525,8 @@ def residual_block_inference_reference(x, residual, taps, kernel_size, circular,
 
 @residual_block_inference_op.register_fake
 def _(x, residual, taps, kernel_size, circular, groups, pointwise1, stencil1, bias1, pointwise2, stencil2, bias2):
-    _check_block_inference(x, residual, taps, kernel_size, groups, pointwise1, stencil1, bias1, pointwise2, stencil2,
-                           bias2)
+    _check_block_inference(x.shape, residual.shape, taps, kernel_size, groups, pointwise1, stencil1, bias1,
+                           pointwise2, stencil2, bias2)
     c_out = pointwise2.shape[0]
     if (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
             and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual)):
@@ -550,6 +553,131 @@ def residual_block_inference(x: Tensor, residual: Tensor, taps: Tensor, kernel_s
         return lean_conv_affine(h, *layer2[:2], taps, kernel_size, circular, groups, layer2[2], residual, True)
     return torch.ops.pdenet.residual_block_inference(x, residual, taps, kernel_size, circular, groups, *layer1,
                                                      *layer2)
+
+
+def chain_weight_shapes(in_channels: int, widths: list[int], groups: int, ntaps: int) -> list[tuple]:
+    """The shapes of a chain's weights, six per block ``c -> c'`` in order: ``P₁ (c', c/g)``, ``s₁ (min(c, c'),
+    ntaps)``, ``b₁ (c',)``, ``P₂ (c', c'/g)``, ``s₂ (c', ntaps)``, ``b₂ (c',)``; packed one after another."""
+    shapes, c = [], in_channels
+    for co in widths:
+        shapes += [(co, c // groups), (min(c, co), ntaps), (co,), (co, co // groups), (co, ntaps), (co,)]
+        c = co
+    return shapes
+
+
+def unpack_chain(packed: Tensor, in_channels: int, widths: list[int], groups: int, ntaps: int) -> list[Tensor]:
+    """The chain's weights as views of the packed vector (see ``chain_weight_shapes``)."""
+    shapes = chain_weight_shapes(in_channels, widths, groups, ntaps)
+    sizes = [math.prod(shape) for shape in shapes]
+    return [part.view(shape) for part, shape in zip(packed.split(sizes), shapes)]
+
+
+def _check_chain(x: Tensor, taps: Tensor, kernel_size: int, groups: int, strides: list[int], widths: list[int],
+                 packed: Tensor) -> tuple[int, int, int, int]:
+    """Named errors where the chain cannot run on ``x``; the output's shape."""
+    problem = ""
+    if x.dim() != 4 or not strides or len(strides) != len(widths) or packed.dim() != 1:
+        problem = (f"x must be 4-D, strides and widths one per block and the weights one packed vector; got x of "
+                   f"shape {tuple(x.shape)}, {len(strides)} strides, {len(widths)} widths, weights of shape "
+                   f"{tuple(packed.shape)}")
+    elif groups < 1 or kernel_size < 1 or kernel_size % 2 == 0 or kernel_size > 9 or taps.dtype is not torch.int64:
+        problem = f"groups={groups}, kernel_size={kernel_size} and {taps.dtype} taps do not make lean operators"
+    elif any(s not in (1, 2) for s in strides) or any(
+            co < c or co % groups for c, co in zip([x.shape[1], *widths], widths)) or x.shape[1] % groups:
+        problem = (f"each block needs stride 1 or 2 and at least its input's channels, divisible by groups={groups}; "
+                   f"got strides {list(strides)} and widths {x.shape[1]} -> {list(widths)}")
+    else:
+        expected = sum(math.prod(shape) for shape in chain_weight_shapes(x.shape[1], widths, groups, taps.shape[0]))
+        if packed.numel() != expected:
+            problem = f"the packed weights must hold {expected} numbers for these blocks, got {packed.numel()}"
+    if problem:
+        raise ValueError(f"pdenet::residual_chain_inference: {problem}")
+    b, _, n1, n2 = x.shape
+    for stride in strides:
+        if stride == 2:
+            n1, n2 = (n1 + 1) // 2, (n2 + 1) // 2
+    return b, widths[-1], n1, n2
+
+
+def _chain_kernel_applies(x: Tensor, groups: int, widths: list[int], packed: Tensor) -> bool:
+    """Whether the compiled chain runs: float32 CPU tensors, the kernels loaded, whole register blocks per group."""
+    f32 = torch.float32
+    if not (x.dtype is f32 and packed.dtype is f32 and x.is_cpu and packed.is_cpu and x.numel() > 0
+            and binding.available()):
+        return False
+    block = binding.block_channels()
+    return groups == 1 or all(c // groups % block == 0 for c in (x.shape[1], *widths))
+
+
+def residual_chain_inference_reference(x: Tensor, taps: Tensor, kernel_size: int, circular: bool, groups: int,
+                                       strides: list[int], widths: list[int], packed: Tensor) -> Tensor:
+    """The chain by PyTorch's operations: per block ``D`` where the stride is 2, then
+    ``residual_block_inference_reference`` with the shortcut ``x`` with zero channels appended."""
+    weights = unpack_chain(packed, x.shape[1], widths, groups, taps.shape[0])
+    for i, (stride, width) in enumerate(zip(strides, widths)):
+        if stride == 2:
+            x = F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+        shortcut = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
+        x = residual_block_inference_reference(x, shortcut, taps, kernel_size, circular, groups,
+                                               *weights[6 * i: 6 * i + 6])
+    return x
+
+
+@torch.library.custom_op(f"{NAMESPACE}::residual_chain_inference", mutates_args=())
+def residual_chain_inference_op(x: Tensor, taps: Tensor, kernel_size: int, circular: bool, groups: int,
+                                strides: list[int], widths: list[int], packed: Tensor) -> Tensor:
+    """A chain of residual blocks with their batch norms folded, ``x ← ReLU(K₂ ReLU(K₁ D x + b₁) + b₂ + Q D x)``
+    per block (``D`` 2x2 average pooling where its stride is 2, ``Q`` zero channels appended up to the block's
+    width), the weights packed in one vector (``chain_weight_shapes``): one call of the compiled kernels for the
+    whole chain."""
+    _check_chain(x, taps, kernel_size, groups, strides, widths, packed)
+    if _chain_kernel_applies(x, groups, widths, packed):
+        shapes = chain_weight_shapes(x.shape[1], widths, groups, taps.shape[0])
+        return binding.lean_chain_forward(binding.channels_last(x), taps.contiguous(), kernel_size, circular, groups,
+                                          strides, shapes, packed.contiguous())
+    with torch.autocast(x.device.type, enabled=False):
+        return residual_chain_inference_reference(x, taps, kernel_size, circular, groups, strides, widths, packed)
+
+
+@residual_chain_inference_op.register_fake
+def _(x, taps, kernel_size, circular, groups, strides, widths, packed):
+    shape = _check_chain(x, taps, kernel_size, groups, strides, widths, packed)
+    if _chain_kernel_applies(x, groups, widths, packed):
+        return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+    return residual_chain_inference_reference(x, taps, kernel_size, circular, groups, strides, widths, packed)
+
+
+@register_flop_formula(torch.ops.pdenet.residual_chain_inference)
+def _(x_shape, taps_shape, kernel_size, circular, groups, strides, widths, packed_shape, *args, out_shape=None,
+      **kwargs) -> int:
+    total, (b, c, n1, n2) = 0, x_shape
+    for stride, width in zip(strides, widths):
+        if stride == 2:
+            n1, n2 = (n1 + 1) // 2, (n2 + 1) // 2
+        pixels = b * n1 * n2
+        total += 2 * pixels * (width * c // groups + kernel_size ** 2 * min(c, width))
+        total += 2 * pixels * (width * width // groups + kernel_size ** 2 * width)
+        c = width
+    return total
+
+
+def residual_chain_inference(x: Tensor, taps: Tensor, kernel_size: int, circular: bool, groups: int,
+                             strides: list[int], widths: list[int], packed: Tensor) -> Tensor:
+    """The chain of folded residual blocks (see ``residual_chain_inference_op``): one operator call in inference,
+    block by block through ``residual_block_inference`` on views of ``packed`` where something is
+    differentiated."""
+    if not _differentiated(x, packed):
+        return torch.ops.pdenet.residual_chain_inference(x, taps, kernel_size, circular, groups, strides, widths,
+                                                         packed)
+    _check_chain(x, taps, kernel_size, groups, strides, widths, packed)
+    weights = unpack_chain(packed, x.shape[1], widths, groups, taps.shape[0])
+    for i, (stride, width) in enumerate(zip(strides, widths)):
+        if stride == 2:
+            x = F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+        shortcut = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
+        x = residual_block_inference(x, shortcut, taps, kernel_size, circular, groups, weights[6 * i: 6 * i + 3],
+                                     weights[6 * i + 3: 6 * i + 6])
+    return x
 
 
 # ---------------------------------------------------------------------------------------------- batch_norm_relu

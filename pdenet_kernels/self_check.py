@@ -9,8 +9,8 @@ import ctypes
 
 import numpy as np
 
-from .binding import (KERNEL_OK, MASK_APPLIED, MASK_BYTES, MASK_FROM_OUTPUT, Addend, BnGradient, BnLayer, Epilogue,
-                      LeanShape)
+from .binding import (KERNEL_OK, MASK_APPLIED, MASK_BYTES, MASK_FROM_OUTPUT, Addend, BnGradient, BnLayer, ChainBlock,
+                      Epilogue, LeanShape)
 
 
 def _shifted(x: np.ndarray, dy: int, dx: int, circular: bool) -> np.ndarray:
@@ -99,6 +99,49 @@ def _lean(lib) -> str:
     return ""
 
 
+def _chain(lib) -> str:
+    """A chain of two folded residual blocks (3 -> 3 channels, then stride 2 and 3 -> 5 on an odd grid) against
+    the lean forward with its epilogue (checked above) and numpy's pooling and channel padding."""
+    rng = np.random.default_rng(1)
+    taps = np.array([1, 3, 4, 5, 7], dtype=np.int64)
+    x = rng.standard_normal((2, 5, 7, 3), dtype=np.float32)
+    blocks, weights = [], []
+    for stride, ci, co in ((1, 3, 3), (2, 3, 5)):
+        w = [rng.standard_normal(shape, dtype=np.float32) for shape in
+             ((co, ci), (min(ci, co), 5), (co,), (co, co), (co, 5), (co,))]
+        weights.append(w)
+        blocks.append(ChainBlock(stride, ci, co, min(ci, co), *(a.ctypes.data for a in w)))
+
+    def layer(inp, co, m, p, s, bias, residual=None):
+        out = np.empty(inp.shape[:3] + (co,), np.float32)
+        shape = LeanShape(*inp.shape[:3], inp.shape[3], co, m, 3, 1, 0, 1, 5, taps.ctypes.data)
+        ep = Epilogue(None if residual is None else residual.ctypes.data, co, None, bias.ctypes.data, 1)
+        code = lib.lean_forward(ctypes.byref(shape), inp.ctypes.data, p.ctypes.data, s.ctypes.data, ctypes.byref(ep),
+                                out.ctypes.data, None, None)
+        return out if code == KERNEL_OK else None
+
+    expected = x
+    for (stride, ci, co), (p1, s1, b1, p2, s2, b2) in zip(((1, 3, 3), (2, 3, 5)), weights):
+        if stride == 2:  # 2 x 2 means, the last row and column alone on the odd 5 x 7 grid
+            padded = np.pad(expected, ((0, 0), (0, 1), (0, 1), (0, 0)))
+            counts = np.pad(np.ones(expected.shape[1:3]), ((0, 1), (0, 1)))
+            sums = padded.reshape(2, 3, 2, 4, 2, ci).sum((2, 4))
+            expected = (sums / counts.reshape(3, 2, 4, 2).sum((1, 3))[None, :, :, None]).astype(np.float32)
+        h = layer(expected, co, min(ci, co), p1, s1, b1)
+        shortcut = np.ascontiguousarray(np.pad(expected, ((0, 0), (0, 0), (0, 0), (0, co - ci))))
+        expected = None if h is None else layer(h, co, co, p2, s2, b2, shortcut)
+        if expected is None:
+            return "the lean forward refused a chain block's layer"
+    got = np.empty((2, 3, 4, 5), np.float32)
+    shape = LeanShape(2, 5, 7, 3, 0, 0, 3, 1, 0, 2, 5, taps.ctypes.data)
+    code = lib.lean_chain_forward(ctypes.byref(shape), 2, (ChainBlock * 2)(*blocks), x.ctypes.data, got.ctypes.data)
+    if code != KERNEL_OK:
+        return f"the chain kernel refused two small blocks (code {code})"
+    if not np.allclose(got, expected, rtol=1e-5, atol=1e-5):
+        return "the chain of residual blocks differs from its layers"
+    return ""
+
+
 def _batch_norm_reference(x, r, gamma, beta, eps, g):
     """numpy in float64: ``y = max(0, γ x̂ + β + r)`` over (P, C) and its gradients ``(y, dx, gm, dγ, dβ)``."""
     mean, var = x.mean(0), x.var(0)
@@ -155,4 +198,4 @@ def _batch_norm(lib) -> str:
 
 def self_check(lib) -> str:
     """Every kernel of ``lib`` against numpy; the first mismatch as text, or ``""``."""
-    return _lean(lib) or _batch_norm(lib)
+    return _lean(lib) or _chain(lib) or _batch_norm(lib)

@@ -1,5 +1,5 @@
-/* What the kernels of lean.c and batch_norm.c share: the error convention, checked allocation, the SIMD vector
-   types and the ReLU-mask format.
+/* What the kernels of lean.c, chain.c and batch_norm.c share: the error convention, checked allocation, the SIMD
+   vector types, the ReLU-mask format, and the lean forward with its problem and epilogue structures.
 
    Error convention: every exported kernel returns KERNEL_OK (0) after writing its outputs, or, writing nothing,
    KERNEL_INVALID (arguments outside its range) or KERNEL_NO_MEMORY (an allocation failed). Every allocation goes
@@ -70,5 +70,39 @@ static inline mask_bytes narrow_mask(lanes m) {
 
 /* v where the lane mask is set, else 0 */
 static inline vec keep_where(lanes keep, vec v) { return (vec)(keep & (lanes)v); }
+
+/* ------------------------------------------------------------ the lean forward, shared with chain.c */
+/* The problem as the caller states it (pdenet_kernels/binding.py mirrors this structure): x (batch, height, width,
+   in_channels) channels-last; P (out_channels, in_channels / groups); the stencil (stencil_channels, ntaps) on
+   the flat indices taps of the kernel_size x kernel_size square; zero (circular = 0) or periodic boundary; the
+   work split over `threads` OpenMP threads. */
+typedef struct {
+  int64_t batch, height, width, in_channels, out_channels, stencil_channels, kernel_size, groups, circular, threads,
+      ntaps;
+  const int64_t *taps;
+} lean_shape;
+
+/* Another tensor's channels, added to y as a register block stores it: y_j += add_j (pixel q's at add + q pitch,
+   pitch >= co; add NULL for none), only where mask_j is set unless mask is NULL (bytes -1 or 0, the layout of
+   add). */
+typedef struct {
+  const float *add;
+  int64_t pitch;
+  const int8_t *mask;
+} addend;
+
+/* What a register block does to its sums as it stores them: y_j = act(sum_j + add_j [mask_j] + bias_j), act the
+   ReLU (relu != 0) or the identity; add NULL for no addend, bias NULL for none. The backward uses the addend
+   alone (a shortcut's gradient), the inference forward all three (a folded batch norm's bias, the residual, the
+   block's ReLU). */
+typedef struct {
+  addend add;
+  const float *bias;
+  int64_t relu;
+} epilogue;
+
+/* y = act(P x + S x + add [mask] + bias) (lean.c): ep NULL for y = P x + S x; shift/out NULL for no moments. */
+int lean_forward(const lean_shape *shape, const float *x, const float *p, const float *s, const epilogue *ep,
+                 float *y, const float *shift, double *out);
 
 #endif

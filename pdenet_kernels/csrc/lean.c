@@ -39,15 +39,6 @@
    registers fit (nv = 1, or AVX-512's 32 registers), else MR */
 #define GRAD_ROWS(nv) ((nv) == 1 || VW == 16 ? WIDE : MR)
 
-/* The problem as the caller states it (pdenet_kernels/lean.py mirrors this structure): x (batch, height, width,
-   in_channels) channels-last; P (out_channels, in_channels / groups); the stencil (stencil_channels, ntaps) on
-   the flat indices taps of the kernel_size x kernel_size square; zero (circular = 0) or periodic boundary; the
-   work split over `threads` OpenMP threads. */
-typedef struct {
-  int64_t batch, height, width, in_channels, out_channels, stencil_channels, kernel_size, groups, circular, threads,
-      ntaps;
-  const int64_t *taps;
-} lean_shape;
 
 typedef struct {
   int64_t B, H, W, ci, co, m, k, groups, cig, cog;
@@ -133,26 +124,9 @@ static inline void accumulate(float *o, vec v0, vec v1, const int nv) {
   if (nv > 1) vstore(o + VW, vload(o + VW) + v1);
 }
 
-/* Another tensor's channels, added to y as a register block stores it: y_j += add_j (pixel q's at add + q pitch,
-   pitch >= co; add NULL for none), only where mask_j is set unless mask is NULL (bytes -1 or 0, the layout of
-   add). */
-typedef struct {
-  const float *add;
-  int64_t pitch;
-  const int8_t *mask;
-} addend;
 /* v where the VW bytes at m are set (-1), else 0 */
 static inline vec keep_where_set(const int8_t *m, vec v) { return keep_where(widen_mask(m), v); }
 
-/* What a register block does to its sums as it stores them: y_j = act(sum_j + add_j [mask_j] + bias_j), act the
-   ReLU (relu != 0) or the identity; add NULL for no addend, bias NULL for none. The backward uses the addend
-   alone (a shortcut's gradient), the inference forward all three (a folded batch norm's bias, the residual, the
-   block's ReLU). */
-typedef struct {
-  addend add;
-  const float *bias;
-  int64_t relu;
-} epilogue;
 /* max(v, 0) */
 static inline vec relu(vec v) { return keep_where(v > (vec){0}, v); }
 

@@ -45,7 +45,7 @@ def test_pt2_program_loads_and_runs_on_pdenet_operators(tmp_path):
     path = export_pt2(model, torch.randn(2, 1, 28, 28), tmp_path / "model.pt2")
     program = torch.export.load(str(path))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert any("pdenet.residual_block_inference" in t for t in targets), targets
+    assert any("pdenet.residual_chain_inference" in t for t in targets), targets
     x = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
@@ -85,7 +85,7 @@ def test_export_command_writes_and_checks_each_format(fmt, checkpoint, capsys):
         assert meta["config"] == "lean-resnet20"
         assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     else:
-        assert "checked with" in out and "9 residual blocks fused for inference" in out
+        assert "checked with" in out and "1 chain of residual blocks fused for inference" in out
 
 
 def test_export_command_errors_are_one_line(tmp_path, checkpoint, capsys):

@@ -11,7 +11,7 @@ import pdenet_kernels
 from operators import DenseConv, LeanConv, LeanConv2d
 from pdenet import build_model, fuse, unfuse
 from pdenet.configs import list_configs
-from pdenet.folding import FoldedBasicBlock, FoldedConv, batch_norm_affine, fold
+from pdenet.folding import FoldedBasicBlock, FoldedChain, FoldedConv, batch_norm_affine, fold
 from pdenet.fusion import is_fused
 from pdenet_kernels.ops import lean_conv_affine, lean_conv_affine_reference
 
@@ -56,14 +56,15 @@ def test_folded_model_equals_the_eval_mode_model(name):
 
 
 @compiled
-def test_lean_resnet_runs_each_block_as_one_operator_call_and_no_batch_norm():
+def test_lean_resnet_runs_its_blocks_as_one_operator_call_and_no_batch_norm():
     model = trained_looking(build_model("lean-resnet20"))
     report = fuse(model, inference=True)
-    assert sorted(set(report.fused.values())) == ["operator + batch norm pair", "residual block"]
-    assert sum(kind == "residual block" for kind in report.fused.values()) == 9 and not report.left
-    assert str(report).startswith("fuse: 1 operator + batch norm pair, 9 residual blocks fused for inference")
+    assert report.fused == {"stem.0": "operator + batch norm pair", "stages": "chain of residual blocks"}
+    assert not report.left
+    assert str(report).startswith("fuse: 1 operator + batch norm pair, 1 chain of residual blocks fused for inference")
+    assert isinstance(model.stages, FoldedChain) and model.stages.strides == [1, 1, 1, 2, 1, 1, 2, 1, 1]
     counts = ops_run(model, torch.randn(1, 3, 32, 32))
-    assert counts["pdenet::residual_block_inference"] == 9  # one per block (the dense stem sees the image channels)
+    assert counts["pdenet::residual_chain_inference"] == 1  # all nine blocks (the dense stem sees the image)
     assert not any("batch_norm" in n for n in counts), counts
     assert counts.get("aten::relu", 0) == 1  # the stem's; the blocks' ReLUs run inside the lean kernel
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -228,6 +229,50 @@ def test_residual_block_inference_matches_two_affine_layers(channels):
         torch.ops.pdenet.residual_block_inference(*args[:-1], bias2[:-1])
     with pytest.raises(ValueError, match="residual_block_inference: pointwise of shape .* does not take"):
         torch.ops.pdenet.residual_block_inference(*args[:-3], args[-3][:, :-1], *args[-2:])
+
+
+def chain_problem(in_channels=16, widths=(16, 32, 32, 64), strides=(1, 2, 1, 2), seed=0, dtype=torch.float32):
+    from pdenet_kernels.ops import chain_weight_shapes
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = chain_weight_shapes(in_channels, list(widths), 1, 5)
+    packed = torch.cat([0.3 * torch.randn(shape, generator=gen, dtype=dtype).reshape(-1) for shape in shapes])
+    return packed, list(strides), list(widths), LeanConv(4, 4).stencil_index
+
+
+@pytest.mark.parametrize("image", [(2, 32, 32), (1, 9, 7), (3, 5, 6)], ids=str)
+@pytest.mark.parametrize("circular", [False, True], ids=["zeros", "circular"])
+def test_residual_chain_inference_matches_block_by_block(image, circular):
+    from pdenet_kernels.ops import residual_chain_inference, residual_chain_inference_reference
+
+    packed, strides, widths, taps = chain_problem()
+    x = torch.randn(image[0], 16, *image[1:])
+    with torch.no_grad():
+        got = residual_chain_inference(x, taps, 3, circular, 1, strides, widths, packed)
+        expected = residual_chain_inference_reference(x.double(), taps, 3, circular, 1, strides, widths,
+                                                      packed.double())
+    assert got.shape == (image[0], 64, (image[1] + 3) // 4, (image[2] + 3) // 4)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_chain_inference_opcheck_errors_and_gradients():
+    from pdenet_kernels.ops import residual_chain_inference
+
+    packed, strides, widths, taps = chain_problem(widths=(4, 6), strides=(1, 2), in_channels=4)
+    x = torch.randn(1, 4, 5, 5)
+    args = (x, taps, 3, False, 1, strides, widths, packed)
+    torch.library.opcheck(torch.ops.pdenet.residual_chain_inference.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="must hold .* numbers"):
+        torch.ops.pdenet.residual_chain_inference(x, taps, 3, False, 1, strides, widths, packed[:-1])
+    with pytest.raises(ValueError, match="at least its input's channels"):
+        torch.ops.pdenet.residual_chain_inference(x, taps, 3, False, 1, strides, [4, 3], packed)
+    with pytest.raises(ValueError, match="stride 1 or 2"):
+        torch.ops.pdenet.residual_chain_inference(x, taps, 3, False, 1, [1, 3], widths, packed)
+    x64 = x.double().requires_grad_()
+    packed64 = packed.double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, p: residual_chain_inference(x, taps, 3, False, 1, strides, widths, p), (x64, packed64))
 
 
 def test_folded_model_compiles():
