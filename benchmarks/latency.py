@@ -17,9 +17,9 @@ the host's speed hits them alike; the table gives the median over rounds of the 
 time's speed-up (how many times faster) over the dense ResNet-20 folded in PyTorch (its batch norms folded, oneDNN's
 convolutions, the faster memory format) and over the dense ResNet-20's best time in any variant.
 
-``--breakdown`` says where the folded lean ResNet-20's time goes at batch 1: PyTorch's profiler over one forward
-(time per operator, and what remains: Python), then one residual block at each level of the call: the module,
-the registered operator, and the compiled kernels called directly (two calls of the binding).
+``--breakdown`` says where the folded lean ResNet-20's time goes at batch 1: the stem, the head, and the chain of
+its nine residual blocks at each level of the call (the module, the registered operator, the compiled kernels
+called directly).
 
     python benchmarks/latency.py                         # 3x32x32, batches 1 and 32, 2 threads
     python benchmarks/latency.py --threads 1 --rounds 9 --batches 1
@@ -115,47 +115,30 @@ def quantile_time(fn, calls: int = 2000, q: float = 0.1) -> float:
 
 def breakdown(input_shape) -> list[str]:
     """Where the folded lean ResNet-20's batch-1 time goes (see the module notes)."""
-    from pdenet.folding import FoldedBasicBlock
     from pdenet_kernels import binding
-    from pdenet_kernels.ops import residual_block_inference
+    from pdenet_kernels.ops import chain_weight_shapes
 
-    model = build(LEAN, input_shape)
+    model = build(LEAN, input_shape).to(memory_format=CL)
     fuse(model, inference=True)
-    x = torch.randn(1, *input_shape)
+    x = torch.randn(1, *input_shape).contiguous(memory_format=CL)
+    chain = model.stages
     with torch.inference_mode():
-        total = quantile_time(lambda: model(x), calls=500)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(50):
-                model(x)
-    top = list(prof.key_averages())
-    top.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    lines = [f"# where the folded {LEAN}'s batch-1 time goes ({torch.get_num_threads()} thread(s)): "
-             f"{1e3 * total:.3f} ms per forward (10% quantile)", "",
-             "| operator (profiler, self time) | calls per forward | µs per forward |", "|---|---|---|"]
-    for event in top[:8]:
-        lines.append(f"| {event.key} | {event.count // 50} | {event.self_cpu_time_total / 50:.1f} |")
-    block = next(m for m in model.modules() if isinstance(m, FoldedBasicBlock) and m.one_call)
-    k1, k2 = block.conv1.operator, block.conv2.operator
-    h = torch.randn(1, k1.in_channels, *input_shape[1:]).contiguous(memory_format=CL)
-    layers = ((k1.pointwise, k1.stencil, block.conv1.bias), (k2.pointwise, k2.stencil, block.conv2.bias))
-    taps = k1.stencil_index
-
-    def kernels():
-        z = binding.lean_forward(h, *layers[0][:2], taps, 3, False, 1, bias=layers[0][2], relu=True)
-        return binding.lean_forward(z, *layers[1][:2], taps, 3, False, 1, bias=layers[1][2], residual=h, relu=True)
-
-    with torch.inference_mode():
-        levels = [("the block module", lambda: block(h)),
-                  ("residual_block_inference (the function)",
-                   lambda: residual_block_inference(h, h, taps, 3, False, 1, *layers)),
-                  ("torch.ops.pdenet.residual_block_inference",
-                   lambda: torch.ops.pdenet.residual_block_inference(h, h, taps, 3, False, 1, *layers[0], *layers[1])),
-                  ("two binding calls of the kernel", kernels)]
-        times = [(name, quantile_time(fn)) for name, fn in levels]
-    lines += ["", f"one {k1.in_channels}-channel residual block at {input_shape[1]}x{input_shape[2]} (10% quantile of 2000 "
-                  "calls each)", "", "| level | µs per call |", "|---|---|"]
-    lines += [f"| {name} | {1e6 * t:.1f} |" for name, t in times]
-    return lines
+        h = model.stem(x)
+        z = chain(h)
+        args = (h, chain.taps, chain.kernel_size, chain.circular, chain.groups, chain.strides, chain.widths,
+                chain.packed)
+        shapes = chain_weight_shapes(h.shape[1], chain.widths, chain.groups, chain.taps.shape[0])
+        levels = [("the whole network", lambda: model(x)), ("its stem (dense 3x3 + ReLU)", lambda: model.stem(x)),
+                  ("its nine blocks: the FoldedChain module", lambda: chain(h)),
+                  ("torch.ops.pdenet.residual_chain_inference", lambda: torch.ops.pdenet.residual_chain_inference(*args)),
+                  ("the compiled chain called directly (binding)",
+                   lambda: binding.lean_chain_forward(h, chain.taps, chain.kernel_size, chain.circular, chain.groups,
+                                                      chain.strides, shapes, chain.packed)),
+                  ("its classifier head", lambda: model.head(z))]
+        times = [(name, quantile_time(fn, calls=1000)) for name, fn in levels]
+    lines = [f"# where the folded {LEAN}'s batch-1 time goes ({torch.get_num_threads()} thread(s), "
+             "channels-last, 10% quantile of 1000 calls each)", "", "| part | µs per call |", "|---|---|"]
+    return lines + [f"| {name} | {1e6 * t:.1f} |" for name, t in times]
 
 
 def main(argv=None) -> int:
