@@ -6,13 +6,16 @@ the operator: ``B(K x + b₀) = K' x + b'`` with ``K' = diag(a) K`` (each output
 ``b' = a ⊙ b₀ + c``. For a lean operator ``K = P + S`` that is ``P' = diag(a) P`` and each stencil ``s_j`` scaled
 by ``a_j``; a dense operator or ``nn.Conv2d`` becomes an ``nn.Conv2d`` with a bias. The folded layer
 (:class:`FoldedConv`) computes ``act(K' x + b' [+ r])``; for a lean operator on inputs the compiled kernels take
-(float32 CPU, stride 1) that is one call of ``torch.ops.pdenet.lean_conv_affine``, which adds the bias, the residual and
-applies the ReLU as it stores ``y``.
+(float32 CPU, stride 1) that is one call of ``torch.ops.pdenet.lean_conv_affine``, which adds the bias, the
+residual and applies the ReLU as it stores ``y``.
 
 Patterns folded:
 
 - a ResNet ``BasicBlock``: ``ReLU(BN₂(K₂ ReLU(BN₁(K₁ x))) + Q x)`` becomes two folded layers,
-  ``ReLU(K₂' ReLU(K₁' x + b₁') + b₂' + Q' x)`` (the projection shortcut folded too);
+  ``ReLU(K₂' ReLU(K₁' x + b₁') + b₂' + Q' x)`` (the projection shortcut folded too), with lean operators one
+  ``residual_block_inference`` call; an ``nn.Sequential`` of two or more such lean blocks with identity or
+  zero-channel shortcuts (the stages of a lean CIFAR ResNet) becomes a :class:`FoldedChain`, one
+  ``residual_chain_inference`` call for all of them;
 - in an ``nn.Sequential``, an operator or ``nn.Conv2d`` directly followed by ``nn.BatchNorm2d`` and optionally
   ``nn.ReLU``/``nn.ReLU6`` (stems, MobileNetV2 and ShuffleNetV2 layers): one folded layer, the places of the
   batch norm and the activation left as ``nn.Identity`` so that the other indices keep their meaning.
