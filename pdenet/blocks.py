@@ -53,6 +53,7 @@ from operators.stability import step_bound as scheme_step_bound
 
 from .diffusion import diffusion_step, fourier_diffusion_flops
 from .layers import ACTIVATIONS, AntisymmetricLayer, GeneralLayer, SymmetricLayer
+from .normalization import inference_scale
 
 OperatorSpec = str | Callable[[int, int], ConvOperator]
 STABILIZERS = ("rescale-h", "project-norm")
@@ -221,10 +222,7 @@ def _device_slope(layer) -> torch.Tensor | float:
     if layer.norm.kind != "batch":
         g = layer.slope()
         return math.nan if g is None else g
-    bn = layer.norm
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.affine:
-        scale = scale * bn.weight
+    scale = inference_scale(layer.norm)
     gain = torch.where((scale >= 0).all(), scale.max(), math.nan).double()
     return ACTIVATIONS[layer.activation][1] * gain
 

@@ -34,6 +34,7 @@ from operators import DenseConv, LeanConv, LeanConv2d
 from pdenet_kernels.ops import lean_conv_affine, residual_block_inference, residual_chain_inference
 
 from .networks.layers import downsample2x
+from .normalization import inference_scale
 from .networks.resnet import BasicBlock
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -41,9 +42,7 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 def batch_norm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, c)`` with ``bn(z) = a ⊙ z + c`` in inference mode: ``a = γ/√(σ² + ε)``, ``c = β − a μ``."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.affine:
-        scale = scale * bn.weight
+    scale = inference_scale(bn)
     shift = -bn.running_mean * scale
     if bn.affine:
         shift = shift + bn.bias

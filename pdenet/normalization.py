@@ -22,6 +22,13 @@ class NoNorm(nn.Identity):
         return 1.0
 
 
+def inference_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``s = γ / √(σ² + ε)`` per channel from the running statistics (``γ = 1`` without affine weights): batch
+    norm at inference is ``s ⊙ (x − μ) + β``."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    return scale * bn.weight if bn.affine else scale
+
+
 class BatchNorm(nn.BatchNorm2d):
     """``nn.BatchNorm2d``; at inference ``N(x) = s ⊙ (x − μ) + β`` with ``s = γ / √(σ² + ε)`` per channel."""
 
@@ -30,9 +37,7 @@ class BatchNorm(nn.BatchNorm2d):
     @torch.no_grad()
     def gain(self) -> float | None:
         """``max_c s_c`` from the running statistics, ``None`` if some ``s_c < 0`` (the slope changes sign)."""
-        scale = torch.rsqrt(self.running_var + self.eps)
-        if self.affine:
-            scale = scale * self.weight
+        scale = inference_scale(self)
         return float(scale.max()) if bool((scale >= 0).all()) else None
 
 
