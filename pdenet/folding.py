@@ -148,12 +148,15 @@ class FoldedBasicBlock(nn.Module):
         if self.stride == 2:
             x = downsample2x(x)
         if self.one_call:
-            k1, k2 = self.conv1.operator, self.conv2.operator
-            return residual_block_inference(x, self.shortcut(x), k1.stencil_index, k1.kernel_size,
-                                            k1.boundary == "circular", k1.groups,
-                                            (k1.pointwise, k1.stencil, self.conv1.bias),
-                                            (k2.pointwise, k2.stencil, self.conv2.bias))
+            k = self.conv1.operator
+            return residual_block_inference(x, self.shortcut(x), k.stencil_index, k.kernel_size,
+                                            k.boundary == "circular", k.groups, *self.lean_layers())
         return self.conv2(self.conv1(x), residual=self.shortcut(x))
+
+    def lean_layers(self) -> tuple[tuple, tuple]:
+        """``((P₁, s₁, b₁), (P₂, s₂, b₂))``: the folded lean layers' weights (``one_call`` blocks)."""
+        k1, k2 = self.conv1.operator, self.conv2.operator
+        return (k1.pointwise, k1.stencil, self.conv1.bias), (k2.pointwise, k2.stencil, self.conv2.bias)
 
 
 def _one_call(k1: nn.Module, k2: nn.Module) -> bool:
@@ -177,11 +180,8 @@ class FoldedChain(nn.Module):
         self.strides = [block.stride for block in blocks]
         self.widths = [block.conv2.operator.out_channels for block in blocks]
         self.register_buffer("taps", first.stencil_index.clone(), persistent=False)
-        weights = []
-        for block in blocks:
-            k1, k2 = block.conv1.operator, block.conv2.operator
-            weights += (k1.pointwise, k1.stencil, block.conv1.bias, k2.pointwise, k2.stencil, block.conv2.bias)
-        self.packed = nn.Parameter(torch.cat([w.detach().reshape(-1) for w in weights]))
+        self.packed = nn.Parameter(torch.cat([w.detach().reshape(-1) for block in blocks
+                                              for layer in block.lean_layers() for w in layer]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return residual_chain_inference(x, self.taps, self.kernel_size, self.circular, self.groups, self.strides,
@@ -240,7 +240,7 @@ def _fold_sequence(sequence: nn.Sequential) -> list[int]:
     return folded
 
 
-def chain_blocks(parent: nn.Module, report, prefix: str = "") -> None:
+def _replace_chains(parent: nn.Module, report, prefix: str = "") -> None:
     """Replace each outermost ``nn.Sequential`` of ``parent`` that is a chain of two or more folded lean blocks
     (``_chain``) by a :class:`FoldedChain`; the report lists the chain instead of its blocks."""
     for name, child in list(parent.named_children()):
@@ -252,7 +252,7 @@ def chain_blocks(parent: nn.Module, report, prefix: str = "") -> None:
                 del report.fused[inner]
             report.fused[full] = "chain of residual blocks"
         else:
-            chain_blocks(child, report, f"{full}.")
+            _replace_chains(child, report, f"{full}.")
 
 
 def fold_model(model: nn.Module, report) -> None:
@@ -279,7 +279,7 @@ def fold_model(model: nn.Module, report) -> None:
             walk(f"{full}.", child)
 
     walk("", model)
-    chain_blocks(model, report)
+    _replace_chains(model, report)
     for name, module in model.named_modules():
         if type(module) is nn.BatchNorm2d and name.rsplit(".", 1)[0] not in report.left:
             report.left.setdefault(name, "a batch norm that does not directly follow an operator it can fold into")

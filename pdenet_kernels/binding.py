@@ -9,6 +9,7 @@ library is built, loaded and self-checked on first use (``library()``).
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 import warnings
 
@@ -179,23 +180,20 @@ def lean_forward(x, pointwise, stencil, taps, k: int, circular: bool, groups: in
     return y if moments_about is None else (y, moments)
 
 
-def lean_chain_forward(x, taps, k: int, circular: bool, groups: int, strides, shapes, packed):
-    """A chain of folded lean residual blocks (``csrc/chain.c``) on channels-last ``x``: ``strides`` one per block,
-    the weights one contiguous vector ``packed`` holding six tensors per block of the given ``shapes``
-    (``P₁, s₁, b₁, P₂, s₂, b₂``)."""
+def lean_chain_forward(x, taps, k: int, circular: bool, groups: int, strides, shapes, packed, out_shape):
+    """A chain of folded lean residual blocks (``csrc/chain.c``) on channels-last ``x``, into a new channels-last
+    tensor of ``out_shape``: ``strides`` one per block, the weights one contiguous vector ``packed`` holding six
+    tensors per block of the given ``shapes`` (``P₁, s₁, b₁, P₂, s₂, b₂``)."""
     count, base, offset = len(strides), packed.data_ptr(), 0
     blocks = (ChainBlock * count)()
-    n1, n2 = x.shape[2:]
     for i, stride in enumerate(strides):
         pointers = []
         for shape in shapes[6 * i: 6 * i + 6]:
-            pointers.append(base + 4 * offset)
-            offset += shape[0] * (shape[1] if len(shape) > 1 else 1)
+            pointers.append(base + packed.element_size() * offset)
+            offset += math.prod(shape)
         p1_shape, s1_shape = shapes[6 * i], shapes[6 * i + 1]
         blocks[i] = ChainBlock(stride, p1_shape[1] * groups, p1_shape[0], s1_shape[0], *pointers)
-        if stride == 2:
-            n1, n2 = (n1 + 1) // 2, (n2 + 1) // 2
-    y = torch.empty((x.shape[0], shapes[-1][0], n1, n2), dtype=x.dtype, memory_format=torch.channels_last)
+    y = torch.empty(out_shape, dtype=x.dtype, memory_format=torch.channels_last)
     shape = lean_shape(x, 0, 0, taps, k, circular, groups)
     check(library().lean_chain_forward(ctypes.byref(shape), count, blocks, x.data_ptr(), y.data_ptr()),
           "lean_chain_forward")

@@ -145,6 +145,11 @@ def _updatable(statistic: Tensor) -> Tensor:
     return statistic.clone(memory_format=torch.contiguous_format)
 
 
+def _lean_output(x: Tensor, c_out: int) -> Tensor:
+    """An empty channels-last ``(B, c_out, n1, n2)`` like ``x``: what the compiled lean kernels return."""
+    return x.new_empty((x.shape[0], c_out, *x.shape[2:])).contiguous(memory_format=torch.channels_last)
+
+
 def _lean_flops(x_shape, pointwise_shape, stencil_shape, k: int) -> int:
     b, _, n1, n2 = x_shape
     c_out, cig = pointwise_shape
@@ -182,8 +187,7 @@ def lean_conv_op(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor, ke
 def _(x, pointwise, stencil, taps, kernel_size, circular, groups):
     _check_lean(x.shape, pointwise, stencil, taps, kernel_size, groups)
     if lean_kernel_applies(x, pointwise, stencil, groups):
-        return x.new_empty((x.shape[0], pointwise.shape[0], *x.shape[2:])).contiguous(
-            memory_format=torch.channels_last)
+        return _lean_output(x, pointwise.shape[0])
     return lean_conv_reference(x, pointwise, stencil, taps, kernel_size, circular, groups)
 
 
@@ -416,7 +420,13 @@ def lean_conv_affine_reference(x: Tensor, pointwise: Tensor, stencil: Tensor, ta
                                relu: bool) -> Tensor:
     """``act(P x + S x + b [+ r])`` by PyTorch's operations (differentiable): the plain composition
     ``lean_conv_affine`` replaces."""
-    y = lean_conv_reference(x, pointwise, stencil, taps, kernel_size, circular, groups) + bias.to(x.dtype)[:, None, None]
+    y = lean_conv_reference(x, pointwise, stencil, taps, kernel_size, circular, groups)
+    return _bias_residual_relu(y, bias.to(x.dtype), residual, relu)
+
+
+def _bias_residual_relu(y: Tensor, bias: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+    """``act(y + b [+ r])``, ``act`` the ReLU where ``relu``: the epilogue of the affine lean layer."""
+    y = y + bias[:, None, None]
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y
@@ -457,8 +467,7 @@ def _(x, pointwise, stencil, taps, kernel_size, circular, groups, bias, residual
     _check_lean(x.shape, pointwise, stencil, taps, kernel_size, groups, "lean_conv_affine")
     _check_affine(x.shape, pointwise, bias, None if residual is None else residual.shape)
     if _affine_kernel_applies(x, pointwise, stencil, groups, bias, residual):
-        return x.new_empty((x.shape[0], pointwise.shape[0], *x.shape[2:])).contiguous(
-            memory_format=torch.channels_last)
+        return _lean_output(x, pointwise.shape[0])
     return lean_conv_affine_reference(x, pointwise, stencil, taps, kernel_size, circular, groups, bias, residual,
                                       relu)
 
@@ -476,12 +485,17 @@ def lean_conv_affine(x: Tensor, pointwise: Tensor, stencil: Tensor, taps: Tensor
     operations (the registered operator has no autograd formula: it serves inference)."""
     if _differentiated(x, pointwise, stencil, bias, *(() if residual is None else (residual,))):
         _check_affine(x.shape, pointwise, bias, None if residual is None else residual.shape)
-        y = lean_conv(x, pointwise, stencil, taps, kernel_size, circular, groups) + bias[:, None, None]
-        if residual is not None:
-            y = y + residual
-        return F.relu(y) if relu else y
+        y = lean_conv(x, pointwise, stencil, taps, kernel_size, circular, groups)
+        return _bias_residual_relu(y, bias, residual, relu)
     return torch.ops.pdenet.lean_conv_affine(x, pointwise, stencil, taps, kernel_size, circular, groups, bias,
                                              residual, relu)
+
+
+def _block_kernel_applies(x, residual, groups, pointwise1, stencil1, bias1, pointwise2, stencil2, bias2) -> bool:
+    """Whether both layers of ``residual_block_inference`` run on the compiled kernel (the second's input, the
+    first's output, is like ``x`` in device and dtype)."""
+    return (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
+            and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::residual_block_inference", mutates_args=())
@@ -492,8 +506,7 @@ def residual_block_inference_op(x: Tensor, residual: Tensor, taps: Tensor, kerne
     (each applying its bias, the residual and the ReLU as it stores) in one operator call."""
     _check_block_inference(x.shape, residual.shape, taps, kernel_size, groups, pointwise1, stencil1, bias1,
                            pointwise2, stencil2, bias2)
-    if (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
-            and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual)):
+    if _block_kernel_applies(x, residual, groups, pointwise1, stencil1, bias1, pointwise2, stencil2, bias2):
         x, taps = binding.channels_last(x), taps.contiguous()
         h = binding.lean_forward(x, pointwise1.contiguous(), stencil1.contiguous(), taps, kernel_size, circular,
                                  groups, bias=bias1.contiguous(), relu=True)
@@ -527,10 +540,8 @@ def residual_block_inference_reference(x, residual, taps, kernel_size, circular,
 def _(x, residual, taps, kernel_size, circular, groups, pointwise1, stencil1, bias1, pointwise2, stencil2, bias2):
     _check_block_inference(x.shape, residual.shape, taps, kernel_size, groups, pointwise1, stencil1, bias1,
                            pointwise2, stencil2, bias2)
-    c_out = pointwise2.shape[0]
-    if (_affine_kernel_applies(x, pointwise1, stencil1, groups, bias1, None)
-            and _affine_kernel_applies(x, pointwise2, stencil2, groups, bias2, residual)):
-        return x.new_empty((x.shape[0], c_out, *x.shape[2:])).contiguous(memory_format=torch.channels_last)
+    if _block_kernel_applies(x, residual, groups, pointwise1, stencil1, bias1, pointwise2, stencil2, bias2):
+        return _lean_output(x, pointwise2.shape[0])
     return residual_block_inference_reference(x, residual, taps, kernel_size, circular, groups, pointwise1,
                                                stencil1, bias1, pointwise2, stencil2, bias2)
 
@@ -592,11 +603,31 @@ def _check_chain(x: Tensor, taps: Tensor, kernel_size: int, groups: int, strides
             problem = f"the packed weights must hold {expected} numbers for these blocks, got {packed.numel()}"
     if problem:
         raise ValueError(f"pdenet::residual_chain_inference: {problem}")
-    b, _, n1, n2 = x.shape
+    return (x.shape[0], widths[-1], *_block_grids(x.shape[2:], strides)[-1])
+
+
+def _block_grids(grid, strides: list[int]) -> list[tuple[int, int]]:
+    """Each block's grid: the previous one, halved (rounding up) where the block's stride is 2."""
+    n1, n2 = grid
+    grids = []
     for stride in strides:
         if stride == 2:
             n1, n2 = (n1 + 1) // 2, (n2 + 1) // 2
-    return b, widths[-1], n1, n2
+        grids.append((n1, n2))
+    return grids
+
+
+def _blockwise(x: Tensor, taps: Tensor, kernel_size: int, circular: bool, groups: int, strides: list[int],
+               widths: list[int], packed: Tensor, block) -> Tensor:
+    """The chain one block at a time: ``D`` where the stride is 2, then ``block(x, Q x, taps, kernel_size,
+    circular, groups, P₁, s₁, b₁, P₂, s₂, b₂)`` with ``Q x`` the zero-channel shortcut, on views of ``packed``."""
+    weights = unpack_chain(packed, x.shape[1], widths, groups, taps.shape[0])
+    for i, (stride, width) in enumerate(zip(strides, widths)):
+        if stride == 2:
+            x = F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+        shortcut = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
+        x = block(x, shortcut, taps, kernel_size, circular, groups, *weights[6 * i: 6 * i + 6])
+    return x
 
 
 def _chain_kernel_applies(x: Tensor, groups: int, widths: list[int], packed: Tensor) -> bool:
@@ -613,14 +644,8 @@ def residual_chain_inference_reference(x: Tensor, taps: Tensor, kernel_size: int
                                        strides: list[int], widths: list[int], packed: Tensor) -> Tensor:
     """The chain by PyTorch's operations: per block ``D`` where the stride is 2, then
     ``residual_block_inference_reference`` with the shortcut ``x`` with zero channels appended."""
-    weights = unpack_chain(packed, x.shape[1], widths, groups, taps.shape[0])
-    for i, (stride, width) in enumerate(zip(strides, widths)):
-        if stride == 2:
-            x = F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
-        shortcut = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
-        x = residual_block_inference_reference(x, shortcut, taps, kernel_size, circular, groups,
-                                               *weights[6 * i: 6 * i + 6])
-    return x
+    return _blockwise(x, taps, kernel_size, circular, groups, strides, widths, packed,
+                      residual_block_inference_reference)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::residual_chain_inference", mutates_args=())
@@ -630,11 +655,11 @@ def residual_chain_inference_op(x: Tensor, taps: Tensor, kernel_size: int, circu
     per block (``D`` 2x2 average pooling where its stride is 2, ``Q`` zero channels appended up to the block's
     width), the weights packed in one vector (``chain_weight_shapes``): one call of the compiled kernels for the
     whole chain."""
-    _check_chain(x, taps, kernel_size, groups, strides, widths, packed)
+    out_shape = _check_chain(x, taps, kernel_size, groups, strides, widths, packed)
     if _chain_kernel_applies(x, groups, widths, packed):
         shapes = chain_weight_shapes(x.shape[1], widths, groups, taps.shape[0])
         return binding.lean_chain_forward(binding.channels_last(x), taps.contiguous(), kernel_size, circular, groups,
-                                          strides, shapes, packed.contiguous())
+                                          strides, shapes, packed.contiguous(), out_shape)
     with torch.autocast(x.device.type, enabled=False):
         return residual_chain_inference_reference(x, taps, kernel_size, circular, groups, strides, widths, packed)
 
@@ -650,14 +675,12 @@ def _(x, taps, kernel_size, circular, groups, strides, widths, packed):
 @register_flop_formula(torch.ops.pdenet.residual_chain_inference)
 def _(x_shape, taps_shape, kernel_size, circular, groups, strides, widths, packed_shape, *args, out_shape=None,
       **kwargs) -> int:
-    total, (b, c, n1, n2) = 0, x_shape
-    for stride, width in zip(strides, widths):
-        if stride == 2:
-            n1, n2 = (n1 + 1) // 2, (n2 + 1) // 2
-        pixels = b * n1 * n2
-        total += 2 * pixels * (width * c // groups + kernel_size ** 2 * min(c, width))
-        total += 2 * pixels * (width * width // groups + kernel_size ** 2 * width)
-        c = width
+    shapes = chain_weight_shapes(x_shape[1], widths, groups, taps_shape[0])
+    total = 0
+    for i, grid in enumerate(_block_grids(x_shape[2:], strides)):
+        p1, s1, _, p2, s2, _ = shapes[6 * i: 6 * i + 6]
+        total += _lean_flops((x_shape[0], 0, *grid), p1, s1, kernel_size) + _lean_flops(
+            (x_shape[0], 0, *grid), p2, s2, kernel_size)
     return total
 
 
@@ -670,14 +693,11 @@ def residual_chain_inference(x: Tensor, taps: Tensor, kernel_size: int, circular
         return torch.ops.pdenet.residual_chain_inference(x, taps, kernel_size, circular, groups, strides, widths,
                                                          packed)
     _check_chain(x, taps, kernel_size, groups, strides, widths, packed)
-    weights = unpack_chain(packed, x.shape[1], widths, groups, taps.shape[0])
-    for i, (stride, width) in enumerate(zip(strides, widths)):
-        if stride == 2:
-            x = F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
-        shortcut = F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1]))
-        x = residual_block_inference(x, shortcut, taps, kernel_size, circular, groups, weights[6 * i: 6 * i + 3],
-                                     weights[6 * i + 3: 6 * i + 6])
-    return x
+
+    def block(x, shortcut, taps, kernel_size, circular, groups, *weights):
+        return residual_block_inference(x, shortcut, taps, kernel_size, circular, groups, weights[:3], weights[3:])
+
+    return _blockwise(x, taps, kernel_size, circular, groups, strides, widths, packed, block)
 
 
 # ---------------------------------------------------------------------------------------------- batch_norm_relu
