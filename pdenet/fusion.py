@@ -31,7 +31,7 @@ from operators import LeanConv
 from pdenet_kernels import batch_norm_relu, fused_kernels_apply, lean_kernel_applies
 from pdenet_kernels.ops import residual_block
 
-from .folding import FoldedBasicBlock, FoldedConv, fold_model
+from .folding import FoldedBasicBlock, FoldedChain, FoldedConv, fold_model
 from .networks.layers import downsample2x
 from .networks.resnet import BasicBlock
 
@@ -180,7 +180,7 @@ def fuse(model: nn.Module, inference: bool = False) -> FusionReport:
 
 
 def _is_folded(model: nn.Module) -> bool:
-    return any(type(m) in (FoldedBasicBlock, FoldedConv) for m in model.modules())
+    return any(type(m) in (FoldedBasicBlock, FoldedChain, FoldedConv) for m in model.modules())
 
 
 def unfuse(model: nn.Module) -> nn.Module:

@@ -96,6 +96,15 @@ def test_training_mode_is_refused_and_folding_is_one_way():
         fuse(model)
 
 
+def test_a_folded_chain_alone_counts_as_folded():
+    model = build_model("lean-resnet20").eval()
+    fuse(model, inference=True)
+    chain_only = nn.Sequential(model.stages)
+    assert is_fused(chain_only)
+    with pytest.raises(ValueError, match="cannot be undone"):
+        unfuse(chain_only)
+
+
 def test_a_model_fused_for_training_can_be_folded_for_inference():
     model = trained_looking(build_model("lean-resnet20"))
     x = torch.randn(2, 3, 32, 32)
