@@ -11,20 +11,24 @@ and 3 fill it in and add the largest networks. Data: Fashion-MNIST (all 60,000 t
 Budget. Before training, a few training steps of each network are timed on each data set, tier by tier; from
 these images/s the plan takes the most tiers that fit in ``--budget-minutes`` (at ``--epochs`` epochs when given,
 else at one; a tier is timed only when the tiers below it fit), then the most epochs that fit (equal epochs for
-every network), and prints its estimate. With ``--equal-time``
-every run gets the same share of the budget instead, as whole epochs (at least one) at its measured speed.
+every network), and prints its estimate. With ``--equal-time`` every run gets the same share of the budget
+instead, as whole epochs (at least one) at its measured speed. ``--networks`` keeps only the named networks of the
+grid.
 
 Resumable. The plan is kept in ``plan.json`` and every finished run is appended to ``results.csv`` at once; the
 same command run again skips the finished runs (an interrupted grid loses at most the run in progress). Runs go
 seed by seed, so an interrupted grid has every network at its first seeds.
 
-Output (``--out``): ``results.csv`` (one row per run), ``results.md`` (mean ± standard deviation over the seeds
-per network, frontier membership), ``accuracy_vs_flops.png``, ``accuracy_vs_params.png`` and
-``accuracy_vs_train_time.png`` (one panel per data set, each family's frontier drawn through its points).
+Output (``--out``): ``results.csv`` (one row per run, with the test accuracy after every epoch), ``results.md``
+(mean ± standard deviation over the seeds per network, frontier membership, and how stable the ranking is: Kendall's
+τ of seed against seed and of the last epoch against the one before), ``accuracy_vs_flops.png``,
+``accuracy_vs_params.png`` and ``accuracy_vs_train_time.png`` (one panel per data set, each family's frontier drawn
+through its points).
 
     python benchmarks/frontier.py                          # the default grid, planned for two hours
     python benchmarks/frontier.py --budget-minutes 480     # more tiers and epochs
     python benchmarks/frontier.py --equal-time             # the same training time for every run
+    python benchmarks/frontier.py --networks 'lean-resnet20 w1 d20 cross' 'resnet20 w1 d20'   # part of the grid
     python benchmarks/frontier.py --quick                  # a few tiny networks on a few hundred images
     python benchmarks/frontier.py --report-only            # results.md and the plots from results.csv
 """
@@ -56,7 +60,7 @@ from pdenet.training import ClassificationTask, TrainConfig, Trainer, seed_every
 
 DATA = ("fashion-mnist", "cifar10")
 COLUMNS = ("data", "family", "config", "width", "depth", "stencil", "seed", "epochs", "accuracy", "parameters",
-           "flops", "train_images_per_s", "latency_ms", "train_time_s", "threads")
+           "flops", "train_images_per_s", "latency_ms", "train_time_s", "threads", "accuracy_by_epoch")
 NUMBERS = {"width": float, "seed": int, "epochs": int, "accuracy": float, "parameters": int, "flops": int,
            "train_images_per_s": float, "latency_ms": float, "train_time_s": float, "threads": int}
 #: the plots: x column, its scale, axis label, file name
@@ -208,7 +212,7 @@ def make_plan(grid, measure, sizes, args) -> dict:
 
 def plan_settings(args) -> dict:
     """The options that define a plan: a rerun with the same ones continues it."""
-    keys = ("data", "seeds", "budget_minutes", "epochs", "equal_time", "tiers", "quick", "batch_size",
+    keys = ("data", "seeds", "budget_minutes", "epochs", "equal_time", "tiers", "networks", "quick", "batch_size",
             "train_images", "test_images")
     return {k: getattr(args, k) for k in keys}
 
@@ -256,7 +260,7 @@ def train_run(run: dict, datasets, args) -> dict:
     def report_epoch(_, row):
         print(f"    {format_row(row, 'accuracy')}", flush=True)
 
-    history = trainer.fit(loader, test_loader, run["epochs"], [report_epoch], show_progress=False)
+    history = trainer.fit(loader, test_loader, eval_every=1, callbacks=[report_epoch], show_progress=False)
     train_time = sum(r["train_time"] for r in history)
     repeats = 3 if args.quick else 20
     latency = measure_latency(trainer.model, shape, 1, warmup=repeats // 4 + 1, repeats=repeats, channels_last=True)
@@ -265,7 +269,8 @@ def train_run(run: dict, datasets, args) -> dict:
             "seed": run["seed"], "epochs": run["epochs"], "accuracy": history[-1]["test_accuracy"],
             "parameters": parameters, "flops": flops,
             "train_images_per_s": sum(r["train_images_per_s"] * r["train_time"] for r in history) / train_time,
-            "latency_ms": 1e3 * latency, "train_time_s": train_time, "threads": torch.get_num_threads()}
+            "latency_ms": 1e3 * latency, "train_time_s": train_time, "threads": torch.get_num_threads(),
+            "accuracy_by_epoch": " ".join(f"{r['test_accuracy']:.4f}" for r in history)}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -337,7 +342,35 @@ def summarize(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def markdown(summary: dict[str, list[dict]], header: str) -> str:
+def ranking_agreement(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per data set, Kendall's τ between two rankings of its networks by test accuracy (1: the same order, 0:
+    unrelated): ``seeds``, the first seed's ranking against the second's, and ``epochs``, the ranking after the
+    last epoch against the one after the epoch before (means over the seeds); NaN where fewer than two networks
+    have both."""
+    from scipy.stats import kendalltau
+
+    def tau(pairs: list[tuple[float, float]]) -> float:
+        return float(kendalltau(*zip(*pairs)).statistic) if len(pairs) > 1 else math.nan
+
+    out = {}
+    for data in dict.fromkeys(r["data"] for r in rows):
+        mine = [r for r in rows if r["data"] == data]
+        by_network: dict[str, dict[int, dict]] = {}
+        for r in mine:
+            by_network.setdefault(row_key(r).rsplit("/", 1)[0], {})[r["seed"]] = r
+        seeds = sorted({r["seed"] for r in mine})[:2]
+        seed_pairs = [tuple(runs[s]["accuracy"] for s in seeds) for runs in by_network.values()
+                      if len(seeds) == 2 and set(seeds) <= set(runs)]
+        epoch_pairs = []
+        for runs in by_network.values():
+            curves = [[float(a) for a in r["accuracy_by_epoch"].split()] for r in runs.values()]
+            if all(len(c) > 1 for c in curves):
+                epoch_pairs.append((statistics.fmean(c[-2] for c in curves), statistics.fmean(c[-1] for c in curves)))
+        out[data] = {"seeds": tau(seed_pairs), "epochs": tau(epoch_pairs)}
+    return out
+
+
+def markdown(summary: dict[str, list[dict]], header: str, agreement: dict[str, dict[str, float]]) -> str:
     lines = [header, ""]
     for data, entries in summary.items():
         lines += [f"## {data}", "",
@@ -351,7 +384,9 @@ def markdown(summary: dict[str, list[dict]], header: str) -> str:
                          f"{e['seeds']} | {e['epochs']:g} | {100 * e['accuracy']:.2f} ± {100 * e['spread']:.2f} | "
                          f"{e['parameters']:,.0f} | {e['flops'] / 1e6:.2f} | {e['train_images_per_s']:.0f} | "
                          f"{e['latency_ms']:.2f} | {e['train_time_s']:.1f} | {frontier} |")
-        lines.append("")
+        tau = agreement[data]
+        lines += ["", f"Ranking by accuracy, Kendall's τ: seed against seed {tau['seeds']:.2f}, last epoch against "
+                      f"the one before {tau['epochs']:.2f} (1: the same order).", ""]
     return "\n".join(lines)
 
 
@@ -394,10 +429,11 @@ def plot(summary: dict[str, list[dict]], out: Path) -> list[Path]:
 
 def write_report(out: Path, header: str) -> list[Path]:
     """``results.md`` and the plots from ``results.csv``; the files written."""
-    summary = summarize(read_results(out / "results.csv"))
+    rows = read_results(out / "results.csv")
+    summary = summarize(rows)
     if not summary:
         raise CommandError(f"{out / 'results.csv'} holds no finished run yet")
-    (out / "results.md").write_text(markdown(summary, header) + "\n")
+    (out / "results.md").write_text(markdown(summary, header, ranking_agreement(rows)) + "\n")
     return [out / "results.md", *plot(summary, out)]
 
 
@@ -414,6 +450,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the same training time for every run (its share of the budget, in whole epochs)")
     p.add_argument("--tiers", type=int, choices=(1, 2, 3), help="train the grid's tiers 1..N (default: the most "
                                                                  "that fit in the budget)")
+    p.add_argument("--networks", nargs="+", metavar="LABEL",
+                   help="train only these networks of the grid, named as the plan names them "
+                        "(e.g. 'lean-resnet20 w1 d20 cross' 'resnet20 w1 d20')")
     p.add_argument("--train-images", type=int, help="use the first N training images (default: all)")
     p.add_argument("--test-images", type=int, help="evaluate on the first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
@@ -435,6 +474,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if not args.budget_minutes > 0:
         p.error(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    if args.networks:
+        labels = [point.label for point in (quick_grid() if args.quick else default_grid())]
+        unknown = [name for name in args.networks if name not in labels]
+        if unknown:
+            p.error(f"--networks: no network of the grid is named {', '.join(map(repr, unknown))}; "
+                    f"the grid holds {', '.join(map(repr, labels))}")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         p.error(f"--seeds must be distinct non-negative integers, got {args.seeds}")
     return args
@@ -486,7 +531,8 @@ def main(argv=None) -> int:
         print(f"benchmarks/frontier.py: {exc}", file=sys.stderr)
         return 2
     keep_freed_memory()  # as the pdenet commands do
-    grid = quick_grid() if args.quick else default_grid()
+    grid = [point for point in (quick_grid() if args.quick else default_grid())
+            if not args.networks or point.label in args.networks]
     if args.threads:
         torch.set_num_threads(args.threads)
     elif torch.get_num_threads() > 1:  # on a busy machine one thread can be faster than all cores

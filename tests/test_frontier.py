@@ -113,7 +113,15 @@ def test_equal_time_gives_every_run_its_share_in_whole_epochs():
         assert epochs[data, "lean-resnet20"] > epochs[data, "resnet20"] >= 1
 
 
+def test_networks_keeps_only_the_named_points_of_the_grid():
+    args = frontier.parse_args(["--networks", "resnet20 w1 d20", "lean-resnet20 w1 d20 cross"])
+    assert args.networks == ["resnet20 w1 d20", "lean-resnet20 w1 d20 cross"]
+    assert frontier.plan_settings(args)["networks"] == args.networks  # a rerun with others is another grid
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--networks", "resnet20 w1 d20", "resnet20 w7"], "--networks: no network of the grid is named 'resnet20 w7'"),
+    (["--quick", "--networks", "resnet20 w1 d20"], "the grid holds 'lean-resnet20 w0.5 d8 cross'"),
     (["--epochs", "2", "--equal-time"], "--epochs and --equal-time exclude each other"),
     (["--seeds", "0", "0"], "--seeds must be distinct"),
     (["--budget-minutes", "0"], "--budget-minutes must be positive"),
@@ -124,6 +132,28 @@ def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         frontier.parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- the ranking
+def made_up_row(data, config, seed, curve):
+    return {"data": data, "family": "f", "config": config, "width": 1.0, "depth": "-", "stencil": "-", "seed": seed,
+            "accuracy": curve[-1], "accuracy_by_epoch": " ".join(map(str, curve))}
+
+
+def test_ranking_agreement_is_kendalls_tau_between_seeds_and_between_the_last_epochs():
+    rows = [made_up_row("a", "n1", 0, [0.5, 0.9]), made_up_row("a", "n2", 0, [0.6, 0.8]),
+            made_up_row("a", "n3", 0, [0.7, 0.7]),
+            made_up_row("a", "n1", 1, [0.5, 0.91]), made_up_row("a", "n2", 1, [0.6, 0.81]),
+            made_up_row("a", "n3", 1, [0.7, 0.71]),
+            made_up_row("b", "n1", 0, [0.3, 0.4]), made_up_row("b", "n2", 0, [0.5, 0.6]),
+            made_up_row("b", "n1", 1, [0.3, 0.8]), made_up_row("b", "n2", 1, [0.5, 0.7])]
+    tau = frontier.ranking_agreement(rows)
+    assert tau["a"]["seeds"] == pytest.approx(1.0)    # both seeds order n1 > n2 > n3
+    assert tau["a"]["epochs"] == pytest.approx(-1.0)  # the last epoch reversed the order of the one before
+    assert tau["b"]["seeds"] == pytest.approx(-1.0)   # the seeds disagree
+    assert tau["b"]["epochs"] == pytest.approx(1.0)   # means over seeds: n2 ahead after both epochs
+    one_epoch = frontier.ranking_agreement([made_up_row("a", "n1", 0, [0.5]), made_up_row("a", "n2", 0, [0.6])])
+    assert math.isnan(one_epoch["a"]["seeds"]) and math.isnan(one_epoch["a"]["epochs"])
 
 
 # ------------------------------------------------------------------------------------------- --quick end to end
@@ -168,12 +198,14 @@ def test_quick_writes_the_table(quick):
         assert 0 <= float(row["accuracy"]) <= 1 and math.isfinite(float(row["accuracy"]))
         assert int(row["parameters"]) > 0 and int(row["flops"]) > 0 and int(row["epochs"]) == 1
         assert float(row["train_images_per_s"]) > 0 and float(row["latency_ms"]) > 0 and float(row["train_time_s"]) > 0
+        assert [float(a) for a in row["accuracy_by_epoch"].split()] == [float(row["accuracy"])]
     lean = next(r for r in rows if r["config"] == "lean-resnet20" and r["data"] == "cifar10")
     model = build_model("lean-resnet20", width=float(lean["width"]), depth=int(lean["depth"]))
     assert int(lean["flops"]) == flops_per_image(model, (3, 32, 32))
     table = (quick / "results.md").read_text()
     assert table.count(" ± ") == len(grid) * len(frontier.DATA)
     assert "| family | config | width | depth | stencil | seeds |" in table
+    assert table.count("Ranking by accuracy, Kendall's τ: seed against seed ") == len(frontier.DATA)
 
 
 @pytest.mark.slow
