@@ -20,8 +20,9 @@ same command run again skips the finished runs (an interrupted grid loses at mos
 seed by seed, so an interrupted grid has every network at its first seeds.
 
 Output (``--out``): ``results.csv`` (one row per run, with the test accuracy after every epoch), ``results.md``
-(mean ± standard deviation over the seeds per network, frontier membership, and how stable the ranking is: Kendall's
-τ of seed against seed and of the last epoch against the one before), ``accuracy_vs_flops.png``,
+(mean ± standard deviation over the seeds per network, its family's frontiers it lies on, the frontier across the
+families, and how stable the ranking is: Kendall's τ of seed against seed and of the last epoch against the one
+before), ``accuracy_vs_flops.png``,
 ``accuracy_vs_params.png`` and ``accuracy_vs_train_time.png`` (one panel per data set, each family's frontier drawn
 through its points).
 
@@ -67,6 +68,8 @@ NUMBERS = {"width": float, "seed": int, "epochs": int, "accuracy": float, "param
 AXES = (("flops", 1e-6, "MFLOPs per image (PyTorch's counter)", "accuracy_vs_flops.png"),
         ("parameters", 1, "parameters", "accuracy_vs_params.png"),
         ("train_time_s", 1, "training time per run (s)", "accuracy_vs_train_time.png"))
+#: the costs' short names in results.md
+NAMES = {"flops": "FLOPs", "parameters": "parameters", "train_time_s": "time"}
 #: the estimate: training at the timed steps' images/s, evaluation at this multiple of it, and this many seconds
 #: more per run (building the model, counting its FLOPs, timing its batch-1 latency)
 EVAL_SPEEDUP, RUN_SECONDS = 3.0, 3.0
@@ -310,10 +313,14 @@ def append_result(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def row_key(row: dict) -> str:
+def row_point(row: dict) -> Point:
+    """The grid point of a row of ``results.csv`` (or of a network's summary)."""
     depth = None if row["depth"] == "-" else int(row["depth"])
-    point = Point(row["family"], row["config"], row["width"], depth, None if row["stencil"] == "-" else row["stencil"])
-    return run_key(row["data"], point, row["seed"])
+    return Point(row["family"], row["config"], row["width"], depth, None if row["stencil"] == "-" else row["stencil"])
+
+
+def row_key(row: dict) -> str:
+    return run_key(row["data"], row_point(row), row["seed"])
 
 
 def summarize(rows: list[dict]) -> dict[str, list[dict]]:
@@ -378,12 +385,15 @@ def markdown(summary: dict[str, list[dict]], header: str, agreement: dict[str, d
                   "MFLOPs/img | train img/s | latency ms (b=1) | train time s | on the family's frontier of |",
                   "|" + "---|" * 14]
         for e in entries:
-            frontier = ", ".join({"flops": "FLOPs", "parameters": "parameters", "train_time_s": "time"}[a]
-                                 for a in e["frontier"]) or "-"
+            frontier = ", ".join(NAMES[a] for a in e["frontier"]) or "-"
             lines.append(f"| {e['family']} | {e['config']} | {e['width']:g} | {e['depth']} | {e['stencil']} | "
                          f"{e['seeds']} | {e['epochs']:g} | {100 * e['accuracy']:.2f} ± {100 * e['spread']:.2f} | "
                          f"{e['parameters']:,.0f} | {e['flops'] / 1e6:.2f} | {e['train_images_per_s']:.0f} | "
                          f"{e['latency_ms']:.2f} | {e['train_time_s']:.1f} | {frontier} |")
+        lines += ["", "Across the families, the frontier of " + "; of ".join(
+            f"{NAMES[axis]}: " + ", ".join(row_point(entries[i]).label for i in pareto_front(
+                [e[axis] for e in entries], [e["accuracy"] for e in entries]))
+            for axis, *_ in AXES) + "."]
         tau = agreement[data]
         lines += ["", f"Ranking by accuracy, Kendall's τ: seed against seed {tau['seeds']:.2f}, last epoch against "
                       f"the one before {tau['epochs']:.2f} (1: the same order).", ""]

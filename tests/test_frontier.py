@@ -206,6 +206,12 @@ def test_quick_writes_the_table(quick):
     assert table.count(" ± ") == len(grid) * len(frontier.DATA)
     assert "| family | config | width | depth | stencil | seeds |" in table
     assert table.count("Ranking by accuracy, Kendall's τ: seed against seed ") == len(frontier.DATA)
+    for data, entries in frontier.summarize(frontier.read_results(quick / "results.csv")).items():
+        best = max(entries, key=lambda e: (e["accuracy"], -e["flops"]))
+        cheapest = min(entries, key=lambda e: (e["flops"], -e["accuracy"]))
+        line = next(l for l in table.split(f"## {data}")[1].splitlines() if l.startswith("Across the families"))
+        flops = line.split("the frontier of FLOPs: ")[1].split(";")[0]  # by increasing FLOPs, ending at the best
+        assert flops.startswith(frontier.row_point(cheapest).label) and flops.endswith(frontier.row_point(best).label)
 
 
 @pytest.mark.slow
