@@ -31,6 +31,8 @@ from .networks.resnet import CIFAR_WIDTHS, IMAGENET_WIDTHS, RESNET18_DEPTHS, RES
 
 #: Keywords of the lean operator used by the lean configurations: 5-point stencil, ungrouped 1x1 coupling.
 LEAN_KWARGS = {"stencil": "cross", "groups": 1}
+#: The same with the full 9-point stencil (``lean-resnet20-full``).
+LEAN_FULL_KWARGS = {"stencil": "full", "groups": 1}
 #: Keywords every builder takes from ``build_model`` itself.
 COMMON_KEYWORDS = ("num_classes", "in_channels")
 #: What ``depth`` means, by kind: the keyword it sets, and how.
@@ -171,6 +173,12 @@ def _resnets() -> list[ModelConfig]:
                         {**base, "operator": "lean", "operator_kwargs": dict(LEAN_KWARGS)},
                         dense_twin=f"resnet{depth}", knobs=knobs),
         ]
+        if depth == 20:  # the lean ResNet-20 at the top of the measured lean frontier (docs/benchmarks.md)
+            configs.append(ModelConfig(
+                "lean-resnet20-full", ResNet, "CIFAR ResNet-20 with lean operators whose stencil is the full 3x3 "
+                "square (1x1 + 9-point depthwise stencil): lean-resnet20's counted FLOPs, 4 parameters more per "
+                "channel", {**base, "operator": "lean", "operator_kwargs": dict(LEAN_FULL_KWARGS)},
+                dense_twin="resnet20", knobs=knobs))
     for depth, depths in ((18, RESNET18_DEPTHS), (34, RESNET34_DEPTHS)):
         base = {"depths": depths, "widths": IMAGENET_WIDTHS, "stem": "small", "shortcut": "B"}
         knobs = Knobs(depth="imagenet")

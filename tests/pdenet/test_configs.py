@@ -170,6 +170,18 @@ def test_lean_configuration_is_5x_cheaper_than_its_dense_twin(name, data):
     assert dense["flops"] >= 5 * lean["flops"]
 
 
+def test_the_full_stencil_network_is_lean_resnet20_with_nine_points():
+    cross, full = (build_model(name, in_channels=1) for name in ("lean-resnet20", "lean-resnet20-full"))
+    cross_leans, full_leans = ([m for m in net.modules() if isinstance(m, LeanConv)] for net in (cross, full))
+    assert len(full_leans) == len(cross_leans) == 18
+    assert {m.stencil_type for m in full_leans} == {"full"} and {m.stencil.shape[1] for m in full_leans} == {9}
+    stencil_channels = sum(m.stencil.shape[0] for m in full_leans)
+    assert count_parameters(full) - count_parameters(cross) == 4 * stencil_channels == 2496
+    assert flops_per_image(full, (1, 28, 28)) == flops_per_image(cross, (1, 28, 28))  # both run a 3x3 depthwise
+    wider = build_model("lean-resnet20-full", depth=32, width=2)
+    assert {m.stencil_type for m in wider.modules() if isinstance(m, LeanConv)} == {"full"}
+
+
 # ------------------------------------------------------------------ overrides, description, errors
 def test_overrides_reach_the_network():
     model = build_model("lean-resnet20", operator_kwargs={"stencil": "full", "groups": 2})
