@@ -9,14 +9,15 @@ The output directory receives ``settings.json``, ``checkpoint.pt`` (atomically r
 epoch), ``weights.safetensors`` (the weights alone, also after every epoch; ``--no-safetensors`` skips it),
 ``metrics.json`` and ``metrics.csv`` (one row per epoch) and ``report.json`` (the final report).
 
-Defaults (measured on the project's 2-core CPU machines, seed 0). ``pdenet train`` trains the lean ResNet-20
-on Fashion-MNIST for 7 epochs: SGD with Nesterov momentum 0.9, learning rate 0.1 on a cosine schedule,
-weight decay 5e-4, batch 128, random crops (padding 2) and flips, channels-last layout (the compiled lean
-kernel's layout). Without ``--threads`` the thread count is the fastest of 1, half and all cores in a
-one-second probe, repeated when the throughput changes (see ``ThreadTuner``). 7 epochs reached 91.67% test
-accuracy on 2 AVX-512 cores at about 40 s per idle epoch (1,500 training images/s); the AVX2-only machine of
-2026-12-02 ran 61-82 s per epoch. 10 epochs reached 92.05-92.60%, 30 epochs (``--epochs 30``) 93.60%
-(1,261 s of training on 2 threads).
+Defaults (measured on the project's 2-core CPU machines, seed 0). ``pdenet train`` trains
+``lean-resnet20-full``, the lean ResNet-20 with the full 3x3 stencil (the best lean network of the measured
+accuracy-cost frontier, docs/benchmarks.md), on Fashion-MNIST for 7 epochs: SGD with Nesterov momentum 0.9,
+learning rate 0.1 on a cosine schedule, weight decay 5e-4, batch 128, random crops (padding 2) and flips,
+channels-last layout (the compiled lean kernel's layout). Without ``--threads`` the thread count is the fastest of
+1, half and all cores in a one-second probe, repeated when the throughput changes (see ``ThreadTuner``). 7 epochs
+reached 92.12% test accuracy in 321 s, the whole command, on 2 AVX-512 cores (AMD EPYC Zen 4, 37-46 s per epoch). With
+the cross stencil (``lean-resnet20``) 7 epochs reached 91.36-91.87% on three hosts, 10 epochs 92.05-92.60% and 30
+epochs (``--epochs 30``) 93.60% (1,261 s of training on 2 threads).
 """
 from __future__ import annotations
 
@@ -39,12 +40,12 @@ from .cost import add_knob_arguments, cost_line, with_knobs
 HELP = "train a network on a data set (checkpoints every epoch, metrics, costs and stability report)"
 
 DEFAULTS = {
-    "config": "lean-resnet20",
+    "config": "lean-resnet20-full",
     "data": "fashion-mnist",
     "data_dir": None,
     "task": None,            # None: the data set's own task (class labels -> classification)
     "eval_split": None,      # None: the data set's evaluation split (pdenet.data.registry.eval_split)
-    "epochs": 7,             # the README's first command: 91.67% in 350 s on 2 AVX-512 cores (module docstring)
+    "epochs": 7,             # the README's first command: 92.12% in 321 s on 2 cores (module docstring)
     "batch_size": 128,
     "optimizer": "sgd",
     "lr": None,              # per optimizer, see TrainConfig
