@@ -6,7 +6,8 @@ ResNets (widths 0.5x-1.5x), MobileNetV2 and ShuffleNetV2 (width multipliers span
 PDE-ResNet (the parabolic lean layer) at two widths. Every point has a tier: tier 1 spans the FLOP range, tiers 2
 and 3 fill it in and add the largest networks. Data: Fashion-MNIST (all 60,000 training images, tested on its
 10,000) and the CIFAR-10 development copy, read where ``pdenet.data`` finds them. Every run trains with
-``pdenet``'s Trainer (SGD, cosine schedule, the data set's augmentation, channels-last, as ``pdenet train``).
+``pdenet``'s Trainer (SGD, cosine schedule, the data set's augmentation, channels-last, as ``pdenet train``;
+``--warmup-epochs`` adds a linear warm-up).
 
 Budget. Before training, a few training steps of each network are timed on each data set, tier by tier; from
 these images/s the plan takes the most tiers that fit in ``--budget-minutes`` (at ``--epochs`` epochs when given,
@@ -216,7 +217,7 @@ def make_plan(grid, measure, sizes, args) -> dict:
 def plan_settings(args) -> dict:
     """The options that define a plan: a rerun with the same ones continues it."""
     keys = ("data", "seeds", "budget_minutes", "epochs", "equal_time", "tiers", "networks", "quick", "batch_size",
-            "train_images", "test_images")
+            "warmup_epochs", "train_images", "test_images")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -257,7 +258,8 @@ def train_run(run: dict, datasets, args) -> dict:
     loader = BatchLoader(train_set, args.batch_size, shuffle=True, augment=True, seed=run["seed"], drop_last=True,
                          channels_last=True)
     test_loader = BatchLoader(test_set, 1000, shuffle=False, channels_last=True)
-    config = TrainConfig(epochs=run["epochs"], batch_size=args.batch_size, seed=run["seed"])
+    config = TrainConfig(epochs=run["epochs"], batch_size=args.batch_size, seed=run["seed"],
+                         warmup_epochs=min(args.warmup_epochs, run["epochs"] / 2))
     trainer = Trainer(model, ClassificationTask(train_set.num_classes), config, len(loader), channels_last=True)
 
     def report_epoch(_, row):
@@ -466,6 +468,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-images", type=int, help="use the first N training images (default: all)")
     p.add_argument("--test-images", type=int, help="evaluate on the first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear learning-rate warm-up of every run, in epochs, at most half of the run's epochs "
+                        "(default 0, as pdenet train)")
     p.add_argument("--threads", type=int, help="torch threads (default: the fastest of 1 and all cores, probed once)")
     p.add_argument("--quick", action="store_true", help=f"CI smoke run: {len(quick_grid())} tiny networks, "
                    f"{QUICK_IMAGES[0]} training and {QUICK_IMAGES[1]} test images, 1 epoch, batch 64")
@@ -482,6 +487,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not 0 <= args.warmup_epochs < (args.epochs or math.inf):
+        p.error(f"--warmup-epochs must be at least 0 and below the epochs, got {args.warmup_epochs}")
     if not args.budget_minutes > 0:
         p.error(f"--budget-minutes must be positive, got {args.budget_minutes}")
     if args.networks:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import itertools
 import math
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,6 +125,8 @@ def test_networks_keeps_only_the_named_points_of_the_grid():
     (["--networks", "resnet20 w1 d20", "resnet20 w7"], "--networks: no network of the grid is named 'resnet20 w7'"),
     (["--quick", "--networks", "resnet20 w1 d20"], "the grid holds 'lean-resnet20 w0.5 d8 cross'"),
     (["--epochs", "2", "--equal-time"], "--epochs and --equal-time exclude each other"),
+    (["--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs must be at least 0 and below the epochs, got 2.0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
     (["--seeds", "0", "0"], "--seeds must be distinct"),
     (["--budget-minutes", "0"], "--budget-minutes must be positive"),
     (["--train-images", "0"], "--train-images must be a positive integer"),
@@ -132,6 +136,29 @@ def test_bad_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         frontier.parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- a run
+def tiny_split(n: int):
+    from pdenet.data.dataset import Dataset
+
+    generator = torch.Generator().manual_seed(0)
+    return Dataset("tiny", "train", torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=generator),
+                   torch.arange(n) % 2, 2, ("a", "b"), (0.5,), (0.25,))
+
+
+@pytest.mark.parametrize("warmup", ["0", "1", "5"])
+def test_a_run_warms_up_for_at_most_half_of_its_epochs(warmup, capsys):
+    args = frontier.parse_args(["--batch-size", "16", "--warmup-epochs", warmup])
+    run = {"data": "tiny", **dataclasses.asdict(frontier.quick_grid()[0]), "seed": 0, "epochs": 2}
+    row = frontier.train_run(run, {"tiny": (tiny_split(64), tiny_split(32))}, args)
+    epochs = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("epoch")]
+    starts = [float(line.split("lr ")[1].split("->")[0]) for line in epochs]  # each epoch's first learning rate
+    assert len(starts) == 2 and len(row["accuracy_by_epoch"].split()) == 2
+    if warmup == "0":
+        assert starts[0] == 0.1 and starts[1] < 0.1
+    else:  # 5 warm-up epochs are cut to 1 of the run's 2: the peak is reached when the second epoch starts
+        assert starts[0] == pytest.approx(0.1 / 4) and starts[1] == pytest.approx(0.1)  # 4 steps per epoch
 
 
 # ------------------------------------------------------------------------------------------- the ranking
