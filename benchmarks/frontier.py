@@ -23,9 +23,8 @@ seed by seed, so an interrupted grid has every network at its first seeds.
 Output (``--out``): ``results.csv`` (one row per run, with the test accuracy after every epoch), ``results.md``
 (mean ± standard deviation over the seeds per network, its family's frontiers it lies on, the frontier across the
 families, and how stable the ranking is: Kendall's τ of seed against seed and of the last epoch against the one
-before), ``accuracy_vs_flops.png``,
-``accuracy_vs_params.png`` and ``accuracy_vs_train_time.png`` (one panel per data set, each family's frontier drawn
-through its points).
+before), ``accuracy_vs_flops.png``, ``accuracy_vs_params.png`` and ``accuracy_vs_train_time.png`` (one panel per
+data set, each family's frontier drawn through its points).
 
     python benchmarks/frontier.py                          # the default grid, planned for two hours
     python benchmarks/frontier.py --budget-minutes 480     # more tiers and epochs
@@ -366,7 +365,7 @@ def ranking_agreement(rows: list[dict]) -> dict[str, dict[str, float]]:
         mine = [r for r in rows if r["data"] == data]
         by_network: dict[str, dict[int, dict]] = {}
         for r in mine:
-            by_network.setdefault(row_key(r).rsplit("/", 1)[0], {})[r["seed"]] = r
+            by_network.setdefault(row_point(r).label, {})[r["seed"]] = r
         seeds = sorted({r["seed"] for r in mine})[:2]
         seed_pairs = [tuple(runs[s]["accuracy"] for s in seeds) for runs in by_network.values()
                       if len(seeds) == 2 and set(seeds) <= set(runs)]
